@@ -1,0 +1,237 @@
+"""CLIP in OpenAI's state-dict key layout, batch-first, with no method-specific code.
+
+The modules here are plain: ``restore.prompting`` runs them layer by layer to insert prompts.
+Key names match OpenAI checkpoints (``visual.transformer.resblocks.0.attn.in_proj_weight``,
+``token_embedding.weight``, ``text_projection``...), so those files load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back, as in CLIP (safe for fp16 weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI's CLIP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block; input and output are (batch, tokens, width)."""
+
+    def __init__(self, width: int, heads: int, quick_gelu: bool = True) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(width * 4, width)),
+        ]))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ln_1(x)
+        mask = attn_mask.to(h.dtype) if attn_mask is not None else None
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of residual attention blocks stored as ``resblocks`` (OpenAI key layout)."""
+
+    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool = True) -> None:
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.heads = heads
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, attn_mask)
+        return x
+
+
+def causal_mask(length: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive (length, length) mask: -inf above the diagonal, so token i sees tokens <= i."""
+    mask = torch.full((length, length), float("-inf"), device=device, dtype=dtype)
+    return mask.triu_(1)
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's ViT image tower."""
+
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
+                 output_dim: int, quick_gelu: bool = True) -> None:
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.patch_size = patch_size
+        self.output_dim = output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        grid = input_resolution // patch_size
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, quick_gelu)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """Patch + class embedding + positional embedding: (B, 1 + grid^2, width), before ln_pre."""
+        x = self.conv1(image.to(self.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        return x + self.positional_embedding.to(x.dtype)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.ln_pre(self.embed(image))
+        x = self.transformer(x)
+        return self.ln_post(x[:, 0, :]) @ self.proj
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """Architecture of a ViT CLIP; inferred from a state dict or chosen by name."""
+
+    embed_dim: int
+    image_resolution: int
+    vision_layers: int
+    vision_width: int
+    vision_patch_size: int
+    context_length: int
+    vocab_size: int
+    transformer_width: int
+    transformer_heads: int
+    transformer_layers: int
+    vision_heads: int | None = None
+    quick_gelu: bool = True
+
+    @property
+    def resolved_vision_heads(self) -> int:
+        return self.vision_heads or self.vision_width // 64
+
+
+class CLIP(nn.Module):
+    """Image and text towers plus ``logit_scale``; ``encode_image``/``encode_text`` are the plain forward."""
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.context_length = config.context_length
+        self.visual = VisionTransformer(
+            input_resolution=config.image_resolution, patch_size=config.vision_patch_size,
+            width=config.vision_width, layers=config.vision_layers, heads=config.resolved_vision_heads,
+            output_dim=config.embed_dim, quick_gelu=config.quick_gelu)
+        self.transformer = Transformer(config.transformer_width, config.transformer_layers,
+                                       config.transformer_heads, config.quick_gelu)
+        self.vocab_size = config.vocab_size
+        self.token_embedding = nn.Embedding(config.vocab_size, config.transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.transformer_width))
+        self.ln_final = LayerNorm(config.transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(config.transformer_width, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]) * torch.log(torch.tensor(1 / 0.07)))
+        self.initialize_parameters()
+
+    def initialize_parameters(self) -> None:
+        """OpenAI's initialisation (used for random-weight models)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for tower in (self.transformer, self.visual.transformer):
+            proj_std = (tower.width ** -0.5) * ((2 * tower.layers) ** -0.5)
+            attn_std = tower.width ** -0.5
+            fc_std = (2 * tower.width) ** -0.5
+            for block in tower.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.visual(image.to(self.dtype))
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Plain CLIP text forward over the full 77-token sequence (reference implementation)."""
+        x = self.token_embedding(text).to(self.dtype) + self.positional_embedding.to(self.dtype)
+        x = self.transformer(x, causal_mask(x.shape[1], x.device))
+        x = self.ln_final(x)
+        eot = text.argmax(dim=-1)
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
+    """Infer the architecture of a ViT CLIP from the shapes of an OpenAI-layout state dict."""
+    if "visual.proj" not in state_dict:
+        raise ValueError(
+            "This checkpoint is a ResNet CLIP (no 'visual.proj'); only ViT backbones are supported "
+            "by the prompted encoders. Use ViT-B/16, ViT-B/32, ViT-L/14 or an open_clip ViT.")
+    vision_width = state_dict["visual.conv1.weight"].shape[0]
+    vision_layers = len({k.split(".")[3] for k in state_dict
+                         if k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")})
+    patch = state_dict["visual.conv1.weight"].shape[-1]
+    grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    width = state_dict["ln_final.weight"].shape[0]
+    return CLIPConfig(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_resolution=patch * grid,
+        vision_layers=vision_layers,
+        vision_width=vision_width,
+        vision_patch_size=patch,
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        transformer_width=width,
+        transformer_heads=width // 64,
+        transformer_layers=len({k.split(".")[2] for k in state_dict
+                                if k.startswith("transformer.resblocks.") and k.endswith(".attn.in_proj_weight")}),
+    )
+
+
+def build_model(state_dict: dict[str, torch.Tensor], config: CLIPConfig | None = None) -> CLIP:
+    """Build a CLIP from an OpenAI-layout state dict (strict load); returned in fp32, eval mode."""
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k not in ("input_resolution", "context_length", "vocab_size")}
+    model = CLIP(config or config_from_state_dict(state_dict))
+    model.load_state_dict(state_dict, strict=True)
+    return model.float().eval()
+
+
+def convert_weights_to_fp16(model: nn.Module) -> nn.Module:
+    """Cast CLIP's matmul weights to fp16 as OpenAI does (LayerNorms keep working via fp32 compute)."""
+    return model.half()
+
+
+# A small CLIP with the real architecture (12+12 layers, 224 px input, real vocabulary) but narrow
+# towers, used by tests and demos. Its weights are always random.
+TINY_CONFIG = CLIPConfig(
+    embed_dim=48, image_resolution=224, vision_layers=12, vision_width=128, vision_patch_size=32,
+    context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=12,
+    vision_heads=2,
+)

@@ -1,0 +1,230 @@
+"""The yacs default config: Dassl 0.6.3's keys plus the few this library adds.
+
+Merge order (as in CoOp's ``train.py``): defaults -> every registered trainer's ``extend_cfg``
+-> dataset YAML -> method YAML -> CLI arguments -> trailing ``opts``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from yacs.config import CfgNode as CN
+
+from .registry import TRAINER_REGISTRY, closest_names
+
+_C = CN()
+_C.VERSION = 1
+_C.OUTPUT_DIR = "./output"
+_C.RESUME = ""
+_C.SEED = -1
+_C.USE_CUDA = True
+_C.VERBOSE = True
+# Added here: bit-identical repeated runs (deterministic algorithms, seeded workers).
+_C.DETERMINISTIC = False
+# Added here: evaluation protocol, read by methods whose inference depends on it (MMRL's decoupled
+# rule). One of "base2new", "cross_dataset", "domain_generalization", "few_shot".
+_C.PROTOCOL = "base2new"
+
+_C.INPUT = CN()
+_C.INPUT.SIZE = (224, 224)
+_C.INPUT.INTERPOLATION = "bilinear"
+_C.INPUT.TRANSFORMS = ()
+_C.INPUT.NO_TRANSFORM = False
+_C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
+_C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
+_C.INPUT.CROP_PADDING = 4
+_C.INPUT.RRCROP_SCALE = (0.08, 1.0)
+_C.INPUT.CUTOUT_N = 1
+_C.INPUT.CUTOUT_LEN = 16
+_C.INPUT.GN_MEAN = 0.0
+_C.INPUT.GN_STD = 0.15
+_C.INPUT.RANDAUGMENT_N = 2
+_C.INPUT.RANDAUGMENT_M = 10
+_C.INPUT.COLORJITTER_B = 0.4
+_C.INPUT.COLORJITTER_C = 0.4
+_C.INPUT.COLORJITTER_S = 0.4
+_C.INPUT.COLORJITTER_H = 0.1
+_C.INPUT.RGS_P = 0.2
+_C.INPUT.GB_P = 0.5
+_C.INPUT.GB_K = 21
+
+_C.DATASET = CN()
+_C.DATASET.ROOT = ""
+_C.DATASET.NAME = ""
+_C.DATASET.SOURCE_DOMAINS = ()
+_C.DATASET.TARGET_DOMAINS = ()
+_C.DATASET.NUM_LABELED = -1
+_C.DATASET.NUM_SHOTS = -1
+_C.DATASET.VAL_PERCENT = 0.1
+_C.DATASET.STL10_FOLD = -1
+_C.DATASET.CIFAR_C_TYPE = ""
+_C.DATASET.CIFAR_C_LEVEL = 1
+_C.DATASET.ALL_AS_UNLABELED = False
+# CoOp-family addition: "all", "base" (first ceil(n/2) labels) or "new".
+_C.DATASET.SUBSAMPLE_CLASSES = "all"
+# Added here: where split_fewshot/*.pkl caches go ("" = inside the dataset folder, as CoOp).
+_C.DATASET.CACHE_DIR = ""
+
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 4
+_C.DATALOADER.K_TRANSFORMS = 1
+_C.DATALOADER.RETURN_IMG0 = False
+_C.DATALOADER.TRAIN_X = CN()
+_C.DATALOADER.TRAIN_X.SAMPLER = "RandomSampler"
+_C.DATALOADER.TRAIN_X.BATCH_SIZE = 32
+_C.DATALOADER.TRAIN_X.N_DOMAIN = 0
+_C.DATALOADER.TRAIN_X.N_INS = 16
+_C.DATALOADER.TRAIN_U = CN()
+_C.DATALOADER.TRAIN_U.SAME_AS_X = True
+_C.DATALOADER.TRAIN_U.SAMPLER = "RandomSampler"
+_C.DATALOADER.TRAIN_U.BATCH_SIZE = 32
+_C.DATALOADER.TRAIN_U.N_DOMAIN = 0
+_C.DATALOADER.TRAIN_U.N_INS = 16
+_C.DATALOADER.TEST = CN()
+_C.DATALOADER.TEST.SAMPLER = "SequentialSampler"
+_C.DATALOADER.TEST.BATCH_SIZE = 32
+
+_C.MODEL = CN()
+_C.MODEL.INIT_WEIGHTS = ""
+_C.MODEL.BACKBONE = CN()
+_C.MODEL.BACKBONE.NAME = ""
+_C.MODEL.BACKBONE.PRETRAINED = True
+# Added here: folder holding OpenAI checkpoint files ("" = ~/.cache/clip).
+_C.MODEL.BACKBONE.CACHE_DIR = ""
+_C.MODEL.HEAD = CN()
+_C.MODEL.HEAD.NAME = ""
+_C.MODEL.HEAD.HIDDEN_LAYERS = ()
+_C.MODEL.HEAD.ACTIVATION = "relu"
+_C.MODEL.HEAD.BN = True
+_C.MODEL.HEAD.DROPOUT = 0.0
+
+_C.OPTIM = CN()
+_C.OPTIM.NAME = "adam"
+_C.OPTIM.LR = 0.0003
+_C.OPTIM.WEIGHT_DECAY = 5e-4
+_C.OPTIM.MOMENTUM = 0.9
+_C.OPTIM.SGD_DAMPNING = 0
+_C.OPTIM.SGD_NESTEROV = False
+_C.OPTIM.RMSPROP_ALPHA = 0.99
+_C.OPTIM.ADAM_BETA1 = 0.9
+_C.OPTIM.ADAM_BETA2 = 0.999
+_C.OPTIM.STAGED_LR = False
+_C.OPTIM.NEW_LAYERS = ()
+_C.OPTIM.BASE_LR_MULT = 0.1
+_C.OPTIM.LR_SCHEDULER = "single_step"
+_C.OPTIM.STEPSIZE = (-1,)
+_C.OPTIM.GAMMA = 0.1
+_C.OPTIM.MAX_EPOCH = 10
+_C.OPTIM.WARMUP_EPOCH = -1
+_C.OPTIM.WARMUP_TYPE = "linear"
+_C.OPTIM.WARMUP_CONS_LR = 1e-5
+_C.OPTIM.WARMUP_MIN_LR = 1e-5
+_C.OPTIM.WARMUP_RECOUNT = True
+
+_C.TRAIN = CN()
+_C.TRAIN.CHECKPOINT_FREQ = 0
+_C.TRAIN.PRINT_FREQ = 10
+_C.TRAIN.COUNT_ITER = "train_x"
+
+_C.TEST = CN()
+_C.TEST.EVALUATOR = "Classification"
+_C.TEST.PER_CLASS_RESULT = False
+_C.TEST.COMPUTE_CMAT = False
+_C.TEST.NO_TEST = False
+_C.TEST.SPLIT = "test"
+_C.TEST.FINAL_MODEL = "last_step"
+
+_C.TRAINER = CN()
+_C.TRAINER.NAME = ""
+
+
+def get_cfg_default() -> CN:
+    """Return a fresh copy of the default config (Dassl keys plus this library's additions)."""
+    return _C.clone()
+
+
+def clean_cfg(cfg: CN, trainer: str) -> None:
+    """Drop every ``cfg.TRAINER.*`` node except NAME and the node of ``trainer`` (Dassl semantics)."""
+    keep = {"NAME", trainer.upper()}
+    was_frozen = cfg.is_frozen()
+    cfg.defrost()
+    for key in list(cfg.TRAINER.keys()):
+        if key not in keep:
+            cfg.TRAINER.pop(key)
+    if was_frozen:
+        cfg.freeze()
+
+
+def extend_cfg(cfg: CN) -> CN:
+    """Add every registered trainer's own ``TRAINER.<NAME>`` node (and other keys it declares).
+
+    A trainer declares its defaults once, in a classmethod ``extend_cfg(cfg)``. CoOp-style
+    codebases that use a trainer of this library call this from their own ``extend_cfg``.
+    """
+    for _, trainer_cls in TRAINER_REGISTRY.items():
+        extender = getattr(trainer_cls, "extend_cfg", None)
+        if callable(extender):
+            extender(cfg)
+    return cfg
+
+
+def add_node(cfg: CN, dotted: str, defaults: dict[str, Any]) -> CN:
+    """Create ``cfg.<dotted>`` if missing and fill in ``defaults`` for keys it lacks."""
+    node = cfg
+    for part in dotted.split("."):
+        if part not in node:
+            node[part] = CN()
+        node = node[part]
+    for key, value in defaults.items():
+        if key not in node:
+            node[key] = CN(value) if isinstance(value, dict) else value
+    return node
+
+
+class ConfigError(ValueError):
+    """A config key or value the library cannot use, with a sentence saying what to do."""
+
+
+def _all_keys(node: CN, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        if isinstance(value, CN):
+            keys.extend(_all_keys(value, full + "."))
+    return keys
+
+
+def merge_opts(cfg: CN, opts: Iterable[str], source: str = "command line") -> None:
+    """``merge_from_list`` that turns yacs' bare AssertionError into a one-line ConfigError."""
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(f"Config options from the {source} must come in KEY VALUE pairs, got {opts}")
+    known = _all_keys(cfg)
+    for key in opts[0::2]:
+        if key not in known:
+            hint = closest_names(key, known, n=1)
+            suggestion = f" Did you mean {hint[0]}?" if hint else ""
+            raise ConfigError(f"Unknown config key {key!r} (from the {source}).{suggestion}")
+    try:
+        cfg.merge_from_list(opts)
+    except (ValueError, AssertionError) as err:
+        raise ConfigError(f"Bad config value from the {source}: {err}") from None
+
+
+def merge_file(cfg: CN, path: str) -> None:
+    """``merge_from_file`` with a one-line ConfigError for missing files and unknown keys."""
+    import os
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file not found: {path!r}. Check --config-file / --dataset-config-file.")
+    try:
+        cfg.merge_from_file(path)
+    except KeyError as err:
+        msg = str(err).strip("'\"")
+        key = msg.split(":", 1)[-1].strip()
+        hint = closest_names(key, _all_keys(cfg), n=1)
+        suggestion = f" Did you mean {hint[0]}?" if hint else ""
+        raise ConfigError(f"Unknown config key {key!r} in {path}.{suggestion}") from None
+    except ValueError as err:
+        raise ConfigError(f"Bad config value in {path}: {err}") from None

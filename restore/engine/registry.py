@@ -1,0 +1,90 @@
+"""Name -> class registries with Dassl's semantics (key = class name, duplicate = error)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Iterable
+
+
+def closest_names(requested: str, available: Iterable[str], n: int = 3) -> list[str]:
+    """Return up to ``n`` names of ``available`` closest to ``requested`` (case-insensitive)."""
+    available = list(available)
+    lowered = {name.lower(): name for name in available}
+    hits = difflib.get_close_matches(requested.lower(), list(lowered), n=n, cutoff=0.4)
+    return [lowered[h] for h in hits]
+
+
+def check_availability(requested: str, available: Iterable[str]) -> None:
+    """Raise ValueError with a 'did you mean' hint when ``requested`` is not in ``available``."""
+    available = list(available)
+    if requested not in available:
+        hint = closest_names(requested, available)
+        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(
+            f"The requested one {requested!r} is not available.{suggestion} "
+            f"Available: {sorted(available)}"
+        )
+
+
+class Registry:
+    """A mapping from class names to classes, filled by the ``register`` decorator."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._obj_map: dict[str, Any] = {}
+
+    def _do_register(self, name: str, obj: Any, force: bool = False) -> None:
+        if name in self._obj_map and not force and self._obj_map[name] is not obj:
+            raise KeyError(f'An object named "{name}" was already registered in "{self._name}" registry')
+        self._obj_map[name] = obj
+
+    def register(self, obj: Any = None, force: bool = False) -> Any:
+        """Register ``obj`` under its ``__name__``; usable as ``@REG.register()`` or ``REG.register(cls)``."""
+        if obj is None:
+            def deco(func_or_class: Any) -> Any:
+                self._do_register(func_or_class.__name__, func_or_class, force=force)
+                return func_or_class
+            return deco
+        self._do_register(obj.__name__, obj, force=force)
+        return obj
+
+    def get(self, name: str) -> Any:
+        """Return the object registered as ``name``; a miss raises KeyError naming close matches."""
+        if name not in self._obj_map:
+            hint = closest_names(name, self._obj_map)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise KeyError(
+                f'Object name "{name}" does not exist in "{self._name}" registry.{suggestion} '
+                f"Registered: {sorted(self._obj_map)}"
+            )
+        return self._obj_map[name]
+
+    def registered_names(self) -> list[str]:
+        return list(self._obj_map.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._obj_map
+
+    def __len__(self) -> int:
+        return len(self._obj_map)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self._obj_map.items())
+
+
+TRAINER_REGISTRY = Registry("TRAINER")
+DATASET_REGISTRY = Registry("DATASET")
+EVALUATOR_REGISTRY = Registry("EVALUATOR")
+
+
+def lookup_case_insensitive(registry: Registry, name: str) -> str:
+    """Map a lower-case alias such as ``maple`` to the registered class name ``MaPLe``."""
+    if name in registry:
+        return name
+    for key in registry.registered_names():
+        if key.lower() == name.lower():
+            return key
+    return name
+
+
+Factory = Callable[..., Any]

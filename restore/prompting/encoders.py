@@ -1,0 +1,239 @@
+"""The one place that runs CLIP's towers with extra tokens.
+
+Every method expresses its prompts as :class:`DeepTokens` groups:
+
+* CoOp/CoCoOp: no group; the learned context is part of the text embeddings given to the encoder.
+* VPT / IVLP / MaPLe: a vision group appended at layer 0 then replaced at deeper layers, and a
+  text group that replaces positions ``1..n`` from layer 1 (layer-0 text context comes from the
+  prompt learner, as in MaPLe).
+* MMRL: groups inserted at layer J after CLS (vision) or after BOT (text), replaced afterwards.
+
+"Layer k" is the input of residual block k. Vision tokens inserted at layer 0 enter before
+``ln_pre`` and get no positional embedding (as VPT and MaPLe do); text tokens inserted at any
+layer get no positional embedding. The text causal mask is rebuilt for the grown sequence and
+the EOT index moves with insertions before it. The text tower runs only up to the longest EOT
+(exact: with a causal mask nothing after EOT reaches it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from restore.clip.model import CLIP, ResidualAttentionBlock, causal_mask
+
+
+@dataclass
+class DeepTokens:
+    """Learnable tokens placed into one tower, layer by layer.
+
+    Args:
+        tokens: ``tokens[k]`` acts at layer ``first_layer + k``; each is ``(n, D)`` (shared over the
+            batch) or ``(B, n, D)``. After the last one the tokens just propagate.
+        first_layer: the layer where the group first acts.
+        position: sequence index of the group's first token when it first acts (``None``: append
+            at the end). Later insertions before it shift it automatically.
+        insert: at ``first_layer``, insert the tokens (sequence grows) or overwrite existing ones.
+        name: key under which the group's final positions are reported.
+    """
+
+    tokens: Sequence[torch.Tensor]
+    first_layer: int = 0
+    position: int | None = None
+    insert: bool = True
+    name: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens[0].shape[-2]
+
+    @property
+    def last_layer(self) -> int:
+        return self.first_layer + len(self.tokens) - 1
+
+
+@dataclass
+class EncoderOutput:
+    """What an encoder returns.
+
+    Attributes:
+        features: projected features (B, embed_dim), not normalised.
+        tokens: the last block's output after the final LayerNorm, (B, L, D).
+        slots: final ``slice`` of each named DeepTokens group in ``tokens``.
+        pooled_index: per-sample index of the pooled token (CLS = 0, text: EOT).
+        hidden_states: per-block outputs (B, L_k, D), only when asked for.
+        prompt_masks: per-block boolean (L_k,) masks of prompt positions, only when asked for.
+    """
+
+    features: torch.Tensor
+    tokens: torch.Tensor
+    slots: dict[str, slice]
+    pooled_index: torch.Tensor
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
+    prompt_masks: list[torch.Tensor] = field(default_factory=list)
+
+
+# observer(layer, block, x_in, x_out, prompt_mask, attn_mask) -> None, called after each block.
+LayerObserver = Callable[[int, ResidualAttentionBlock, torch.Tensor, torch.Tensor, torch.Tensor,
+                          "torch.Tensor | None"], None]
+
+
+class _Slots:
+    """Tracks where each active group sits in the sequence while tokens are inserted."""
+
+    def __init__(self) -> None:
+        self.starts: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+
+    def apply(self, x: torch.Tensor, layer: int, groups: Sequence[DeepTokens]) -> tuple[torch.Tensor, int, int]:
+        """Insert or overwrite every group acting at ``layer``; returns x and (insert position, count)."""
+        inserted_at, inserted = -1, 0
+        for gid, group in enumerate(groups):
+            k = layer - group.first_layer
+            if k < 0 or k >= len(group.tokens):
+                continue
+            tok = group.tokens[k].to(x.dtype)
+            tok = tok.expand(x.shape[0], -1, -1) if tok.dim() == 2 else tok
+            n = tok.shape[1]
+            if k == 0:
+                start = x.shape[1] if group.position is None else group.position
+                if group.insert:
+                    for other, s in self.starts.items():
+                        if s >= start:
+                            self.starts[other] = s + n
+                    x = torch.cat([x[:, :start], tok, x[:, start:]], dim=1)
+                    inserted_at, inserted = start, inserted + n
+                else:
+                    x = torch.cat([x[:, :start], tok, x[:, start + n:]], dim=1)
+                self.starts[gid], self.sizes[gid] = start, n
+            else:
+                start = self.starts[gid]
+                x = torch.cat([x[:, :start], tok, x[:, start + n:]], dim=1)
+        return x, inserted_at, inserted
+
+    def mask(self, length: int, device: torch.device) -> torch.Tensor:
+        mask = torch.zeros(length, dtype=torch.bool, device=device)
+        for gid, start in self.starts.items():
+            mask[start:start + self.sizes[gid]] = True
+        return mask
+
+    def named(self, groups: Sequence[DeepTokens]) -> dict[str, slice]:
+        return {groups[g].name or str(g): slice(s, s + self.sizes[g]) for g, s in self.starts.items()}
+
+
+def _validate(groups: Sequence[DeepTokens], depth: int, tower: str) -> None:
+    for group in groups:
+        if group.first_layer < 0 or group.last_layer >= depth:
+            raise ValueError(
+                f"{tower} prompts span layers {group.first_layer}..{group.last_layer}, but the backbone "
+                f"has {depth} layers; lower the prompt depth in the trainer's config.")
+
+
+class PromptedVisionEncoder(nn.Module):
+    """CLIP's image tower run block by block with optional deep tokens."""
+
+    def __init__(self, clip_model: CLIP) -> None:
+        super().__init__()
+        self.visual = clip_model.visual
+        self.dtype = clip_model.dtype
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
+
+    @property
+    def num_layers(self) -> int:
+        return self.visual.transformer.layers
+
+    def forward(self, image: torch.Tensor, deep: Sequence[DeepTokens] = (), return_hidden: bool = False,
+                observer: LayerObserver | None = None) -> EncoderOutput:
+        _validate(deep, self.num_layers, "Vision")
+        visual = self.visual
+        x = visual.embed(image.to(self.dtype))
+        slots = _Slots()
+        x, _, _ = slots.apply(x, 0, deep)
+        x = visual.ln_pre(x)
+        hidden, masks = [], []
+        for layer, block in enumerate(visual.transformer.resblocks):
+            if layer > 0:
+                x, _, _ = slots.apply(x, layer, deep)
+            x_in = x
+            x = block(x)
+            if return_hidden or observer is not None:
+                mask = slots.mask(x.shape[1], x.device)
+                if return_hidden:
+                    hidden.append(x)
+                    masks.append(mask)
+                if observer is not None:
+                    observer(layer, block, x_in, x, mask, None)
+        tokens = visual.ln_post(x)
+        features = tokens[:, 0, :] @ visual.proj
+        pooled = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return EncoderOutput(features, tokens, slots.named(deep), pooled, hidden, masks)
+
+
+class PromptedTextEncoder(nn.Module):
+    """CLIP's text tower over token embeddings, with deep tokens, causal mask and EOT tracking."""
+
+    def __init__(self, clip_model: CLIP) -> None:
+        super().__init__()
+        self.transformer = clip_model.transformer
+        self.token_embedding = clip_model.token_embedding
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.dtype = clip_model.dtype
+
+    @property
+    def width(self) -> int:
+        return self.transformer.width
+
+    @property
+    def num_layers(self) -> int:
+        return self.transformer.layers
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (no positional embedding) in the model's dtype: (N, L, D)."""
+        return self.token_embedding(token_ids).to(self.dtype)
+
+    def forward(self, embeddings: torch.Tensor, eot_index: torch.Tensor, deep: Sequence[DeepTokens] = (),
+                return_hidden: bool = False, observer: LayerObserver | None = None,
+                truncate: bool = True) -> EncoderOutput:
+        """Encode prompts given as token embeddings (N, L, D); ``eot_index`` is (N,) (argmax of ids).
+
+        With ``truncate`` the sequence is cut after the longest EOT: exact under the causal mask.
+        """
+        _validate(deep, self.num_layers, "Text")
+        eot = eot_index.to(embeddings.device).clone()
+        length = int(eot.max()) + 1 if truncate else embeddings.shape[1]
+        x = embeddings[:, :length].to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
+        slots = _Slots()
+        hidden, masks = [], []
+        mask_cache: dict[int, torch.Tensor] = {}
+        for layer, block in enumerate(self.transformer.resblocks):
+            x, at, n = slots.apply(x, layer, deep)
+            if n:
+                eot = torch.where(eot >= at, eot + n, eot)
+            L = x.shape[1]
+            if L not in mask_cache:
+                mask_cache[L] = causal_mask(L, x.device, x.dtype)
+            x_in = x
+            x = block(x, mask_cache[L])
+            if return_hidden or observer is not None:
+                pmask = slots.mask(L, x.device)
+                if return_hidden:
+                    hidden.append(x)
+                    masks.append(pmask)
+                if observer is not None:
+                    observer(layer, block, x_in, x, pmask, mask_cache[L])
+        tokens = self.ln_final(x)
+        features = tokens[torch.arange(tokens.shape[0], device=tokens.device), eot] @ self.text_projection
+        return EncoderOutput(features, tokens, slots.named(deep), eot, hidden, masks)
+
+    def encode_token_ids(self, token_ids: torch.Tensor, deep: Sequence[DeepTokens] = (),
+                         **kwargs: object) -> EncoderOutput:
+        """Encode tokenised prompts (N, 77): embedding lookup, EOT = argmax of the ids."""
+        return self.forward(self.embed(token_ids), token_ids.argmax(dim=-1), deep, **kwargs)

@@ -1,0 +1,23 @@
+"""Shared fixtures: the repository root on sys.path, a tiny random CLIP, temporary folders."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """A randomly initialised tiny CLIP (never pretrained), fixed seed, eval mode."""
+    from restore.clip.model import CLIP, TINY_CONFIG
+
+    torch.manual_seed(0)
+    return CLIP(TINY_CONFIG).eval()
