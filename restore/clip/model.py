@@ -126,7 +126,7 @@ class CLIPConfig:
 
     @property
     def resolved_vision_heads(self) -> int:
-        return self.vision_heads or self.vision_width // 64
+        return self.vision_heads or max(1, self.vision_width // 64)
 
 
 class CLIP(nn.Module):
@@ -188,7 +188,12 @@ class CLIP(nn.Module):
 
 
 def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
-    """Infer the architecture of a ViT CLIP from the shapes of an OpenAI-layout state dict."""
+    """Infer the architecture of a ViT CLIP from the shapes of an OpenAI-layout state dict.
+
+    Shapes do not record attention heads or the activation: heads are width // 64 and the
+    activation is QuickGELU, as in OpenAI's ViTs. Some open_clip models differ (ViT-H-14 uses head
+    width 80, LAION models GELU): load those with ``load_clip("open_clip:<MODEL>/<FILE>")``.
+    """
     if "visual.proj" not in state_dict:
         raise ValueError(
             "This checkpoint is a ResNet CLIP (no 'visual.proj'); only ViT backbones are supported "
@@ -208,9 +213,10 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
         context_length=state_dict["positional_embedding"].shape[0],
         vocab_size=state_dict["token_embedding.weight"].shape[0],
         transformer_width=width,
-        transformer_heads=width // 64,
+        transformer_heads=max(1, width // 64),
         transformer_layers=len({k.split(".")[2] for k in state_dict
                                 if k.startswith("transformer.resblocks.") and k.endswith(".attn.in_proj_weight")}),
+        vision_heads=max(1, vision_width // 64),
     )
 
 

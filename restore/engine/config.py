@@ -155,6 +155,16 @@ def clean_cfg(cfg: CN, trainer: str) -> None:
         cfg.freeze()
 
 
+_CONFIG_EXTENDERS: list = []
+
+
+def register_config_extender(fn):  # type: ignore[no-untyped-def]
+    """Register ``fn(cfg)`` adding keys of a plug-in that is not a trainer (e.g. ``TRAINER.CRAFT``)."""
+    if fn not in _CONFIG_EXTENDERS:
+        _CONFIG_EXTENDERS.append(fn)
+    return fn
+
+
 def extend_cfg(cfg: CN) -> CN:
     """Add every registered trainer's own ``TRAINER.<NAME>`` node (and other keys it declares).
 
@@ -165,6 +175,8 @@ def extend_cfg(cfg: CN) -> CN:
         extender = getattr(trainer_cls, "extend_cfg", None)
         if callable(extender):
             extender(cfg)
+    for fn in _CONFIG_EXTENDERS:
+        fn(cfg)
     return cfg
 
 

@@ -138,7 +138,10 @@ class PromptedVisionEncoder(nn.Module):
     def __init__(self, clip_model: CLIP) -> None:
         super().__init__()
         self.visual = clip_model.visual
-        self.dtype = clip_model.dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
 
     @property
     def width(self) -> int:
@@ -185,7 +188,10 @@ class PromptedTextEncoder(nn.Module):
         self.positional_embedding = clip_model.positional_embedding
         self.ln_final = clip_model.ln_final
         self.text_projection = clip_model.text_projection
-        self.dtype = clip_model.dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.resblocks[0].mlp.c_fc.weight.dtype
 
     @property
     def width(self) -> int:

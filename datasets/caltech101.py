@@ -1,0 +1,19 @@
+"""Caltech-101: 100 object classes (BACKGROUND_Google and Faces_easy are left out)."""
+
+from restore.engine.data.benchmark import SplitDataset
+from restore.engine.registry import DATASET_REGISTRY
+
+
+@DATASET_REGISTRY.register()
+class Caltech101(SplitDataset):
+    dataset_dir = "caltech-101"
+    image_subdir = "101_ObjectCategories"
+    split_file = "split_zhou_Caltech101.json"
+    anchor = "caltech101"
+    ignored_classes = ("BACKGROUND_Google", "Faces_easy")
+    new_cnames = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+    layout = """
+caltech-101/
+  101_ObjectCategories/<class>/image_0001.jpg
+  split_zhou_Caltech101.json
+"""

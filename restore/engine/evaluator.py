@@ -1,0 +1,131 @@
+"""Classification evaluator (Dassl's printed block) and ``compute_accuracy``; no sklearn needed."""
+
+from __future__ import annotations
+
+import os.path as osp
+from collections import OrderedDict, defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .registry import EVALUATOR_REGISTRY, check_availability
+
+
+def compute_accuracy(output: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
+                     topk: tuple[int, ...] = (1,)) -> list[torch.Tensor]:
+    """Top-k accuracies in percent, each a 1-element tensor (Dassl semantics)."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    maxk = max(topk)
+    batch_size = target.size(0)
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
+    return [correct[:k].reshape(-1).float().sum(0, keepdim=True).mul_(100.0 / batch_size) for k in topk]
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro F1 over the labels present in ``y_true`` (sklearn's ``labels=unique(y_true)``), in [0, 1]."""
+    scores = []
+    for label in np.unique(y_true):
+        tp = np.sum((y_pred == label) & (y_true == label))
+        fp = np.sum((y_pred == label) & (y_true != label))
+        fn = np.sum((y_pred != label) & (y_true == label))
+        denom = 2 * tp + fp + fn
+        scores.append(0.0 if denom == 0 else 2 * tp / denom)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+class EvaluatorBase:
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def process(self, mo: torch.Tensor, gt: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def evaluate(self) -> "OrderedDict[str, float]":
+        raise NotImplementedError
+
+
+@EVALUATOR_REGISTRY.register()
+class Classification(EvaluatorBase):
+    """Accuracy, error rate, macro-F1 and optional per-class accuracy, printed as Dassl does."""
+
+    def __init__(self, cfg: Any, lab2cname: dict[int, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(cfg)
+        self._lab2cname = lab2cname
+        self._per_class_res: dict[int, list[bool]] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self._correct = 0
+        self._total = 0
+        self._y_true: list[int] = []
+        self._y_pred: list[int] = []
+        if self.cfg.TEST.PER_CLASS_RESULT:
+            if self._lab2cname is None:
+                raise ValueError("TEST.PER_CLASS_RESULT needs lab2cname")
+            self._per_class_res = defaultdict(list)
+
+    def process(self, mo: torch.Tensor, gt: torch.Tensor) -> None:
+        pred = mo.max(1)[1]
+        matches = pred.eq(gt).int()
+        self._correct += int(matches.sum().item())
+        self._total += gt.shape[0]
+        self._y_true.extend(gt.cpu().tolist())
+        self._y_pred.extend(pred.cpu().tolist())
+        if self._per_class_res is not None:
+            for label, match in zip(gt.cpu().tolist(), matches.cpu().tolist()):
+                self._per_class_res[label].append(bool(match))
+
+    def evaluate(self) -> "OrderedDict[str, float]":
+        results: "OrderedDict[str, float]" = OrderedDict()
+        if self._total == 0:
+            raise RuntimeError("The evaluation set is empty: nothing was evaluated. Check the dataset split.")
+        acc = 100.0 * self._correct / self._total
+        err = 100.0 - acc
+        y_true, y_pred = np.asarray(self._y_true), np.asarray(self._y_pred)
+        f1 = 100.0 * macro_f1(y_true, y_pred)
+        results["accuracy"] = acc
+        results["error_rate"] = err
+        results["macro_f1"] = f1
+        print("=> result\n"
+              f"* total: {self._total:,}\n"
+              f"* correct: {self._correct:,}\n"
+              f"* accuracy: {acc:.1f}%\n"
+              f"* error: {err:.1f}%\n"
+              f"* macro_f1: {f1:.1f}%")
+        if self._per_class_res is not None:
+            accs = []
+            print("=> per-class result")
+            for label in sorted(self._per_class_res):
+                res = self._per_class_res[label]
+                correct, total = sum(res), len(res)
+                a = 100.0 * correct / total
+                accs.append(a)
+                print(f"* class: {label} ({self._lab2cname[label]})\ttotal: {total:,}\tcorrect: {correct:,}\tacc: {a:.1f}%")
+            results["perclass_accuracy"] = float(np.mean(accs))
+            print(f"* average: {results['perclass_accuracy']:.1f}%")
+        if self.cfg.TEST.COMPUTE_CMAT:
+            labels = np.unique(np.concatenate([y_true, y_pred]))
+            index = {l: i for i, l in enumerate(labels)}
+            cmat = np.zeros((len(labels), len(labels)))
+            for t, p in zip(y_true, y_pred):
+                cmat[index[t], index[p]] += 1
+            cmat = cmat / np.maximum(cmat.sum(1, keepdims=True), 1)
+            save_path = osp.join(self.cfg.OUTPUT_DIR, "cmat.pt")
+            torch.save(torch.from_numpy(cmat), save_path)
+            print(f"Confusion matrix is saved to {save_path}")
+        return results
+
+
+def build_evaluator(cfg: Any, **kwargs: Any) -> EvaluatorBase:
+    """Instantiate ``cfg.TEST.EVALUATOR`` from the registry."""
+    names = EVALUATOR_REGISTRY.registered_names()
+    check_availability(cfg.TEST.EVALUATOR, names)
+    if cfg.VERBOSE:
+        print(f"Loading evaluator: {cfg.TEST.EVALUATOR}")
+    return EVALUATOR_REGISTRY.get(cfg.TEST.EVALUATOR)(cfg, **kwargs)

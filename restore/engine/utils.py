@@ -1,0 +1,399 @@
+"""Dassl's utility surface: files, seeding, logging tee, meters, checkpoints (atomic, weights-only)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import os.path as osp
+import random
+import sys
+import tempfile
+import time
+import warnings
+from collections import OrderedDict, defaultdict
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .registry import check_availability, closest_names
+
+__all__ = [
+    "mkdir_if_missing", "check_isfile", "read_json", "write_json", "set_random_seed", "read_image",
+    "collect_env_info", "listdir_nohidden", "get_most_similar_str_to_a_from_b", "check_availability",
+    "tolist_if_not", "Logger", "setup_logger", "AverageMeter", "MetricMeter", "save_checkpoint",
+    "load_checkpoint", "resume_from_checkpoint", "open_all_layers", "open_specified_layers",
+    "count_num_param", "load_pretrained_weights", "init_network_weights", "atomic_write_bytes",
+    "atomic_torch_save", "atomic_write_json", "CheckpointError",
+]
+
+
+def mkdir_if_missing(dirname: str) -> None:
+    """Create ``dirname`` (and parents) if it does not exist."""
+    if dirname and not osp.exists(dirname):
+        try:
+            os.makedirs(dirname)
+        except OSError as err:
+            if err.errno != errno.EEXIST:
+                raise
+
+
+def check_isfile(fpath: str) -> bool:
+    """True if ``fpath`` is a file; warns otherwise (Dassl semantics)."""
+    isfile = osp.isfile(fpath)
+    if not isfile:
+        warnings.warn(f'No file found at "{fpath}"')
+    return isfile
+
+
+def read_json(fpath: str) -> Any:
+    with open(fpath, "r") as f:
+        return json.load(f)
+
+
+def write_json(obj: Any, fpath: str) -> None:
+    """Write JSON with Dassl's formatting (indent 4), atomically."""
+    atomic_write_json(obj, fpath, indent=4)
+
+
+def _fsync_dir(dirname: str) -> None:
+    try:
+        fd = os.open(dirname, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(data: bytes, fpath: str) -> None:
+    """Write ``data`` to a temporary file, fsync it, then rename over ``fpath``."""
+    dirname = osp.dirname(osp.abspath(fpath))
+    mkdir_if_missing(dirname)
+    fd, tmp = tempfile.mkstemp(prefix="." + osp.basename(fpath) + ".", suffix=".tmp", dir=dirname)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, fpath)
+        _fsync_dir(dirname)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(obj: Any, fpath: str, indent: int = 2) -> None:
+    """Atomically write ``obj`` as JSON."""
+    atomic_write_bytes(json.dumps(obj, indent=indent, separators=(",", ": ")).encode() + b"\n", fpath)
+
+
+def atomic_torch_save(obj: Any, fpath: str) -> None:
+    """``torch.save`` through a temporary file + fsync + rename: a kill never leaves half a file."""
+    dirname = osp.dirname(osp.abspath(fpath))
+    mkdir_if_missing(dirname)
+    fd, tmp = tempfile.mkstemp(prefix="." + osp.basename(fpath) + ".", suffix=".tmp", dir=dirname)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, fpath)
+        _fsync_dir(dirname)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def set_random_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed ``random``, numpy and torch; with ``deterministic`` also force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def read_image(path: str):
+    """Read an image as PIL RGB; a missing or corrupted file raises an error naming the path."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not osp.exists(path):
+        raise FileNotFoundError(f"Image not found: {path}. Check DATASET.ROOT and the dataset layout (DATASETS.md).")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise OSError(
+            f"Cannot read image {path} ({err}). The file is corrupted or truncated: re-extract or "
+            f"re-download the dataset (DATASETS.md).") from None
+
+
+def collect_env_info() -> str:
+    """A short environment summary (torch's own collector is slow and chatty)."""
+    import platform
+
+    import PIL
+
+    lines = [
+        f"Python: {platform.python_version()} ({sys.executable})",
+        f"PyTorch: {torch.__version__}",
+        f"CUDA available: {torch.cuda.is_available()}",
+    ]
+    if torch.cuda.is_available():
+        lines.append(f"GPU: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}")
+    lines.append(f"Pillow ({PIL.__version__})")
+    return "\n".join(lines)
+
+
+def listdir_nohidden(path: str, sort: bool = False) -> list[str]:
+    """Entries of ``path`` not starting with '.'; unsorted unless ``sort`` (Dassl semantics)."""
+    items = [f for f in os.listdir(path) if not f.startswith(".")]
+    if sort:
+        items.sort()
+    return items
+
+
+def get_most_similar_str_to_a_from_b(a: str, b: Iterable[str]) -> str:
+    hits = closest_names(a, b, n=1)
+    return hits[0] if hits else ""
+
+
+def tolist_if_not(x: Any) -> list:
+    return x if isinstance(x, list) else [x]
+
+
+class Logger:
+    """Tee of stdout into a file; ``flush`` fsyncs the file (Dassl semantics)."""
+
+    def __init__(self, fpath: str | None = None) -> None:
+        self.console = sys.stdout
+        self.file = None
+        if fpath is not None:
+            mkdir_if_missing(osp.dirname(osp.abspath(fpath)))
+            self.file = open(fpath, "w")
+
+    def __del__(self) -> None:
+        self.close()
+
+    def write(self, msg: str) -> None:
+        self.console.write(msg)
+        if self.file is not None:
+            self.file.write(msg)
+
+    def flush(self) -> None:
+        self.console.flush()
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()
+
+
+def setup_logger(output: str | None = None) -> str | None:
+    """Tee stdout to ``output/log.txt`` (or ``output`` if it ends in .txt/.log).
+
+    An existing log gets a new sibling named with a ``-%Y-%m-%d-%H-%M-%S`` suffix, as Dassl does.
+    Returns the log file path.
+    """
+    if output is None:
+        return None
+    fpath = output if output.endswith((".txt", ".log")) else osp.join(output, "log.txt")
+    if osp.exists(fpath):
+        fpath += time.strftime("-%Y-%m-%d-%H-%M-%S")
+    if isinstance(sys.stdout, Logger):
+        sys.stdout.close()
+        sys.stdout = sys.stdout.console
+    sys.stdout = Logger(fpath)
+    return fpath
+
+
+class AverageMeter:
+    """Running value/average (optionally exponential)."""
+
+    def __init__(self, ema: bool = False) -> None:
+        self.ema = ema
+        self.reset()
+
+    def reset(self) -> None:
+        self.val = 0.0
+        self.avg = 0.0
+        self.sum = 0.0
+        self.count = 0
+
+    def update(self, val: float, n: int = 1) -> None:
+        if isinstance(val, torch.Tensor):
+            val = val.item()
+        self.val = val
+        self.sum += val * n
+        self.count += n
+        self.avg = self.val if self.ema and self.count == n else (
+            self.avg * 0.9 + self.val * 0.1 if self.ema else self.sum / self.count)
+
+
+class MetricMeter:
+    """A dict of AverageMeters; ``str`` gives ``name val (avg)`` with 4 decimals."""
+
+    def __init__(self, delimiter: str = " ") -> None:
+        self.meters: dict[str, AverageMeter] = defaultdict(AverageMeter)
+        self.delimiter = delimiter
+
+    def update(self, input_dict: dict[str, Any]) -> None:
+        if input_dict is None:
+            return
+        if not isinstance(input_dict, dict):
+            raise TypeError("Input to MetricMeter.update() must be a dictionary")
+        for k, v in input_dict.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            self.meters[k].update(v)
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name} {m.val:.4f} ({m.avg:.4f})" for name, m in self.meters.items())
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used here; the message says why and what to do."""
+
+
+def save_checkpoint(state: dict[str, Any], save_dir: str, is_best: bool = False,
+                    remove_module_from_keys: bool = True, model_name: str = "") -> str:
+    """Write ``state`` as ``save_dir/model.pth.tar-<epoch>`` (or ``model_name``) atomically.
+
+    Also rewrites ``save_dir/checkpoint`` with the file's basename, as Dassl does.
+    """
+    mkdir_if_missing(save_dir)
+    if remove_module_from_keys:
+        state_dict = state["state_dict"]
+        state["state_dict"] = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state_dict.items())
+    fpath = osp.join(save_dir, model_name or f"model.pth.tar-{state['epoch']}")
+    atomic_torch_save(state, fpath)
+    print(f"Checkpoint saved to {fpath}")
+    atomic_write_bytes((osp.basename(fpath) + "\n").encode(), osp.join(save_dir, "checkpoint"))
+    if is_best:
+        atomic_torch_save(state, osp.join(osp.dirname(fpath), "model-best.pth.tar"))
+    return fpath
+
+
+def load_checkpoint(fpath: str, weights_only: bool | None = None) -> dict[str, Any]:
+    """Load a checkpoint on CPU.
+
+    Files written by this library load with ``weights_only=True``. Files written by the real Dassl
+    pickle scheduler objects; they are loaded with ``weights_only=False`` only after a safe attempt
+    fails and only when ``weights_only`` is left as None (trusted local files).
+    """
+    if fpath is None:
+        raise ValueError("File path is None")
+    if not osp.exists(fpath):
+        raise FileNotFoundError(f'File is not found at "{fpath}"')
+    try:
+        return torch.load(fpath, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised below with a sentence
+        if weights_only:
+            raise CheckpointError(f"Unable to load checkpoint from {fpath} with weights_only=True: {err}") from None
+        safe_error = err
+    try:
+        warnings.warn(f"{fpath} needs full unpickling (a checkpoint written by the original Dassl?); "
+                      "loading it with weights_only=False because it is a local file you chose.")
+        return torch.load(fpath, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(
+            f"Unable to load checkpoint from {fpath}: {err} (safe load said: {safe_error}). "
+            "The file may be truncated; delete it to resume from the previous one.") from None
+
+
+def resume_from_checkpoint(fdir: str, model: nn.Module, optimizer=None, scheduler=None) -> int:
+    """Restore model/optimizer/scheduler from the file named in ``fdir/checkpoint``; return its epoch."""
+    with open(osp.join(fdir, "checkpoint"), "r") as f:
+        model_name = f.readlines()[0].strip("\n")
+    fpath = osp.join(fdir, model_name)
+    print(f'Loading checkpoint from "{fpath}"')
+    checkpoint = load_checkpoint(fpath)
+    model.load_state_dict(checkpoint["state_dict"])
+    print("Loaded model weights")
+    if optimizer is not None and checkpoint.get("optimizer"):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        print("Loaded optimizer")
+    if scheduler is not None and checkpoint.get("scheduler"):
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        print("Loaded scheduler")
+    start_epoch = checkpoint["epoch"]
+    print(f"Previous epoch: {start_epoch}")
+    return start_epoch
+
+
+def open_all_layers(model: nn.Module) -> None:
+    model.train()
+    for p in model.parameters():
+        p.requires_grad = True
+
+
+def open_specified_layers(model: nn.Module, open_layers: str | list[str]) -> None:
+    open_layers = tolist_if_not(open_layers)
+    for layer in open_layers:
+        if not hasattr(model, layer):
+            raise AttributeError(f"{layer} is not an attribute of the model")
+    for name, module in model.named_children():
+        trainable = name in open_layers
+        module.train(trainable)
+        for p in module.parameters():
+            p.requires_grad = trainable
+
+
+def count_num_param(model: nn.Module | None = None, params: Iterable[torch.Tensor] | None = None) -> int:
+    if model is not None:
+        return sum(p.numel() for p in model.parameters())
+    if params is not None:
+        return sum(p.numel() for p in params)
+    raise ValueError("model and params must not both be None")
+
+
+def load_pretrained_weights(model: nn.Module, weight_path: str) -> None:
+    """Load the name- and shape-matching entries of a checkpoint into ``model`` (Dassl semantics)."""
+    checkpoint = load_checkpoint(weight_path)
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    model_dict = model.state_dict()
+    new_state, matched, discarded = OrderedDict(), [], []
+    for k, v in state_dict.items():
+        k = k[7:] if k.startswith("module.") else k
+        if k in model_dict and model_dict[k].size() == v.size():
+            new_state[k] = v
+            matched.append(k)
+        else:
+            discarded.append(k)
+    model_dict.update(new_state)
+    model.load_state_dict(model_dict)
+    if not matched:
+        warnings.warn(f'The pretrained weights "{weight_path}" cannot be loaded, please check the key names manually')
+    else:
+        print(f'Successfully loaded pretrained weights from "{weight_path}"')
+        if discarded:
+            print(f"Layers discarded due to unmatched keys or size: {discarded}")
+
+
+def init_network_weights(model: nn.Module, init_type: str = "normal", gain: float = 0.02) -> None:
+    def _init(m: nn.Module) -> None:
+        if hasattr(m, "weight") and isinstance(m, (nn.Linear, nn.Conv2d)):
+            {"normal": lambda w: nn.init.normal_(w, 0.0, gain),
+             "xavier": lambda w: nn.init.xavier_normal_(w, gain=gain),
+             "kaiming": lambda w: nn.init.kaiming_normal_(w, a=0, mode="fan_in"),
+             "orthogonal": lambda w: nn.init.orthogonal_(w, gain=gain)}[init_type](m.weight.data)
+            if m.bias is not None:
+                nn.init.constant_(m.bias.data, 0.0)
+    model.apply(_init)

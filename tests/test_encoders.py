@@ -1,0 +1,116 @@
+"""Prompted encoders: equal to plain CLIP without prompts; insertion/replacement checked by hand."""
+
+from __future__ import annotations
+
+import torch
+
+from restore.clip.model import causal_mask
+from restore.prompting.encoders import DeepTokens, PromptedTextEncoder, PromptedVisionEncoder
+
+
+def _token_ids(lengths: list[int], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), 77, dtype=torch.long)
+    ids[:, 0] = 49406
+    for i, n in enumerate(lengths):
+        ids[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
+        ids[i, n] = 49407
+    return ids
+
+
+@torch.no_grad()
+def test_no_prompts_equals_plain_clip(tiny_clip):
+    ids = _token_ids([5, 9, 7])
+    image = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    text = PromptedTextEncoder(tiny_clip).encode_token_ids(ids)
+    assert torch.allclose(text.features, tiny_clip.encode_text(ids), atol=1e-5)
+    assert text.pooled_index.tolist() == [5, 9, 7]
+    # untruncated path gives the same features too
+    full = PromptedTextEncoder(tiny_clip).encode_token_ids(ids, truncate=False)
+    assert torch.allclose(full.features, text.features, atol=1e-5)
+    assert full.tokens.shape[1] == 77 and text.tokens.shape[1] == 10
+    vision = PromptedVisionEncoder(tiny_clip)(image)
+    assert torch.allclose(vision.features, tiny_clip.encode_image(image), atol=1e-5)
+
+
+@torch.no_grad()
+def test_text_insertion_matches_manual_computation(tiny_clip):
+    """Insert 2 tokens after BOT at layer 3, replace them at layer 4: compare with a hand-written loop."""
+    ids = _token_ids([6, 4])
+    width = tiny_clip.transformer.width
+    gen = torch.Generator().manual_seed(2)
+    t3, t4 = torch.randn(2, width, generator=gen), torch.randn(2, width, generator=gen)
+    group = DeepTokens([t3, t4], first_layer=3, position=1, insert=True, name="rep")
+    out = PromptedTextEncoder(tiny_clip).encode_token_ids(ids, deep=[group], return_hidden=True, truncate=False)
+
+    x = tiny_clip.token_embedding(ids) + tiny_clip.positional_embedding
+    blocks = tiny_clip.transformer.resblocks
+    for layer, block in enumerate(blocks):
+        if layer == 3:
+            x = torch.cat([x[:, :1], t3.expand(2, -1, -1), x[:, 1:]], dim=1)
+        if layer == 4:
+            x = torch.cat([x[:, :1], t4.expand(2, -1, -1), x[:, 3:]], dim=1)
+        x = block(x, causal_mask(x.shape[1]))
+    x = tiny_clip.ln_final(x)
+    expected = x[torch.arange(2), torch.tensor([6 + 2, 4 + 2])] @ tiny_clip.text_projection
+    assert out.pooled_index.tolist() == [8, 6]
+    assert out.slots == {"rep": slice(1, 3)}
+    assert [h.shape[1] for h in out.hidden_states] == [77] * 3 + [79] * 9
+    assert out.prompt_masks[5][1:3].all() and out.prompt_masks[5].sum() == 2 and not out.prompt_masks[0].any()
+    assert torch.allclose(out.features, expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_text_replacement_keeps_length_and_causality(tiny_clip):
+    """MaPLe-style deep text prompts overwrite positions 1..n; tokens before them are unaffected."""
+    ids = _token_ids([7, 8])
+    encoder = PromptedTextEncoder(tiny_clip)
+    tok = [torch.randn(2, tiny_clip.transformer.width) for _ in range(3)]
+    group = DeepTokens(tok, first_layer=1, position=1, insert=False)
+    plain = encoder.encode_token_ids(ids, return_hidden=True)
+    prompted = encoder.encode_token_ids(ids, deep=[group], return_hidden=True)
+    assert [h.shape[1] for h in prompted.hidden_states] == [9] * 12
+    assert prompted.pooled_index.tolist() == [7, 8]
+    # position 0 (SOT) never attends to later tokens: identical in every layer
+    for h_plain, h_prompted in zip(plain.hidden_states, prompted.hidden_states):
+        assert torch.allclose(h_plain[:, 0], h_prompted[:, 0], atol=1e-5)
+    assert not torch.allclose(plain.features, prompted.features, atol=1e-3)
+
+
+@torch.no_grad()
+def test_vision_append_then_replace_matches_manual(tiny_clip):
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    visual = tiny_clip.visual
+    width = visual.transformer.width
+    p0, p1 = torch.randn(2, width), torch.randn(2, width)
+    group = DeepTokens([p0, p1], first_layer=0, position=None, insert=True, name="vpt")
+    out = PromptedVisionEncoder(tiny_clip)(image, deep=[group])
+
+    x = visual.embed(image)
+    x = visual.ln_pre(torch.cat([x, p0.unsqueeze(0)], dim=1))
+    for layer, block in enumerate(visual.transformer.resblocks):
+        if layer == 1:
+            x = torch.cat([x[:, :-2], p1.unsqueeze(0)], dim=1)
+        x = block(x)
+    expected = visual.ln_post(x[:, 0]) @ visual.proj
+    assert out.slots == {"vpt": slice(50, 52)}
+    assert torch.allclose(out.features, expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_insertion_before_a_group_shifts_it(tiny_clip):
+    image = torch.randn(1, 3, 224, 224)
+    width = tiny_clip.visual.transformer.width
+    vpt = DeepTokens([torch.randn(2, width)], first_layer=0, name="vpt")
+    rep = DeepTokens([torch.randn(3, width)] * 2, first_layer=6, position=1, name="rep")
+    out = PromptedVisionEncoder(tiny_clip)(image, deep=[vpt, rep], return_hidden=True)
+    assert out.slots == {"vpt": slice(53, 55), "rep": slice(1, 4)}
+    assert [h.shape[1] for h in out.hidden_states] == [52] * 6 + [55] * 6
+
+
+def test_prompt_depth_beyond_backbone_is_a_clear_error(tiny_clip):
+    import pytest
+
+    group = DeepTokens([torch.zeros(2, tiny_clip.transformer.width)] * 13, first_layer=0)
+    with pytest.raises(ValueError, match="prompt depth"):
+        PromptedTextEncoder(tiny_clip).encode_token_ids(_token_ids([4]), deep=[group])

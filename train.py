@@ -1,0 +1,138 @@
+"""CoOp-compatible entry point: ``python train.py --root DATA --trainer RESTORE ... [opts]``."""
+
+from __future__ import annotations
+
+import argparse
+import os.path as osp
+import sys
+
+import torch
+
+import datasets  # noqa: F401  registers the benchmark loaders
+import trainers  # noqa: F401  registers the trainers
+from restore.engine.config import ConfigError, extend_cfg, get_cfg_default, merge_file, merge_opts
+from restore.engine.registry import DATASET_REGISTRY, TRAINER_REGISTRY, check_availability, lookup_case_insensitive
+from restore.engine.trainer import RESULTS_FILE, build_trainer
+from restore.engine.utils import collect_env_info, set_random_seed, setup_logger
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", type=str, default="", help="path to dataset")
+    parser.add_argument("--output-dir", type=str, default="", help="output directory")
+    parser.add_argument("--resume", type=str, default="", help="checkpoint directory (from which the training resumes)")
+    parser.add_argument("--seed", type=int, default=-1, help="only positive value enables a fixed seed")
+    parser.add_argument("--source-domains", type=str, nargs="+", help="source domains for DA/DG")
+    parser.add_argument("--target-domains", type=str, nargs="+", help="target domains for DA/DG")
+    parser.add_argument("--transforms", type=str, nargs="+", help="data augmentation methods")
+    parser.add_argument("--config-file", type=str, default="", help="path to config file")
+    parser.add_argument("--dataset-config-file", type=str, default="", help="path to config file for dataset setup")
+    parser.add_argument("--trainer", type=str, default="", help="name of trainer")
+    parser.add_argument("--backbone", type=str, default="", help="name of CNN backbone")
+    parser.add_argument("--head", type=str, default="", help="name of head")
+    parser.add_argument("--eval-only", action="store_true", help="evaluation only")
+    parser.add_argument("--model-dir", type=str, default="", help="load model from this directory for eval-only mode")
+    parser.add_argument("--load-epoch", type=int, help="load model weights at this epoch for evaluation")
+    parser.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
+    parser.add_argument("--overwrite", action="store_true", help="redo a run whose results.json already exists")
+    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="modify config options using the command-line")
+    return parser
+
+
+def reset_cfg(cfg, args) -> None:  # type: ignore[no-untyped-def]
+    """Copy truthy CLI arguments into cfg, as CoOp does; ``--seed 0`` is honoured here."""
+    if args.root:
+        cfg.DATASET.ROOT = args.root
+    if args.output_dir:
+        cfg.OUTPUT_DIR = args.output_dir
+    if args.resume:
+        cfg.RESUME = args.resume
+    if args.seed is not None and args.seed != -1:
+        cfg.SEED = args.seed
+    if args.source_domains:
+        cfg.DATASET.SOURCE_DOMAINS = args.source_domains
+    if args.target_domains:
+        cfg.DATASET.TARGET_DOMAINS = args.target_domains
+    if args.transforms:
+        cfg.INPUT.TRANSFORMS = args.transforms
+    if args.trainer:
+        cfg.TRAINER.NAME = lookup_case_insensitive(TRAINER_REGISTRY, args.trainer)
+    if args.backbone:
+        cfg.MODEL.BACKBONE.NAME = args.backbone
+    if args.head:
+        cfg.MODEL.HEAD.NAME = args.head
+
+
+def setup_cfg(args):  # type: ignore[no-untyped-def]
+    """defaults -> trainers' nodes -> dataset yaml -> method yaml -> CLI args -> opts."""
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    if args.dataset_config_file:
+        merge_file(cfg, args.dataset_config_file)
+    if args.config_file:
+        merge_file(cfg, args.config_file)
+    reset_cfg(cfg, args)
+    merge_opts(cfg, args.opts or [])
+    cfg.TRAINER.NAME = lookup_case_insensitive(TRAINER_REGISTRY, cfg.TRAINER.NAME)
+    check_availability(cfg.TRAINER.NAME, TRAINER_REGISTRY.registered_names())
+    check_availability(cfg.DATASET.NAME, DATASET_REGISTRY.registered_names())
+    cfg.freeze()
+    return cfg
+
+
+def print_args(args, cfg) -> None:  # type: ignore[no-untyped-def]
+    print("***************")
+    print("** Arguments **")
+    print("***************")
+    for key in sorted(args.__dict__):
+        print(f"{key}: {args.__dict__[key]}")
+    print("************")
+    print("** Config **")
+    print("************")
+    print(cfg)
+
+
+def main(args) -> int:  # type: ignore[no-untyped-def]
+    try:
+        cfg = setup_cfg(args)
+    except (ConfigError, ValueError, KeyError) as err:
+        print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
+        return 2
+    results = osp.join(cfg.OUTPUT_DIR, RESULTS_FILE)
+    if osp.exists(results) and not args.overwrite and not args.no_train:
+        print(f"{results} exists: this run is finished, skipping it (pass --overwrite to redo it).")
+        return 0
+    if cfg.SEED >= 0:
+        print(f"Setting fixed seed: {cfg.SEED}")
+        set_random_seed(cfg.SEED, deterministic=cfg.DETERMINISTIC)
+    setup_logger(cfg.OUTPUT_DIR)
+    if torch.cuda.is_available() and cfg.USE_CUDA and not cfg.DETERMINISTIC:
+        torch.backends.cudnn.benchmark = True
+    print_args(args, cfg)
+    print("Collecting env info ...")
+    print("** System info **\n" + collect_env_info() + "\n")
+    trainer = build_trainer(cfg)
+    if args.eval_only:
+        trainer.load_model(args.model_dir, epoch=args.load_epoch)
+        trainer.test()
+        return 0
+    if not args.no_train:
+        trainer.train()
+    return 0
+
+
+def cli() -> int:
+    args = build_parser().parse_args()
+    try:
+        return main(args)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as err:
+        import traceback
+
+        if getattr(sys.stdout, "file", None) is not None:
+            traceback.print_exc(file=sys.stdout.file)
+        print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

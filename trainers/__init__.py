@@ -1,0 +1,3 @@
+"""Registered trainers; importing this package registers every method."""
+
+from . import coop, zsclip  # noqa: F401

@@ -1,0 +1,37 @@
+"""CoOp: learned text context (Zhou et al., IJCV 2022)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from restore.clip.model import CLIP
+from restore.engine.registry import TRAINER_REGISTRY
+from restore.prompting.context import TextContext
+from restore.prompting.trainer import PromptModel, PromptTrainer
+
+
+class CoOpModel(PromptModel):
+    """``[SOS][ctx][class .][EOT]`` with a shared or class-specific learned context."""
+
+    def __init__(self, clip_model: CLIP, classnames: list[str], method_cfg: Any) -> None:
+        super().__init__(clip_model, classnames)
+        self.prompt_learner = TextContext(
+            clip_model, classnames, n_ctx=method_cfg.N_CTX, ctx_init=method_cfg.CTX_INIT, init_mode="coop",
+            class_specific=method_cfg.CSC, class_token_position=method_cfg.CLASS_TOKEN_POSITION)
+
+    def encode_text(self) -> torch.Tensor:
+        return self.text_encoder(self.prompt_learner(), self.prompt_learner.eot_index).features
+
+
+@TRAINER_REGISTRY.register()
+class CoOp(PromptTrainer):
+    """Context Optimization."""
+
+    model_name = "prompt_learner"
+    default_cfg: dict[str, Any] = {"N_CTX": 16, "CSC": False, "CTX_INIT": "", "PREC": "fp16",
+                                   "CLASS_TOKEN_POSITION": "end"}
+
+    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        return CoOpModel(clip_model, classnames, self.method_cfg)
