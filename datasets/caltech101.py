@@ -1,5 +1,6 @@
 """Caltech-101: 100 object classes (BACKGROUND_Google and Faces_easy are left out)."""
 
+from restore.data.benchmarks import CALTECH101_IGNORED, CALTECH101_NEW_CNAMES
 from restore.engine.data.benchmark import SplitDataset
 from restore.engine.registry import DATASET_REGISTRY
 
@@ -10,8 +11,8 @@ class Caltech101(SplitDataset):
     image_subdir = "101_ObjectCategories"
     split_file = "split_zhou_Caltech101.json"
     anchor = "caltech101"
-    ignored_classes = ("BACKGROUND_Google", "Faces_easy")
-    new_cnames = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+    ignored_classes = CALTECH101_IGNORED
+    new_cnames = CALTECH101_NEW_CNAMES
     layout = """
 caltech-101/
   101_ObjectCategories/<class>/image_0001.jpg

@@ -1,20 +1,8 @@
 """EuroSAT (RGB): 10 land-cover classes of Sentinel-2 patches."""
 
+from restore.data.benchmarks import EUROSAT_NEW_CNAMES as NEW_CNAMES
 from restore.engine.data.benchmark import SplitDataset
 from restore.engine.registry import DATASET_REGISTRY
-
-NEW_CNAMES = {
-    "AnnualCrop": "Annual Crop Land",
-    "Forest": "Forest",
-    "HerbaceousVegetation": "Herbaceous Vegetation Land",
-    "Highway": "Highway or Road",
-    "Industrial": "Industrial Buildings",
-    "Pasture": "Pasture Land",
-    "PermanentCrop": "Permanent Crop Land",
-    "Residential": "Residential Buildings",
-    "River": "River",
-    "SeaLake": "Sea or Lake",
-}
 
 
 @DATASET_REGISTRY.register()

@@ -329,19 +329,16 @@ class SimpleTrainer(TrainerBase):
             if curr_result > self.best_result:
                 self.best_result = curr_result
                 self.save_model(self.epoch, self.output_dir, val_result=curr_result, model_name="model-best.pth.tar")
-        if meet_checkpoint_freq or last_epoch:
-            self.save_model(self.epoch, self.output_dir)
-        else:
-            self.save_resume_checkpoint()
+        self.save_epoch_checkpoint(keep=meet_checkpoint_freq or last_epoch)
 
-    def save_resume_checkpoint(self) -> None:
-        """Save this epoch so a killed run resumes here; the previous such file is removed."""
+    def save_epoch_checkpoint(self, keep: bool) -> None:
+        """Save this epoch (a killed run resumes here). Files saved only for resuming are removed
+        once a newer checkpoint exists, so by default only ``model.pth.tar-MAX_EPOCH`` remains, as in Dassl."""
         paths = self.save_model(self.epoch, self.output_dir)
-        previous = getattr(self, "_last_resume_paths", [])
-        for path in previous:
+        for path in getattr(self, "_resume_only_paths", []):
             if path not in paths and osp.exists(path):
                 os.remove(path)
-        self._last_resume_paths = paths
+        self._resume_only_paths = [] if keep else paths
 
     def after_train(self) -> None:
         print("Finish training")

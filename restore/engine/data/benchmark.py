@@ -93,14 +93,14 @@ class SplitDataset(BenchmarkMixin, DatasetBase):
                     return read_split(path, self.image_dir)
                 except DatasetNotFoundError as err:
                     raise self.error(str(err), path) from None
+        print(f"Warning: {self.split_path} not found; building the split from the raw files (a random split: "
+              f"results will not be comparable to published numbers). {self.see}")
         train, val, test = self.build_split()
         save_split(train, val, test, cached, self.image_dir)
         return train, val, test
 
     def build_split(self) -> tuple[list[Datum], list[Datum], list[Datum]]:
         """Without the JSON: CoOp's random 50/20/30 split of the class folders (differs from CoOp's JSON)."""
-        print(f"Warning: {self.split_path} not found; building a random split (results will not be "
-              f"comparable to published numbers). {self.see}")
         return read_and_split_data(self.image_dir, ignored=self.ignored_classes, new_cnames=self.new_cnames)
 
     def read_lines(self, relpath: str, what: str) -> list[str]:

@@ -69,11 +69,13 @@ class Datum:
 # Globals a cache pickle may reference. Datum under Dassl's path or ours; a few inert builtins that
 # old protocols use to rebuild containers and plain objects.
 _DATUM_PATHS = {(DASSL_DATUM_MODULE, "Datum"), (Datum.__module__, "Datum")}
+# Protocols 0-2 name some of them the Python 2 way (``__builtin__``, ``copy_reg``).
 _SAFE_GLOBALS = {
-    ("builtins", name): None for name in ("object", "set", "frozenset", "list", "dict", "tuple", "int",
-                                          "float", "str", "bytes", "bool", "complex")
-}
-_SAFE_GLOBALS[("copyreg", "_reconstructor")] = None
+    (module, name)
+    for module in ("builtins", "__builtin__")
+    for name in ("object", "set", "frozenset", "list", "dict", "tuple", "int", "float", "str", "bytes", "bool",
+                 "complex")
+} | {("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor")}
 
 
 class DatumUnpickler(pickle.Unpickler):
