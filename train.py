@@ -74,8 +74,8 @@ def setup_cfg(args):  # type: ignore[no-untyped-def]
     reset_cfg(cfg, args)
     merge_opts(cfg, args.opts or [])
     cfg.TRAINER.NAME = lookup_case_insensitive(TRAINER_REGISTRY, cfg.TRAINER.NAME)
-    check_availability(cfg.TRAINER.NAME, TRAINER_REGISTRY.registered_names())
-    check_availability(cfg.DATASET.NAME, DATASET_REGISTRY.registered_names())
+    check_availability(cfg.TRAINER.NAME, TRAINER_REGISTRY.registered_names(), "trainer")
+    check_availability(cfg.DATASET.NAME, DATASET_REGISTRY.registered_names(), "dataset")
     cfg.freeze()
     return cfg
 

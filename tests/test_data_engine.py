@@ -197,9 +197,13 @@ def test_split_trainval_and_folder_split_ratios(tmp_path):
 # ---------------------------------------------------------------- pickle compatibility
 
 
+_FAKE_NAMES = ["dassl", "dassl.data", "dassl.data.datasets", DASSL_DATUM_MODULE]
+
+
 def _install_fake_dassl():
-    names = ["dassl", "dassl.data", "dassl.data.datasets", DASSL_DATUM_MODULE]
-    mods = {n: types.ModuleType(n) for n in names}
+    """Put a stand-in for the real Dassl in sys.modules; returns (saved entries, the fake Datum class)."""
+    saved = {n: sys.modules.get(n) for n in _FAKE_NAMES}
+    mods = {n: types.ModuleType(n) for n in _FAKE_NAMES}
 
     class FakeDatum:  # stands in for the real Dassl class while pickling
         pass
@@ -208,11 +212,19 @@ def _install_fake_dassl():
     FakeDatum.__qualname__ = FakeDatum.__name__ = "Datum"
     mods[DASSL_DATUM_MODULE].Datum = FakeDatum
     sys.modules.update(mods)
-    return names, FakeDatum
+    return saved, FakeDatum
+
+
+def _remove_fake_dassl(saved):
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:  # e.g. the restore.dassl_alias modules another test imported
+            sys.modules[name] = module
 
 
 def test_reads_pickles_written_by_real_dassl_without_dassl(tmp_path):
-    names, FakeDatum = _install_fake_dassl()
+    saved, FakeDatum = _install_fake_dassl()
     try:
         blobs = []
         for proto in (0, 2, pickle.HIGHEST_PROTOCOL):
@@ -220,9 +232,8 @@ def test_reads_pickles_written_by_real_dassl_without_dassl(tmp_path):
             d.__dict__.update(_impath="/abs/a.jpg", _label=4, _domain=0, _classname="dog")
             blobs.append(pickle.dumps({"train": [d, d], "val": [d]}, protocol=proto))
     finally:
-        for n in names:
-            sys.modules.pop(n, None)
-    assert "dassl" not in sys.modules
+        _remove_fake_dassl(saved)
+    assert getattr(sys.modules.get(DASSL_DATUM_MODULE), "Datum", None) is not FakeDatum  # fake is gone
     for blob in blobs:
         assert DASSL_DATUM_MODULE.encode() in blob
         data = load_datum_cache(io.BytesIO(blob))
@@ -234,12 +245,11 @@ def test_reads_pickles_written_by_real_dassl_without_dassl(tmp_path):
 def test_written_cache_loads_under_dassl_class_path(tmp_path):
     d = Datum(_img(tmp_path / "a.png"), 2, 0, "cat")
     blob = dumps_datum_cache({"train": [d], "val": []})
-    names, FakeDatum = _install_fake_dassl()
+    saved, FakeDatum = _install_fake_dassl()
     try:
         data = pickle.loads(blob)  # what the real Dassl would do
     finally:
-        for n in names:
-            sys.modules.pop(n, None)
+        _remove_fake_dassl(saved)
     got = data["train"][0]
     assert type(got) is FakeDatum
     assert vars(got) == {"_impath": d.impath, "_label": 2, "_domain": 0, "_classname": "cat"}
@@ -288,8 +298,7 @@ def test_build_transform_all_choices_and_errors():
     cfg.INPUT.SIZE = (24, 24)
     cfg.INPUT.GB_K = 3
     for choice in AVAI_CHOICES:
-        chosen = [choice] if choice in ("random_crop", "random_resized_crop") else [choice]
-        tfm = build_transform(cfg, is_train=True, choices=chosen)
+        tfm = build_transform(cfg, is_train=True, choices=[choice])
         out = tfm(Image.new("RGB", (30, 28), (10, 200, 30)))
         assert out.shape == (3, 24, 24), choice
     with pytest.raises(ValueError, match="random_flp.*random_flip"):

@@ -44,6 +44,7 @@ class ZeroshotCLIP(PromptTrainer):
     """Evaluate CLIP with hand-written prompts (``--eval-only``; training just evaluates)."""
 
     model_name = "zeroshot"
+    aliases = ("zsclip",)
     default_cfg: dict[str, Any] = {"PREC": "fp16", "ENSEMBLE": False}
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:

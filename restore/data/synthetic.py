@@ -111,8 +111,9 @@ def make_synthetic(name: str, root: str, num_classes: int = 4, images_per_class:
     files, as CoOp does without the JSON.
     """
     key = resolve(name)
-    if images_per_class < 3:
-        raise ValueError("images_per_class must be >= 3 (train, val and test each need one image)")
+    if images_per_class < (3 if split_json else 4):
+        raise ValueError("images_per_class must be >= 3 (train, val and test each need one image), >= 4 "
+                         "without the split JSON (the loaders' random 50/20/30 split rounds)")
     _, folder = BENCHMARKS[key]
     d = osp.join(osp.abspath(osp.expanduser(root)), folder)
     os.makedirs(d, exist_ok=True)

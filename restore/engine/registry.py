@@ -14,16 +14,13 @@ def closest_names(requested: str, available: Iterable[str], n: int = 3) -> list[
     return [lowered[h] for h in hits]
 
 
-def check_availability(requested: str, available: Iterable[str]) -> None:
+def check_availability(requested: str, available: Iterable[str], what: str = "name") -> None:
     """Raise ValueError with a 'did you mean' hint when ``requested`` is not in ``available``."""
     available = list(available)
     if requested not in available:
         hint = closest_names(requested, available)
         suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(
-            f"The requested one {requested!r} is not available.{suggestion} "
-            f"Available: {sorted(available)}"
-        )
+        raise ValueError(f"Unknown {what} {requested!r}.{suggestion} Available: {sorted(available)}")
 
 
 class Registry:
@@ -78,11 +75,11 @@ EVALUATOR_REGISTRY = Registry("EVALUATOR")
 
 
 def lookup_case_insensitive(registry: Registry, name: str) -> str:
-    """Map a lower-case alias such as ``maple`` to the registered class name ``MaPLe``."""
+    """Map ``maple`` to the registered ``MaPLe``, or a class's declared ``aliases`` (``zsclip``) to it."""
     if name in registry:
         return name
-    for key in registry.registered_names():
-        if key.lower() == name.lower():
+    for key, obj in registry.items():
+        if key.lower() == name.lower() or name.lower() in getattr(obj, "aliases", ()):
             return key
     return name
 

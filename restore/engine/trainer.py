@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed  # DDP (torchrun) hooks, marked '# DDP' below
 from .evaluator import build_evaluator
 from .registry import TRAINER_REGISTRY, check_availability, lookup_case_insensitive
 from .utils import (AverageMeter, CheckpointError, MetricMeter, atomic_write_json, load_checkpoint,
@@ -94,11 +95,36 @@ class TrainerBase:
     def checkpoint_metadata(self) -> dict[str, Any]:
         return {}
 
+    def _loader_generators(self) -> dict[str, torch.Generator]:
+        gens = {}
+        for name in ("train_loader_x", "train_loader_u"):
+            loader = getattr(self, name, None)
+            gen = getattr(loader, "generator", None) if loader is not None else None
+            if gen is not None:
+                gens[name] = gen
+        return gens
+
+    def capture_rng_state(self) -> dict[str, Any]:
+        """Global RNG states plus the train loaders' own generators: resuming replays the same batches."""
+        state = capture_rng_state()
+        state["loaders"] = {name: gen.get_state() for name, gen in self._loader_generators().items()}
+        return state
+
+    def restore_rng_state(self, state: dict[str, Any] | None) -> None:
+        if not state:
+            return
+        restore_rng_state(state)
+        for name, gen in self._loader_generators().items():
+            if name in state.get("loaders", {}):
+                gen.set_state(state["loaders"][name])
+
     def check_checkpoint_metadata(self, checkpoint: dict[str, Any], path: str) -> None:
         pass
 
     def save_model(self, epoch: int, directory: str, is_best: bool = False, val_result: float | None = None,
                    model_name: str = "") -> list[str]:
+        if not distributed.is_main_process():  # DDP: only rank 0 writes checkpoints
+            return []
         paths = []
         for name in self.get_model_names():
             optim, sched = self._optims[name], self._scheds[name]
@@ -108,7 +134,7 @@ class TrainerBase:
                 "optimizer": optim.state_dict() if optim is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None,
                 "val_result": val_result,
-                "rng_state": capture_rng_state(),
+                "rng_state": self.capture_rng_state(),
                 **self.checkpoint_metadata(),
             }
             paths.append(save_checkpoint(state, osp.join(directory, name), is_best=is_best, model_name=model_name))
@@ -136,7 +162,7 @@ class TrainerBase:
                 self._scheds[name].load_state_dict(checkpoint["scheduler"])
                 print("Loaded scheduler")
             start_epoch = checkpoint["epoch"]
-            restore_rng_state(checkpoint.get("rng_state"))
+            self.restore_rng_state(checkpoint.get("rng_state"))
             print(f"Previous epoch: {start_epoch}")
         return start_epoch
 
@@ -256,6 +282,7 @@ class TrainerBase:
     def model_backward(self, loss: torch.Tensor) -> None:
         self.detect_anomaly(loss)
         loss.backward()
+        distributed.average_gradients(self._models.values())  # DDP: average grads over ranks
 
     def model_update(self, names: str | list[str] | None = None) -> None:
         for name in self.get_model_names(names):
@@ -275,6 +302,7 @@ class SimpleTrainer(TrainerBase):
         super().__init__()
         self.time_created = time.time()
         self.check_cfg(cfg)
+        distributed.init_distributed(cfg.USE_CUDA)  # DDP: process group when launched by torchrun
         self.device = torch.device("cuda") if torch.cuda.is_available() and cfg.USE_CUDA else torch.device("cpu")
         self.start_epoch = self.epoch = 0
         self.max_epoch = cfg.OPTIM.MAX_EPOCH
@@ -285,6 +313,7 @@ class SimpleTrainer(TrainerBase):
         self.train_seconds = 0.0
         self.build_data_loader()
         self.build_model()
+        distributed.broadcast_parameters(self._models.values())  # DDP: same start on every rank
         self.evaluator = build_evaluator(cfg, lab2cname=self.lab2cname)
         self.best_result = -np.inf
 
@@ -313,7 +342,8 @@ class SimpleTrainer(TrainerBase):
     def before_train(self) -> None:
         directory = self.cfg.RESUME or self.output_dir
         self.start_epoch = self.resume_model_if_exist(directory)
-        if self.start_epoch < self.max_epoch:
+        distributed.check_same(self.start_epoch, "the resumed epoch")  # DDP
+        if self.start_epoch < self.max_epoch and distributed.is_main_process():  # DDP: rank 0 logs
             writer_dir = osp.join(self.output_dir, "tensorboard")
             mkdir_if_missing(writer_dir)
             self.init_writer(writer_dir)
@@ -346,6 +376,7 @@ class SimpleTrainer(TrainerBase):
         if do_test:
             if self.cfg.TEST.FINAL_MODEL == "best_val":
                 print("Deploy the model with the best val performance")
+                distributed.barrier()  # DDP: rank 0 has written model-best
                 self.load_model(self.output_dir)
             else:
                 print("Deploy the last-epoch model")
@@ -376,7 +407,8 @@ class SimpleTrainer(TrainerBase):
                 self.evaluator.process(output, label)
                 images += label.shape[0]
         seconds = time.time() - start
-        results = self.evaluator.evaluate()
+        results = distributed.evaluate(self.evaluator)  # DDP: metrics over every rank's shard
+        images = distributed.all_reduce_sum(images)  # DDP
         for k, v in results.items():
             self.write_scalar(f"{split}/{k}", v, self.epoch)
         if split == "test":
@@ -394,6 +426,9 @@ class SimpleTrainer(TrainerBase):
 
     def write_results(self, results: dict[str, float], split: str, images: int, seconds: float) -> str:
         """Write ``OUTPUT_DIR/results.json`` (atomically) for scripts and aggregation."""
+        path = osp.join(self.output_dir, RESULTS_FILE)
+        if not distributed.is_main_process():  # DDP: only rank 0 writes results
+            return path
         cfg = self.cfg
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         if peak is None:
@@ -456,7 +491,7 @@ class TrainerX(SimpleTrainer):
         end = epoch_start = time.time()
         for self.batch_idx, batch in enumerate(self.train_loader_x):
             data_time.update(time.time() - end)
-            loss_summary = self.forward_backward(batch)
+            loss_summary = distributed.average_summary(self.forward_backward(batch))  # DDP: global values
             batch_time.update(time.time() - end)
             losses.update(loss_summary)
             self.train_images += int(batch["label"].shape[0]) if isinstance(batch, dict) else 0
@@ -516,7 +551,7 @@ class TrainerXU(SimpleTrainer):
                 iter_u = iter(self.train_loader_u)
                 batch_u = next(iter_u)
             data_time.update(time.time() - end)
-            loss_summary = self.forward_backward(batch_x, batch_u)  # type: ignore[call-arg]
+            loss_summary = distributed.average_summary(self.forward_backward(batch_x, batch_u))  # type: ignore[call-arg]  # DDP
             batch_time.update(time.time() - end)
             losses.update(loss_summary)
             self.train_images += int(batch_x["label"].shape[0])

@@ -214,6 +214,8 @@ def setup_logger(output: str | None = None) -> str | None:
     """
     if output is None:
         return None
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # DDP (torchrun): only rank 0 writes the log
+        return None
     fpath = output if output.endswith((".txt", ".log")) else osp.join(output, "log.txt")
     if osp.exists(fpath):
         fpath += time.strftime("-%Y-%m-%d-%H-%M-%S")

@@ -20,6 +20,7 @@ from torch import nn
 
 from restore.clip.model import CLIP
 from restore.engine.config import add_node
+from restore.engine.distributed import average_gradients
 from restore.engine.evaluator import compute_accuracy
 from restore.engine.optim import build_lr_scheduler, build_optimizer
 from restore.engine.trainer import TrainerX
@@ -257,10 +258,12 @@ class PromptTrainer(TrainerX):
         self.optim.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            average_gradients(self.model)  # DDP: average grads over ranks (no-op in one process)
             self.scaler.step(self.optim)
             self.scaler.update()
         else:
             loss.backward()
+            average_gradients(self.model)  # DDP: average grads over ranks (no-op in one process)
             self.optim.step()
 
     def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:

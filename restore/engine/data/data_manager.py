@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..distributed import shard_sampler
 from ..registry import DATASET_REGISTRY, check_availability
 from ..utils import read_image
 from .datum import Datum
@@ -55,6 +56,8 @@ def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_so
         generator.manual_seed(max(seed, 0))
     sampler = build_sampler(sampler_type, cfg=cfg, data_source=data_source, batch_size=batch_size,
                             n_domain=n_domain, n_ins=n_ins, generator=generator)
+    # DDP: batch_size is global; each rank loads its shard of every global batch (no-op in one process)
+    sampler, batch_size = shard_sampler(sampler, batch_size, is_train, len(data_source))
     wrapper = dataset_wrapper or DatasetWrapper
     loader = DataLoader(
         wrapper(cfg, data_source, transform=tfm, is_train=is_train),

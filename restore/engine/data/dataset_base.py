@@ -9,7 +9,6 @@ seeded with ``cfg.SEED`` picks the same few-shot images as CoOp.
 from __future__ import annotations
 
 import math
-import os
 import os.path as osp
 import random
 from collections import OrderedDict, defaultdict
@@ -21,7 +20,7 @@ from .datum import DatasetNotFoundError, Datum, MissingImageError, dumps_datum_c
 __all__ = [
     "DatasetBase", "read_split", "save_split", "split_trainval", "read_and_split_data", "split_per_class",
     "subsample_classes", "read_classnames", "load_or_create_fewshot", "fewshot_cache_path",
-    "cache_root", "make_datums",
+    "cache_root", "make_datums", "DatasetNotFoundError", "MissingImageError",
 ]
 
 
@@ -94,9 +93,8 @@ class DatasetBase:
                 raise ValueError(f"Input domain must belong to {self.domains}, but got [{domain}]")
 
     def download_data(self, url: str, dst: str, from_gdrive: bool = True) -> None:
-        """Download and extract an archive (Google Drive needs the optional ``gdown`` package)."""
-        import tarfile
-        import zipfile
+        """Download an archive to ``dst`` and extract it next to it (Google Drive needs ``gdown``)."""
+        from ...data.prepare import download, extract
 
         mkdir_if_missing(osp.dirname(dst))
         if from_gdrive:
@@ -106,18 +104,9 @@ class DatasetBase:
                 raise ImportError("Downloading from Google Drive needs `pip install gdown`") from err
             gdown.download(url, dst, quiet=False)
         else:
-            import urllib.request
-
-            urllib.request.urlretrieve(url, dst)
+            download(url, dst)
         print("Extracting file ...")
-        if dst.endswith(".zip"):
-            with zipfile.ZipFile(dst, "r") as zf:
-                zf.extractall(osp.dirname(dst))
-        elif dst.endswith((".tar", ".tar.gz", ".tgz")):
-            with tarfile.open(dst) as tar:
-                tar.extractall(osp.dirname(dst), filter="data")
-        else:
-            raise NotImplementedError(f"Unknown archive type: {dst}")
+        extract(dst, osp.dirname(dst))
         print(f"File extracted to {osp.dirname(dst)}")
 
     def generate_fewshot_dataset(self, *data_sources: list[Datum], num_shots: int = -1,
@@ -360,5 +349,3 @@ def load_or_create_fewshot(cfg: Any, dataset_dir: str, train: list[Datum], val: 
             "DATASET.CACHE_DIR to a writable folder.") from None
     return new_train, new_val
 
-
-__all__ += ["DatasetNotFoundError", "MissingImageError"]

@@ -1,0 +1,550 @@
+"""Speed and memory of every registered trainer, with and without RESTORE's exact speed-ups.
+
+    python -m restore.benchmark [--quick] [--json FILE] [--md FILE] [--device cpu|cuda] [--trainers CoOp MaPLe ...]
+
+For each registered trainer (``import trainers``; ZeroshotCLIP is evaluated but not trained) and
+each class count (47 = DTD, 1000 = ImageNet) it builds the trainer's own model with
+``build_model`` on a CLIP of ViT-B/16 size with RANDOM weights (no download, no dataset; class
+names are synthetic, 1-4 words each, so prompt token lengths look like real ones), and measures
+
+* training: ms per image and peak memory at batch 4 (the trainer's own ``forward_backward``:
+  its losses, precision and optimiser step);
+* evaluation: images/s at batch 100 (the trainer's ``inference_context`` + ``model_inference``).
+
+The same run measures the plain path, the way the original code bases run, with the speed-ups
+switched off by :func:`speedups` (a context manager, not a config key):
+
+* ``truncate=False``: the text tower runs all 77 positions instead of stopping at the longest EOT
+  (exact: under the causal mask nothing after EOT reaches it);
+* ``cache=False``: class text features recomputed for every evaluation batch instead of once per
+  evaluation (exact for every method whose text side does not depend on the image);
+* precision (CUDA only): frozen CLIP in fp16 with fp32 learnable parameters (``PREC fp16``, the
+  default) vs everything fp32 (``precision_speedup_train_1000``).
+
+Headline keys of the JSON: ``text_speedup_1000`` (CoOp's text tower forward+backward over 1000
+classes, untruncated / truncated time), ``eval_speedup_1000`` (CoOp evaluation images/s, cached /
+per-batch text features), ``restore_vs_maple_step`` (RESTORE training step in its default
+``SHIFT prompt`` mode / the same MaPLe step without RESTORE's losses and adapters) and
+``restore_feature_mode_overhead`` (``SHIFT feature`` step / ``SHIFT prompt`` step). A ratio is
+``null`` when its trainer is not registered or failed (the reason is in ``notes``).
+
+``--quick`` (a few minutes on 2 CPU cores): 100 instead of 1000 classes (the ``*_1000`` keys are
+then measured at 100 classes, see ``large_num_classes``), fewer repetitions, evaluation batch 25,
+and on CPU a narrower CLIP (same depth, 224 px, patch 32, widths 192/128); all of it is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import io
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from restore.clip.model import CLIP, TINY_CONFIG, CLIPConfig
+from restore.prompting.encoders import PromptedTextEncoder
+from restore.prompting.trainer import PromptModel, PromptTrainer
+
+__all__ = ["speedups", "VIT_B16_CONFIG", "QUICK_CPU_CONFIG", "synthetic_classnames", "run_benchmark", "main"]
+
+VIT_B16_CONFIG = CLIPConfig(
+    embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+    context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+# --quick on CPU: ViT-B/16's depth, input size and vocabulary, narrower and with 32 px patches.
+QUICK_CPU_CONFIG = CLIPConfig(
+    embed_dim=128, image_resolution=224, vision_layers=12, vision_width=192, vision_patch_size=32,
+    context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=12,
+    vision_heads=3)
+
+# Only evaluated (nothing to train).
+EVAL_ONLY = ("ZeroshotCLIP",)
+
+
+# ------------------------------------------------------------------------------ switches
+
+
+@contextlib.contextmanager
+def speedups(truncate: bool = True, cache: bool = True) -> Iterator[None]:
+    """Switch RESTORE's exact speed-ups off for a measurement (the plain path of the original code).
+
+    ``truncate=False``: every :class:`PromptedTextEncoder` runs the full 77-token context.
+    ``cache=False``: :meth:`PromptModel.inference_cache` caches nothing, so each evaluation batch
+    recomputes the class text features. Both are patched on the classes for the duration of the
+    block, so every trainer is affected without duplicating model code.
+    """
+    saved: list[tuple[type, str, Any]] = []
+    if not truncate:
+        original_forward = PromptedTextEncoder.forward
+
+        def forward_untruncated(self: PromptedTextEncoder, *args: Any, **kwargs: Any) -> Any:
+            kwargs["truncate"] = False
+            return original_forward(self, *args, **kwargs)
+
+        saved.append((PromptedTextEncoder, "forward", original_forward))
+        PromptedTextEncoder.forward = forward_untruncated  # type: ignore[method-assign]
+    if not cache:
+        saved.append((PromptModel, "inference_cache", PromptModel.inference_cache))
+
+        @contextlib.contextmanager
+        def no_cache(self: PromptModel) -> Iterator[None]:
+            yield
+
+        PromptModel.inference_cache = no_cache  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+_WORDS = ("red", "great", "white", "shark", "golden", "retriever", "sports", "car", "wooden", "spoon", "tree",
+          "frog", "house", "finch", "snow", "leopard", "garden", "spider", "electric", "guitar", "paper", "towel",
+          "mountain", "bike", "brown", "bear", "water", "ouzel", "american", "lobster", "steel", "drum", "monarch",
+          "butterfly", "lesser", "panda", "crash", "helmet", "rock", "beauty", "sea", "anemone", "black", "swan",
+          "hot", "pot", "wall", "clock", "toy", "terrier", "barn", "spider", "web", "king", "penguin", "bell")
+
+
+def synthetic_classnames(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct names of 1-4 words (about 1-6 BPE tokens, like ImageNet's names)."""
+    rng = random.Random(seed)
+    names: list[str] = []
+    seen: set[str] = set()
+    while len(names) < n:
+        k = rng.choices((1, 2, 3, 4), weights=(0.35, 0.4, 0.18, 0.07))[0]
+        name = " ".join(rng.choice(_WORDS) for _ in range(k))
+        if name in seen:
+            name = f"{name} {len(names)}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> float:
+    """Mean seconds per call after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / max(reps, 1)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mib(device: torch.device) -> float | None:
+    """Peak allocated CUDA memory since the last reset; None on CPU (no reliable per-step figure)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return None
+
+
+def _ratio(slow: float | None, fast: float | None) -> float | None:
+    if slow is None or fast is None or fast <= 0 or not math.isfinite(slow):
+        return None
+    return round(slow / fast, 3)
+
+
+@dataclass
+class Preset:
+    name: str
+    config: CLIPConfig
+    class_counts: tuple[int, int]
+    train_batch: int = 4
+    eval_batch: int = 100
+    train_warmup: int = 2
+    train_reps: int = 5
+    eval_warmup: int = 1
+    eval_reps: int = 3
+    text_reps: int = 3
+    notes: list[str] = field(default_factory=list)
+
+
+def make_preset(quick: bool, device: torch.device, tiny: bool = False) -> Preset:
+    if tiny:  # hidden: tests
+        return Preset("tiny", TINY_CONFIG, (5, 12), train_batch=2, eval_batch=4, train_warmup=1, train_reps=1,
+                      eval_warmup=0, eval_reps=1, text_reps=1, notes=["tiny test preset (TINY_CONFIG, 5/12 classes)"])
+    if not quick:
+        return Preset("full", VIT_B16_CONFIG, (47, 1000))
+    if device.type == "cuda":
+        return Preset("quick", VIT_B16_CONFIG, (47, 100), eval_batch=100, train_warmup=1, train_reps=3,
+                      eval_warmup=1, eval_reps=2, text_reps=2,
+                      notes=["--quick: 100 instead of 1000 classes; *_1000 keys measured at 100 classes"])
+    return Preset("quick", QUICK_CPU_CONFIG, (47, 100), eval_batch=25, train_warmup=1, train_reps=2,
+                  eval_warmup=1, eval_reps=1, text_reps=2,
+                  notes=["--quick on CPU: narrower CLIP (ViT-B/16 depth and 224 px input, patch 32, vision width "
+                         "192, text width 128) - NOT ViT-B/16 size", "--quick: 100 instead of 1000 classes; "
+                         "*_1000 keys measured at 100 classes", "--quick on CPU: evaluation batch 25 instead of 100"])
+
+
+# ------------------------------------------------------------------------------ building a trainer
+
+
+def build_bench_trainer(name: str, clip_model: CLIP, classnames: Sequence[str], device: torch.device,
+                        precision: str | None = None, overrides: dict[str, Any] | None = None) -> PromptTrainer:
+    """The registered trainer ``name`` with its own ``build_model`` on ``clip_model`` (a copy), no dataset."""
+    from restore.engine.config import extend_cfg, get_cfg_default
+    from restore.engine.registry import TRAINER_REGISTRY
+    from restore.engine.trainer import TrainerBase
+
+    cls = TRAINER_REGISTRY.get(name)
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    cfg.TRAINER.NAME = name
+    cfg.USE_CUDA = device.type == "cuda"
+    cfg.DATASET.NAME = "ImageNet"
+    cfg.OUTPUT_DIR = ""
+    res = clip_model.visual.input_resolution
+    cfg.INPUT.SIZE = (res, res)
+    node = cfg.TRAINER[cls.cfg_node_name()]
+    if precision is not None:
+        node.PREC = precision
+    for key, value in (overrides or {}).items():
+        node[key] = value
+    trainer = cls.__new__(cls)
+    TrainerBase.__init__(trainer)
+    trainer.cfg = cfg
+    trainer.check_cfg(cfg)
+    trainer.device = device
+    trainer.output_dir = ""
+    trainer.start_epoch = trainer.epoch = 0
+    trainer.max_epoch = cfg.OPTIM.MAX_EPOCH
+    trainer.batch_idx, trainer.num_batches = 0, 10**9
+    trainer.loaded_epoch = None
+    trainer.train_images, trainer.train_seconds = 0, 0.0
+    trainer.num_classes = len(classnames)
+    trainer.lab2cname = dict(enumerate(classnames))
+    dataset = SimpleNamespace(classnames=list(classnames), num_classes=len(classnames), lab2cname=trainer.lab2cname)
+    trainer.dm = SimpleNamespace(dataset=dataset, num_classes=len(classnames), lab2cname=trainer.lab2cname)
+    trainer.load_backbone = lambda: copy.deepcopy(clip_model)  # type: ignore[method-assign]
+    with _quiet():
+        trainer.build_model()
+    return trainer
+
+
+def _batch(n: int, num_classes: int, resolution: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"img": torch.randn(n, 3, resolution, resolution, generator=g).to(device),
+            "label": torch.randint(0, num_classes, (n,), generator=g).to(device),
+            "domain": torch.zeros(n, dtype=torch.long, device=device)}
+
+
+def measure_train(trainer: PromptTrainer, batch: dict[str, torch.Tensor], device: torch.device, warmup: int,
+                  reps: int) -> tuple[float, float | None]:
+    """(ms per image, peak MiB) of the trainer's ``forward_backward``."""
+    trainer.set_model_mode("train")
+
+    def step() -> None:
+        with _quiet():
+            trainer.forward_backward(batch)
+            trainer.batch_idx = 0
+
+    for _ in range(warmup):
+        step()
+    _free(device)
+    _peak_reset(device)
+    seconds = _time(step, device, 0, reps)
+    return round(1000.0 * seconds / batch["img"].shape[0], 3), _peak_mib(device)
+
+
+@torch.no_grad()
+def measure_eval(trainer: PromptTrainer, batch: dict[str, torch.Tensor], device: torch.device, warmup: int,
+                 reps: int) -> float:
+    """Images/s of the trainer's evaluation path over ``warmup + reps`` batches (one inference context)."""
+    trainer.set_model_mode("eval")
+    images = batch["img"]
+    with _quiet(), trainer.inference_context():
+        seconds = _time(lambda: trainer.model_inference(images), device, warmup, reps)
+    return round(images.shape[0] / seconds, 2)
+
+
+def measure_text_tower(trainer: PromptTrainer, device: torch.device, reps: int) -> float:
+    """Seconds of one forward+backward through the class-text side (``encode_text``)."""
+    model = trainer.model
+    model.train()
+
+    def run() -> None:
+        with trainer.autocast():
+            out = model.encode_text()
+        out.float().sum().backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return _time(run, device, 1, reps)
+
+
+# ------------------------------------------------------------------------------ the benchmark
+
+
+def _registered_trainers(selected: Sequence[str] | None) -> list[str]:
+    import trainers  # noqa: F401  registers every method
+    from restore.engine.registry import TRAINER_REGISTRY
+
+    names = list(TRAINER_REGISTRY.registered_names())
+    prompt = [n for n in names if issubclass(TRAINER_REGISTRY.get(n), PromptTrainer)]
+    if not selected:
+        return prompt
+    lower = {n.lower(): n for n in prompt}
+    out = []
+    for name in selected:
+        if name.lower() not in lower:
+            raise SystemExit(f"Unknown trainer {name!r}; registered prompt trainers: {sorted(prompt)}")
+        out.append(lower[name.lower()])
+    return out
+
+
+def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[str] | None = None,
+                  tiny: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    preset = make_preset(quick, device, tiny)
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    names = _registered_trainers(trainers)
+    small, large = preset.class_counts
+    log(f"RESTORE benchmark ({preset.name}) on {device}: trainers {names}; classes {small}/{large}; "
+        f"train batch {preset.train_batch}, eval batch {preset.eval_batch}; precision {precision}")
+    for note in preset.notes:
+        log(f"  note: {note}")
+    torch.manual_seed(0)
+    clip_model = CLIP(preset.config).eval()
+    res = preset.config.image_resolution
+    notes = list(preset.notes)
+    report: dict[str, Any] = {
+        "preset": preset.name, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "precision": precision,
+        "clip_config": asdict(preset.config), "random_weights": True,
+        "num_classes": list(preset.class_counts), "large_num_classes": large,
+        "train_batch": preset.train_batch, "eval_batch": preset.eval_batch,
+        "results": {},
+    }
+    results: dict[str, dict[str, Any]] = report["results"]
+    step_ms: dict[str, float | None] = {}
+
+    for name in names:
+        results[name] = {}
+        for num_classes in preset.class_counts:
+            row: dict[str, Any] = {}
+            classnames = synthetic_classnames(num_classes)
+            train_batch = _batch(preset.train_batch, num_classes, res, device, seed=1)
+            eval_batch = _batch(preset.eval_batch, num_classes, res, device, seed=2)
+            t0 = time.perf_counter()
+            try:
+                trainer = build_bench_trainer(name, clip_model, classnames, device, precision)
+                if name not in EVAL_ONLY and trainer.optim is not None:
+                    row["train_ms_per_image"], row["peak_memory_mib"] = measure_train(
+                        trainer, train_batch, device, preset.train_warmup, preset.train_reps)
+                    with speedups(truncate=False, cache=False):
+                        row["train_ms_per_image_plain"], row["peak_memory_mib_plain"] = measure_train(
+                            trainer, train_batch, device, preset.train_warmup, preset.train_reps)
+                    row["train_speedup"] = _ratio(row["train_ms_per_image_plain"], row["train_ms_per_image"])
+                row["eval_images_per_s"] = measure_eval(trainer, eval_batch, device, preset.eval_warmup,
+                                                        preset.eval_reps)
+                with speedups(truncate=False, cache=False):
+                    row["eval_images_per_s_plain"] = measure_eval(trainer, eval_batch, device, preset.eval_warmup,
+                                                                  preset.eval_reps)
+                row["eval_speedup"] = _ratio(row["eval_images_per_s"], row["eval_images_per_s_plain"])
+                if name == "CoOp" and num_classes == large:
+                    with speedups(cache=False):
+                        per_batch = measure_eval(trainer, eval_batch, device, preset.eval_warmup, preset.eval_reps)
+                    report["eval_images_per_s_coop_per_batch_text"] = per_batch
+                    report["eval_speedup_1000"] = _ratio(row["eval_images_per_s"], per_batch)
+                    truncated = measure_text_tower(trainer, device, preset.text_reps)
+                    with speedups(truncate=False):
+                        untruncated = measure_text_tower(trainer, device, preset.text_reps)
+                    report["text_ms_1000"] = {"truncated": round(1000 * truncated, 2),
+                                              "untruncated": round(1000 * untruncated, 2)}
+                    report["text_speedup_1000"] = _ratio(untruncated, truncated)
+                if num_classes == large:
+                    step_ms[name] = row.get("train_ms_per_image")
+            except Exception as err:  # noqa: BLE001 - one failing trainer must not stop the benchmark
+                row["error"] = f"{type(err).__name__}: {err}"
+                notes.append(f"{name} ({num_classes} classes) failed: {row['error']}")
+            finally:
+                trainer = None  # type: ignore[assignment]
+                _free(device)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            results[name][str(num_classes)] = row
+            log(f"  {name:>14} {num_classes:>5} classes: " + ", ".join(
+                f"{k} {v}" for k, v in row.items() if k != "seconds") + f"  [{row['seconds']} s]")
+
+    # RESTORE: default (SHIFT prompt) vs MaPLe, and the paper-mode shift's overhead.
+    restore_name = next((n for n in names if n.upper() == "RESTORE"), None)
+    report["restore_vs_maple_step"] = None
+    report["restore_feature_mode_overhead"] = None
+    if restore_name is None:
+        notes.append("RESTORE not registered or not selected: restore_* ratios are null")
+    else:
+        maple = step_ms.get("MaPLe")
+        if maple is None and "MaPLe" not in names:
+            try:
+                trainer = build_bench_trainer("MaPLe", clip_model, synthetic_classnames(large), device, precision)
+                maple, _ = measure_train(trainer, _batch(preset.train_batch, large, res, device, 1), device,
+                                         preset.train_warmup, preset.train_reps)
+            except Exception as err:  # noqa: BLE001
+                notes.append(f"MaPLe failed: {type(err).__name__}: {err}")
+            trainer = None  # type: ignore[assignment]
+            _free(device)
+        restore_ms = step_ms.get(restore_name)
+        report["restore_vs_maple_step"] = _ratio(restore_ms, maple)
+        try:
+            trainer = build_bench_trainer(restore_name, clip_model, synthetic_classnames(large), device, precision,
+                                          overrides={"SHIFT": "feature"})
+            feature_ms, _ = measure_train(trainer, _batch(preset.train_batch, large, res, device, 1), device,
+                                          preset.train_warmup, preset.train_reps)
+            report["restore_feature_mode_train_ms_per_image"] = feature_ms
+            report["restore_feature_mode_overhead"] = _ratio(feature_ms, restore_ms)
+        except Exception as err:  # noqa: BLE001
+            notes.append(f"RESTORE SHIFT feature failed: {type(err).__name__}: {err}")
+        trainer = None  # type: ignore[assignment]
+        _free(device)
+
+    # Frozen CLIP in the working precision (fp16) vs all fp32: CUDA only.
+    report["precision_speedup_train_1000"] = None
+    if device.type == "cuda" and "CoOp" in names and step_ms.get("CoOp") is not None:
+        try:
+            trainer = build_bench_trainer("CoOp", clip_model, synthetic_classnames(large), device, "fp32")
+            fp32_ms, fp32_peak = measure_train(trainer, _batch(preset.train_batch, large, res, device, 1), device,
+                                               preset.train_warmup, preset.train_reps)
+            report["coop_fp32_train_ms_per_image"] = fp32_ms
+            report["coop_fp32_peak_memory_mib"] = fp32_peak
+            report["precision_speedup_train_1000"] = _ratio(fp32_ms, step_ms["CoOp"])
+        except Exception as err:  # noqa: BLE001
+            notes.append(f"CoOp fp32 failed: {type(err).__name__}: {err}")
+        trainer = None  # type: ignore[assignment]
+        _free(device)
+    else:
+        notes.append("precision_speedup_train_1000 needs CUDA (on CPU every precision runs fp32)")
+    report.setdefault("text_speedup_1000", None)
+    report.setdefault("eval_speedup_1000", None)
+    if "CoOp" not in names:
+        notes.append("CoOp not selected: text_speedup_1000 and eval_speedup_1000 are null")
+    if device.type != "cuda":
+        notes.append("peak memory is reported on CUDA only (null on CPU)")
+    report["notes"] = notes
+    return report
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    large = report["large_num_classes"]
+    cfg = report["clip_config"]
+    lines = [
+        f"# RESTORE benchmark ({report['preset']}, {report['device']}: {report['device_name']}, "
+        f"torch {report['torch']}, {report['precision']})",
+        "",
+        f"CLIP with random weights: vision {cfg['vision_layers']}x{cfg['vision_width']} patch "
+        f"{cfg['vision_patch_size']} @ {cfg['image_resolution']} px, text {cfg['transformer_layers']}x"
+        f"{cfg['transformer_width']}, embed {cfg['embed_dim']}. Train batch {report['train_batch']}, eval batch "
+        f"{report['eval_batch']}. 'plain' = untruncated text tower and per-batch text features.",
+        "",
+        "| trainer | classes | train ms/img | plain | speed-up | peak MiB | plain | eval img/s | plain | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in report["results"].items():
+        for classes, row in rows.items():
+            if "error" in row:
+                lines.append(f"| {name} | {classes} | error: {row['error'][:80]} |  |  |  |  |  |  |  |")
+                continue
+            lines.append("| " + " | ".join([
+                name, classes, _fmt(row.get("train_ms_per_image")), _fmt(row.get("train_ms_per_image_plain")),
+                _fmt(row.get("train_speedup")), _fmt(row.get("peak_memory_mib")), _fmt(row.get("peak_memory_mib_plain")),
+                _fmt(row.get("eval_images_per_s")), _fmt(row.get("eval_images_per_s_plain")),
+                _fmt(row.get("eval_speedup"))]) + " |")
+    lines += [
+        "",
+        f"| headline ({large} classes) | value |",
+        "|---|---:|",
+        f"| text_speedup_1000 (CoOp text tower fwd+bwd, untruncated / truncated) | {_fmt(report.get('text_speedup_1000'))} |",
+        f"| eval_speedup_1000 (CoOp eval img/s, cached / per-batch text) | {_fmt(report.get('eval_speedup_1000'))} |",
+        f"| restore_vs_maple_step (RESTORE SHIFT prompt step / MaPLe step) | {_fmt(report.get('restore_vs_maple_step'))} |",
+        f"| restore_feature_mode_overhead (SHIFT feature / SHIFT prompt step) | "
+        f"{_fmt(report.get('restore_feature_mode_overhead'))} |",
+        f"| precision_speedup_train_1000 (CoOp fp32 / fp16 step) | {_fmt(report.get('precision_speedup_train_1000'))} |",
+    ]
+    if report.get("notes"):
+        lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m restore.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced run (minutes on 2 CPU cores); see --help text")
+    parser.add_argument("--json", type=str, default="", help="write the report as JSON here")
+    parser.add_argument("--md", type=str, default="", help="write the Markdown table here")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    parser.add_argument("--trainers", nargs="+", default=None, help="subset of registered trainers (default: all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds, tiny CLIP
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    report = run_benchmark(device, quick=args.quick, trainers=args.trainers, tiny=args.tiny)
+    report["wall_s"] = round(time.time() - start, 1)
+    table = markdown(report)
+    print()
+    print(table)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"JSON written to {args.json}")
+    if args.md:
+        os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+        with open(args.md, "w") as f:
+            f.write(table)
+        print(f"Markdown written to {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Craft as a plug-in regularizer of every :class:`~restore.prompting.trainer.PromptTrainer`.
+
+Switched on by ``TRAINER.CRAFT.ENABLED True`` on any host trainer (CoOp, IVLP, VPT, MaPLe,
+PromptSRC, RESTORE, ...); the host needs no change. Per training step, with ``F`` the batch image
+features, ``W`` the prompted class text features (static text anchors), ``A`` the static image
+anchors, ``S`` the stochastic text anchors of the batch and ``s`` the logit scale:
+
+* ``WEIGHT_STATIC      * CE(s S A^T, y)``                       L_Aligned(Static), text -> image anchors
+* ``WEIGHT_STOCHASTIC  * CE(s F S^T, targets)``                 L_Aligned(Stochastic), image -> text
+* ``WEIGHT_STOCHASTIC_T2I * CE(s S F^T, targets)``              optional reverse direction
+* ``MMD_WEIGHT * MMD(s F W^T, s F_t W^T)``                      L_MMD on anchor-aligned features, with
+  ``F_t`` the features of an unlabelled target-domain batch drawn in step from the regularizer's own
+  infinite loader over ``TARGET_DATASET``.
+
+Stochastic text anchors ``S`` ("template" mode, the official code) are the dataset's hand-written
+template filled with each sample's class name and encoded by the text tower with the host's deep
+text prompts. The host's deep text prompts are found as, in this order: a model method
+``encode_sentences(token_ids) -> (N, D)``; the model's own ``text_deep()`` (every
+``DeepPromptModel``: IVLP, VPT, MaPLe, PromptSRC, RESTORE), followed by its
+``adapt_text_features`` when it has one; the first learnable sub-module with a ``text_deep()``
+method (:mod:`restore.prompting.deep`). "class" mode uses ``W[y]`` instead (works for hosts whose
+only text prompt is the layer-0 context, e.g. CoOp).
+
+Static anchors and the target loader are prepared on the first training step (an ``--eval-only``
+run computes nothing); the global RNG states are left unchanged by that preparation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from restore.prompting.trainer import PromptOutput, register_regularizer
+
+from .config import check, craft_node, is_enabled
+from .losses import mmd, relative_logits, static_alignment_loss, stochastic_alignment_loss
+
+__all__ = ["CraftRegularizer", "build_craft_regularizer", "find_text_deep_module"]
+
+
+def find_text_deep_module(model: torch.nn.Module) -> tuple[str, Any] | None:
+    """(name, owner) of the host's deep text prompts: the model itself when it has ``text_deep()``
+    (:class:`trainers.ivlp.DeepPromptModel` and its subclasses), else the first learnable
+    sub-module with one (a :mod:`restore.prompting.deep` module); None when there is none."""
+    if callable(getattr(model, "text_deep", None)):
+        return type(model).__name__, model
+    is_frozen = getattr(model, "is_frozen_name", lambda name: False)
+    for name, module in model.named_modules():
+        if name and not is_frozen(name + ".") and callable(getattr(module, "text_deep", None)):
+            return name, module
+    return None
+
+
+class CraftRegularizer:
+    """Callable ``(trainer, image, label, output) -> (loss, summary)`` added to the host's loss."""
+
+    def __init__(self, cfg: Any, trainer: Any) -> None:
+        node = craft_node(cfg)
+        check(node)
+        self.cfg, self.node = cfg, node
+        self.device = trainer.device
+        self.classnames = list(trainer.dm.dataset.classnames)
+        self.w_static = float(node.WEIGHT_STATIC)
+        self.w_stochastic = float(node.WEIGHT_STOCHASTIC)
+        self.w_t2i = float(node.WEIGHT_STOCHASTIC_T2I)
+        self.w_mmd = float(node.MMD_WEIGHT)
+        self.temperature = float(node.TEMPERATURE)
+        self.contrast_targets = str(node.CONTRAST_TARGETS)
+        self.clusters = int(node.ANCHOR_CLUSTERS)
+        self.bandwidths = [float(b) for b in node.MMD_BANDWIDTHS]
+        self.minmax = bool(node.MMD_MINMAX)
+        self.anchors: torch.Tensor | None = None  # (C*K, D), L2-normalised, on the trainer's device
+        self._target_loader: Any = None
+        self._target_iter: Iterator[Any] | None = None
+        self._sentence_ids: torch.Tensor | None = None
+        self.text_mode, self._deep_source = self._resolve_text_mode(trainer.model)
+        weights = (f"static {self.w_static:g}, stochastic {self.w_stochastic:g}"
+                   + (f", stochastic t2i {self.w_t2i:g}" if self.w_t2i else "") + f", mmd {self.w_mmd:g}")
+        source = ""
+        if self.needs_text:
+            source = f"; stochastic text anchors: {self.text_mode}"
+            if self.text_mode == "template":
+                source += f" ({self._deep_source_name}, template {self.template!r})"
+        print(f"Craft regularizer on {type(trainer).__name__}: {weights}{source}", flush=True)
+
+    # --- set-up ---
+    @property
+    def needs_text(self) -> bool:
+        return self.w_static > 0 or self.w_stochastic > 0 or self.w_t2i > 0
+
+    @property
+    def template(self) -> str:
+        from restore.data.templates import CUSTOM_TEMPLATES
+
+        return str(self.node.TEMPLATE) or CUSTOM_TEMPLATES.get(str(self.cfg.DATASET.NAME), "a photo of a {}.")
+
+    def _resolve_text_mode(self, model: torch.nn.Module) -> tuple[str, Any]:
+        mode = str(self.node.STOCHASTIC_TEXT)
+        hook = getattr(model, "encode_sentences", None)
+        found = None if callable(hook) else find_text_deep_module(model)
+        if callable(hook):
+            self._deep_source_name = f"{type(model).__name__}.encode_sentences"
+            source: Any = hook
+        elif found is not None:
+            self._deep_source_name = f"deep text prompts of '{found[0]}'"
+            source = found[1]
+        else:
+            self._deep_source_name = "no deep text prompts: frozen text tower"
+            source = None
+        if mode == "auto":
+            has_prompts = callable(hook) or (found is not None and len(found[1].text_deep()) > 0)
+            mode = "template" if has_prompts else "class"
+        return mode, source
+
+    def prepare(self, trainer: Any) -> None:
+        """Load or compute the static image anchors and build the target loader (once)."""
+        if self.w_static > 0 and self.anchors is None:
+            from .anchors import ensure_anchors
+
+            data = ensure_anchors(self.cfg, trainer.model.clip, self.classnames, self.device,
+                                  getattr(trainer, "autocast_dtype", None))
+            self.anchors = F.normalize(data["anchors"].float(), dim=-1).to(self.device)
+        if self.w_mmd > 0 and self._target_loader is None:
+            self._target_loader = self.build_target_loader()
+
+    def build_target_loader(self) -> Any:
+        """A shuffled loader over TARGET_NUM_SHOTS unlabelled images per class of TARGET_DATASET."""
+        from restore.engine.data import build_data_loader, build_dataset, build_transform
+
+        from .anchors import preserved_rng, sample_per_class
+
+        node, cfg = self.node, self.cfg
+        seed = int(node.TARGET_SEED) if int(node.TARGET_SEED) >= 0 else (int(cfg.SEED) if int(cfg.SEED) >= 0 else 1)
+        tcfg = cfg.clone()
+        tcfg.defrost()
+        tcfg.DATASET.NAME = str(node.TARGET_DATASET)
+        tcfg.DATASET.ROOT = str(node.TARGET_ROOT) or cfg.DATASET.ROOT
+        tcfg.DATASET.NUM_SHOTS = -1
+        tcfg.DATASET.SUBSAMPLE_CLASSES = "all"
+        tcfg.SEED = seed
+        tcfg.freeze()
+        batch_size = int(node.TARGET_BATCH_SIZE) or int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE)
+        with preserved_rng():
+            print(f"Craft: unlabelled target domain {tcfg.DATASET.NAME} for the MMD term", flush=True)
+            dataset = build_dataset(tcfg)
+            items = sample_per_class(dataset.train_x, int(node.TARGET_NUM_SHOTS), seed)
+            tfm = build_transform(tcfg, is_train=node.TARGET_TRANSFORM == "train")
+            loader = build_data_loader(tcfg, sampler_type="RandomSampler", data_source=items,
+                                       batch_size=batch_size, tfm=tfm, is_train=True)
+        print(f"Craft: {len(items):,} unlabelled target images, batch {batch_size}, "
+              f"{node.TARGET_TRANSFORM} transform", flush=True)
+        return loader
+
+    def next_target_batch(self) -> torch.Tensor:
+        """The next unlabelled target images (the loader restarts when exhausted, as TrainerXU's)."""
+        if self._target_iter is None:
+            self._target_iter = iter(self._target_loader)
+        try:
+            batch = next(self._target_iter)
+        except StopIteration:
+            self._target_iter = iter(self._target_loader)
+            batch = next(self._target_iter)
+        return batch["img"].to(self.device)
+
+    # --- per step ---
+    def scale(self, model: Any) -> torch.Tensor | float:
+        if self.temperature > 0:
+            return 1.0 / self.temperature
+        return model.logit_scale.float()
+
+    def encode_sentences(self, model: Any, label: torch.Tensor) -> torch.Tensor:
+        """Stochastic text anchors in "template" mode: (B, D), one per sample (unique labels encoded once)."""
+        if self._sentence_ids is None:
+            from restore.clip.tokenizer import tokenize
+            from restore.prompting.context import clean_classname
+
+            prompts = [self.template.format(clean_classname(c)) for c in self.classnames]
+            self._sentence_ids = tokenize(prompts).to(self.device)
+        uniq, inverse = torch.unique(label, return_inverse=True)
+        ids = self._sentence_ids[uniq]
+        source = self._deep_source
+        if source is None:
+            feats = model.text_encoder.encode_token_ids(ids).features
+        elif callable(getattr(source, "text_deep", None)):
+            feats = model.text_encoder.encode_token_ids(ids, source.text_deep()).features
+            adapt = getattr(model, "adapt_text_features", None)  # e.g. surgery adapters of RESTORE
+            feats = adapt(feats) if callable(adapt) else feats
+        else:
+            feats = source(ids)
+        return feats.float()[inverse]
+
+    def stochastic_text(self, model: Any, label: torch.Tensor, output: PromptOutput) -> torch.Tensor:
+        if self.text_mode == "template":
+            return self.encode_sentences(model, label)
+        if output.text_features is None:
+            raise ValueError("Craft with STOCHASTIC_TEXT 'class' needs the host's PromptOutput.text_features")
+        return output.text_features.float()[label]
+
+    def __call__(self, trainer: Any, image: torch.Tensor, label: torch.Tensor,
+                 output: PromptOutput) -> tuple[torch.Tensor, dict[str, float]]:
+        self.prepare(trainer)
+        model = trainer.model
+        scale = self.scale(model)
+        total = output.logits.new_zeros((), dtype=torch.float32)
+        summary: dict[str, float] = {}
+        if self.needs_text:
+            text = self.stochastic_text(model, label, output)
+            if self.w_static > 0:
+                loss = static_alignment_loss(text, self.anchors, label, scale, self.clusters)
+                total = total + self.w_static * loss
+                summary["craft_static"] = loss.item()
+            if self.w_stochastic > 0 or self.w_t2i > 0:
+                feats = output.image_features
+                if feats is None:
+                    raise ValueError("Craft's stochastic alignment needs the host's PromptOutput.image_features")
+                if self.w_stochastic > 0:
+                    loss = stochastic_alignment_loss(feats, text, label, scale, self.contrast_targets)
+                    total = total + self.w_stochastic * loss
+                    summary["craft_stoch"] = loss.item()
+                if self.w_t2i > 0:
+                    loss = stochastic_alignment_loss(text, feats, label, scale, self.contrast_targets)
+                    total = total + self.w_t2i * loss
+                    summary["craft_t2i"] = loss.item()
+        if self.w_mmd > 0:
+            target = self.next_target_batch()
+            if output.image_features is not None and output.text_features is not None:
+                source_z = relative_logits(output.image_features, output.text_features, scale)
+                target_z = relative_logits(model.encode_image(target), output.text_features, scale)
+            else:  # hosts without features: their logits are the relative representation
+                source_z, target_z = output.logits.float(), model(target).logits.float()
+            loss = mmd(source_z, target_z, self.bandwidths, self.minmax)
+            total = total + self.w_mmd * loss
+            summary["craft_mmd"] = loss.item()
+        return total, summary
+
+
+@register_regularizer
+def build_craft_regularizer(cfg: Any, trainer: Any) -> CraftRegularizer | None:
+    """The factory consulted by every PromptTrainer: a CraftRegularizer when TRAINER.CRAFT.ENABLED."""
+    if not is_enabled(cfg):
+        return None
+    return CraftRegularizer(cfg, trainer)

@@ -1,0 +1,777 @@
+"""The evaluation protocols as commands: what ``scripts/**/*.sh`` run (the logic lives here, testable).
+
+Every step is one ``python train.py ...`` call of the CoOp family; this module only chooses its
+arguments (trainer class, config file, per-dataset options, output folder, checkpoint to load)::
+
+    python -m restore.protocols base2new-train  TRAINER DATASET SEED [opts...]
+    python -m restore.protocols base2new-test   TRAINER DATASET SEED [opts...]   # --sub new (default) | base
+    python -m restore.protocols xd-train        TRAINER SEED [opts...]           # ImageNet, all classes
+    python -m restore.protocols xd-test         TRAINER DATASET|all SEED [opts...]
+    python -m restore.protocols dg-test         TRAINER DATASET|all SEED [opts...]
+    python -m restore.protocols fewshot-train   TRAINER DATASET SHOTS SEED [opts...]
+    python -m restore.protocols run-all         PROTOCOL TRAINER [--seeds 1,2,3] [--datasets ...] [--gpus 0,1] [opts...]
+    python -m restore.protocols list            # trainers, their classes and config files
+
+``TRAINER`` is a lowercase method name (:data:`TRAINERS`). Environment variables (each also a flag):
+``DATA`` (dataset root, required), ``CFG`` (config name in the trainer's config folder, or a path to a
+YAML file), ``SHOTS`` (training shots, default 16), ``OUTPUT`` (output root, default ``output``),
+``SUB`` (class split of ``base2new-test``). Output folders: see :mod:`restore.evaluation.results`.
+
+Runs are idempotent: a step whose ``results.json`` exists is skipped (``--overwrite`` redoes it), a
+crashed training resumes from its last checkpoint (``train.py`` does that), and an evaluation whose
+model was retrained since is redone. Evaluation steps load the last epoch written by the training
+run, read from its ``checkpoint`` file (no hard-coded ``--load-epoch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import os.path as osp
+import queue
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from restore.data.benchmarks import BENCHMARKS, resolve
+from restore.evaluation.results import PROTOCOL_DIRS, RESULTS_FILE, run_dir
+
+__all__ = [
+    "TRAINERS", "TrainerSpec", "Step", "ProtocolError", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS",
+    "FEWSHOT_SHOTS", "repo_root", "get_spec", "resolve_config", "dataset_opts", "last_epoch",
+    "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_test", "fewshot_train", "build_jobs",
+    "run_steps", "run_jobs", "main",
+]
+
+BASE2NEW_DATASETS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                     "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
+XD_SOURCE = "imagenet"
+XD_TARGETS = [d for d in BASE2NEW_DATASETS if d != XD_SOURCE]
+DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+FEWSHOT_SHOTS = [1, 2, 4, 8, 16]
+DEFAULT_SEEDS = [1, 2, 3]
+
+
+class ProtocolError(RuntimeError):
+    """A problem with the request (unknown trainer, missing config, untrained model) — one sentence."""
+
+
+def repo_root() -> str:
+    """The folder holding ``train.py``, ``configs/`` and ``trainers/`` (this checkout, else the cwd)."""
+    here = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    if osp.isfile(osp.join(here, "train.py")):
+        return here
+    if osp.isfile(osp.join(os.getcwd(), "train.py")):
+        return os.getcwd()
+    raise ProtocolError("train.py not found: run from the repository root (the folder with train.py and configs/)")
+
+
+# --------------------------------------------------------------------------- trainer table
+@dataclass(frozen=True)
+class TrainerSpec:
+    """How one method runs under the protocols.
+
+    ``configs`` maps a protocol (``base2new``, ``xd``, ``dg``, ``fewshot``) — or ``protocol:dataset``
+    for a dataset-specific file — to candidate configs ``"<folder>/<name>"`` under
+    ``configs/trainers/``; the first that exists is used (``dg`` falls back to ``xd``, ``fewshot`` to
+    ``base2new``). ``opts`` adds fixed options per protocol. ``trains=False``: nothing to learn
+    (zero-shot CLIP), evaluation steps need no model folder.
+    """
+
+    key: str
+    trainer: str
+    label: str
+    configs: dict[str, tuple[str, ...]]
+    opts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    trains: bool = True
+
+
+def _spec(key: str, trainer: str, configs: dict[str, tuple[str, ...]], label: str = "",
+          opts: Optional[dict[str, tuple[str, ...]]] = None, trains: bool = True) -> TrainerSpec:
+    return TrainerSpec(key, trainer, label or trainer, configs, opts or {}, trains)
+
+
+TRAINERS: dict[str, TrainerSpec] = {s.key: s for s in [
+    _spec("restore", "RESTORE", {
+        "base2new": ("RESTORE/vit_b16_c2_ep10_batch4_2ctx",),
+        "xd": ("RESTORE/vit_b16_c2_ep10_batch4_2ctx_cross_datasets",),
+    }),
+    _spec("mmrl", "MMRL", {
+        "base2new": ("MMRL/vit_b16_base2new", "MMRL/vit_b16_b2n", "MMRL/vit_b16"),
+        "base2new:imagenet": ("MMRL/vit_b16_base2new_imagenet", "MMRL/vit_b16_imagenet"),
+        "xd": ("MMRL/vit_b16_cross_dataset", "MMRL/vit_b16_xd", "MMRL/vit_b16_cross_datasets"),
+        "dg": ("MMRL/vit_b16_domain_generalization",),
+        "fewshot": ("MMRL/vit_b16_few_shot", "MMRL/vit_b16_fewshot"),
+        "fewshot:imagenet": ("MMRL/vit_b16_few_shot_imagenet", "MMRL/vit_b16_imagenet"),
+    }),
+    # Craft = its plug-in switched on by the config over the MaPLe host. Cross-dataset / DG use the
+    # OOD config (ImageNet source + unlabelled ImageNet-Sketch target, as the official code).
+    _spec("craft", "MaPLe", {
+        "base2new": ("Craft/maple_vit_b16_c2_ep5_batch4_2ctx",),
+        "xd": ("Craft/maple_vit_b16_c2_ep2_batch128_2ctx_ood",),
+    }, label="MaPLe+Craft"),
+    _spec("coop", "CoOp", {
+        "base2new": ("CoOp/vit_b16_ep50_ctxv1", "CoOp/vit_b16_ctxv1", "CoOp/vit_b16_ep50"),
+        "xd": ("CoOp/vit_b16_ep50_ctxv1", "CoOp/vit_b16_ep50"),
+        "fewshot": ("CoOp/vit_b16_ep50", "CoOp/vit_b16"),
+    }),
+    _spec("cocoop", "CoCoOp", {"base2new": ("CoCoOp/vit_b16_c4_ep10_batch1_ctxv1",)}),
+    _spec("ivlp", "IVLP", {"base2new": ("IVLP/vit_b16_c2_ep5_batch4_2+2ctx",)}),
+    _spec("vpt", "VPT", {"base2new": ("VPT/vit_b16_c2_ep5_batch4_4",)}),
+    _spec("maple", "MaPLe", {
+        "base2new": ("MaPLe/vit_b16_c2_ep5_batch4_2ctx",),
+        "xd": ("MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets",),
+    }),
+    _spec("promptsrc", "PromptSRC", {
+        "base2new": ("PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx",),
+        "xd": ("PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets",),
+        "fewshot": ("PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot",),
+    }),
+    _spec("kgcoop", "KgCoOp", {"base2new": ("KgCoOp/vit_b16_ep100_ctxv1", "KgCoOp/vit_b16_ctxv1", "KgCoOp/vit_b16")}),
+    _spec("zsclip", "ZeroshotCLIP", {"base2new": ("ZeroshotCLIP/vit_b16", "CoOp/vit_b16")}, trains=False),
+]}
+_ALIASES = {"clip": "zsclip", "zeroshotclip": "zsclip", "zeroshot": "zsclip", "maple+craft": "craft",
+            "independentvl": "ivlp"}
+_PROTOCOL_FALLBACK = {"dg": "xd", "fewshot": "base2new", "xd": "base2new"}
+_PROTOCOL_ALIASES = {"cross_dataset": "xd", "cross_datasets": "xd", "domain_generalization": "dg", "few_shot": "fewshot",
+                     "b2n": "base2new", "base_to_novel": "base2new"}
+
+
+def get_spec(trainer: str) -> TrainerSpec:
+    key = trainer.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in TRAINERS:
+        by_class = {s.trainer.lower(): s for s in TRAINERS.values() if s.key != "craft"}
+        if key in by_class:
+            return by_class[key]
+        raise ProtocolError(f"Unknown trainer {trainer!r}; choose one of {', '.join(TRAINERS)}")
+    return TRAINERS[key]
+
+
+def normalize_protocol(protocol: str) -> str:
+    p = protocol.strip().lower()
+    p = _PROTOCOL_ALIASES.get(p, p)
+    if p not in PROTOCOL_DIRS:
+        raise ProtocolError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOL_DIRS)}")
+    return p
+
+
+def dataset_key(name: str) -> str:
+    try:
+        return resolve(name)
+    except ValueError as err:
+        raise ProtocolError(str(err)) from None
+
+
+def _config_candidates(spec: TrainerSpec, protocol: str, dataset: str) -> list[str]:
+    out: list[str] = []
+    p: Optional[str] = protocol
+    while p is not None:
+        out += list(spec.configs.get(f"{p}:{dataset}", ())) + list(spec.configs.get(p, ()))
+        p = _PROTOCOL_FALLBACK.get(p)
+    return list(dict.fromkeys(out))
+
+
+def resolve_config(spec: TrainerSpec, protocol: str, dataset: str, cfg: str = "", root: str = "") -> tuple[str, str]:
+    """``(config file, config name)`` for a trainer/protocol/dataset; ``cfg`` (``CFG=``) overrides.
+
+    ``cfg`` is a path to a YAML file, or a name looked up in the folders of the trainer's defaults.
+    """
+    root = root or repo_root()
+    base = osp.join(root, "configs", "trainers")
+    candidates = _config_candidates(spec, protocol, dataset)
+    if cfg:
+        if cfg.endswith((".yaml", ".yml")) or os.sep in cfg:
+            path = cfg if osp.isabs(cfg) or osp.isfile(cfg) else osp.join(root, cfg)
+            if not osp.isfile(path):
+                raise ProtocolError(f"CFG={cfg!r}: no such config file")
+            return osp.abspath(path), osp.splitext(osp.basename(path))[0]
+        folders = list(dict.fromkeys([c.split("/")[0] for c in candidates] + [spec.trainer]))
+        for folder in folders:
+            path = osp.join(base, folder, cfg + ".yaml")
+            if osp.isfile(path):
+                return path, cfg
+        raise ProtocolError(f"CFG={cfg!r}: not found in configs/trainers/{{{','.join(folders)}}}/; "
+                            f"available: {_available(base, folders)}")
+    for cand in candidates:
+        path = osp.join(base, cand + ".yaml")
+        if osp.isfile(path):
+            return path, osp.basename(cand)
+    folders = list(dict.fromkeys(c.split("/")[0] for c in candidates)) or [spec.trainer]
+    raise ProtocolError(f"No config for {spec.key} ({protocol}, {dataset}): tried {candidates or 'none'}; "
+                        f"available: {_available(base, folders)}. Pass CFG=<name or path>.")
+
+
+def _available(base: str, folders: Sequence[str]) -> list[str]:
+    found = []
+    for folder in folders:
+        d = osp.join(base, folder)
+        if osp.isdir(d):
+            found += [f"{folder}/{osp.splitext(f)[0]}" for f in sorted(os.listdir(d)) if f.endswith(".yaml")]
+    return found
+
+
+# --------------------------------------------------------------------------- per-dataset options
+def _import_trainers(root: str) -> Any:
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import trainers  # noqa: F401  registers every method
+
+    from restore.engine.registry import TRAINER_REGISTRY
+
+    return TRAINER_REGISTRY
+
+
+def trainer_class(spec: TrainerSpec, root: str = "") -> Any:
+    registry = _import_trainers(root or repo_root())
+    names = registry.registered_names()
+    if spec.trainer not in names:
+        raise ProtocolError(f"Trainer {spec.trainer!r} ({spec.key}) is not registered yet; registered: {sorted(names)}")
+    return registry.get(spec.trainer)
+
+
+def _find_hook(cls: Any) -> Optional[Callable[..., Sequence[str]]]:
+    hook = getattr(cls, "dataset_opts", None)
+    if callable(hook):
+        return hook
+    module = sys.modules.get(getattr(cls, "__module__", ""))
+    for name in ("dataset_opts", f"{cls.__name__.lower()}_dataset_opts"):
+        hook = getattr(module, name, None)
+        if callable(hook):
+            return hook
+    return None
+
+
+def dataset_opts(spec: TrainerSpec, dataset: str, protocol: str, root: str = "") -> list[str]:
+    """The method's own per-dataset options (a ``dataset_opts(dataset[, protocol])`` hook), or ``[]``.
+
+    The hook is a class attribute of the trainer or a module function ``dataset_opts`` /
+    ``<trainer>_dataset_opts``; it receives the dataset key (``dtd``) and, if it accepts one, the
+    ``cfg.PROTOCOL`` value. For cross-dataset/DG evaluation pass the *training* dataset (ImageNet):
+    the options describe the trained model.
+    """
+    hook = _find_hook(trainer_class(spec, root))
+    if hook is None:
+        return []
+    try:
+        params = inspect.signature(hook).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs = {"protocol": PROTOCOL_DIRS[protocol]} if "protocol" in params else {}
+    return [str(x) for x in hook(dataset, **kwargs)]
+
+
+# --------------------------------------------------------------------------- steps
+@dataclass
+class Step:
+    """One ``train.py`` call; ``model_dir`` set = evaluation of that training run's last checkpoint."""
+
+    name: str
+    output_dir: str
+    argv: list[str]
+    model_dir: Optional[str] = None
+    eval_only: bool = False
+
+    def results_path(self) -> str:
+        return osp.join(self.output_dir, RESULTS_FILE)
+
+    def is_stale(self) -> bool:
+        """Finished, but its model was retrained afterwards."""
+        if not (self.model_dir and osp.isfile(self.results_path())):
+            return False
+        trained = osp.join(self.model_dir, RESULTS_FILE)
+        return osp.isfile(trained) and osp.getmtime(trained) > osp.getmtime(self.results_path())
+
+    def is_done(self) -> bool:
+        return osp.isfile(self.results_path()) and not self.is_stale()
+
+    def train_argv(self, overwrite: bool = False, resolve_epoch: bool = True) -> list[str]:
+        """The full argument list for ``train.py`` (resolves the checkpoint epoch now)."""
+        argv = list(self.argv)
+        extra: list[str] = []
+        if self.eval_only:
+            extra.append("--eval-only")
+            if self.model_dir:
+                extra += ["--model-dir", self.model_dir]
+                epoch = last_epoch(self.model_dir) if resolve_epoch else "<last>"
+                if epoch is not None:
+                    extra += ["--load-epoch", str(epoch)]
+        if overwrite or self.is_stale():
+            extra.append("--overwrite")
+        # options go before the trailing config opts
+        cut = argv.index("--") if "--" in argv else len(argv)
+        return argv[:cut] + extra + argv[cut + 1:]
+
+    def command(self, overwrite: bool = False, resolve_epoch: bool = True) -> str:
+        return shlex.join(["python", "train.py"] + self.train_argv(overwrite, resolve_epoch))
+
+
+_CKPT_RE = re.compile(r"model\.pth\.tar-(\d+)$")
+
+
+def last_epoch(model_dir: str) -> Optional[int]:
+    """The epoch of the last checkpoint of a *finished* training folder (None: ``model-best``).
+
+    Read from each model's ``checkpoint`` file, as Dassl writes it; all models must agree.
+    """
+    if not osp.isdir(model_dir):
+        raise ProtocolError(f"{model_dir} does not exist: train the model first (see scripts/*/train.sh)")
+    if not osp.isfile(osp.join(model_dir, RESULTS_FILE)):
+        raise ProtocolError(f"Training in {model_dir} is not finished (no {RESULTS_FILE}); re-run its training "
+                            "command to resume it from the last checkpoint")
+    epochs = set()
+    for name in sorted(os.listdir(model_dir)):
+        pointer = osp.join(model_dir, name, "checkpoint")
+        if not osp.isfile(pointer):
+            continue
+        with open(pointer) as f:
+            fname = f.readline().strip()
+        if not osp.isfile(osp.join(model_dir, name, fname)):
+            raise ProtocolError(f"{pointer} names {fname}, which is missing")
+        match = _CKPT_RE.match(fname)
+        epochs.add(int(match.group(1)) if match else None)
+    if not epochs:
+        raise ProtocolError(f"No checkpoint in {model_dir} (no <model>/checkpoint file)")
+    if len(epochs) > 1:
+        raise ProtocolError(f"The models in {model_dir} point to different checkpoints: {sorted(map(str, epochs))}")
+    return epochs.pop()
+
+
+@dataclass
+class Context:
+    """What every step needs besides trainer/dataset/seed (env vars or flags)."""
+
+    data: str = ""
+    output: str = "output"
+    cfg: str = ""
+    shots: int = 16
+    opts: list[str] = field(default_factory=list)
+    root: str = ""
+    check_data: bool = True
+
+    def __post_init__(self) -> None:
+        self.root = self.root or repo_root()
+
+    def data_root(self) -> str:
+        if not self.data:
+            raise ProtocolError("DATA is not set: export DATA=/path/to/datasets (the folder that holds dtd/, "
+                                "eurosat/, imagenet/, ...; see DATASETS.md)")
+        if self.check_data and not osp.isdir(self.data):
+            raise ProtocolError(f"DATA={self.data!r} is not a folder")
+        return self.data
+
+    def rel(self, path: str) -> str:
+        rel = osp.relpath(path, os.getcwd())
+        return path if rel.startswith("..") else rel
+
+
+def _argv(ctx: Context, spec: TrainerSpec, dataset: str, seed: int, cfg_path: str, out_dir: str,
+          protocol: str, opts: Sequence[str], opts_dataset: str) -> list[str]:
+    dcfg = osp.join(ctx.root, "configs", "datasets", f"{dataset}.yaml")
+    if not osp.isfile(dcfg):
+        raise ProtocolError(f"No dataset config {ctx.rel(dcfg)}")
+    argv = ["--root", ctx.data_root(), "--seed", str(seed), "--trainer", spec.trainer,
+            "--dataset-config-file", ctx.rel(dcfg), "--config-file", ctx.rel(cfg_path), "--output-dir", out_dir, "--"]
+    return argv + ["PROTOCOL", PROTOCOL_DIRS[protocol], *opts, *spec.opts.get(protocol, ()),
+                   *dataset_opts(spec, opts_dataset, protocol, ctx.root), *ctx.opts]
+
+
+def _train_cfg(ctx: Context, spec: TrainerSpec, protocol: str, dataset: str) -> tuple[str, str]:
+    return resolve_config(spec, protocol, dataset, ctx.cfg, ctx.root)
+
+
+def base2new_train(ctx: Context, trainer: str, dataset: str, seed: int) -> Step:
+    spec, dataset = get_spec(trainer), dataset_key(dataset)
+    cfg_path, cfg = _train_cfg(ctx, spec, "base2new", dataset)
+    out = run_dir(ctx.output, "base2new", "train_base", dataset, ctx.shots, spec.label, cfg, seed)
+    opts = ["DATASET.NUM_SHOTS", str(ctx.shots), "DATASET.SUBSAMPLE_CLASSES", "base"]
+    return Step(f"base2new train_base {spec.label} {dataset} seed{seed}", out,
+                _argv(ctx, spec, dataset, seed, cfg_path, out, "base2new", opts, dataset))
+
+
+def base2new_test(ctx: Context, trainer: str, dataset: str, seed: int, sub: str = "new") -> Step:
+    if sub not in ("new", "base"):
+        raise ProtocolError(f"SUB must be 'new' or 'base', got {sub!r}")
+    spec, dataset = get_spec(trainer), dataset_key(dataset)
+    cfg_path, cfg = _train_cfg(ctx, spec, "base2new", dataset)
+    model_dir = run_dir(ctx.output, "base2new", "train_base", dataset, ctx.shots, spec.label, cfg, seed)
+    out = run_dir(ctx.output, "base2new", f"test_{sub}", dataset, ctx.shots, spec.label, cfg, seed)
+    opts = ["DATASET.NUM_SHOTS", str(ctx.shots), "DATASET.SUBSAMPLE_CLASSES", sub]
+    return Step(f"base2new test_{sub} {spec.label} {dataset} seed{seed}", out,
+                _argv(ctx, spec, dataset, seed, cfg_path, out, "base2new", opts, dataset),
+                model_dir=model_dir if spec.trains else None, eval_only=True)
+
+
+def xd_train(ctx: Context, trainer: str, seed: int) -> Step:
+    spec = get_spec(trainer)
+    cfg_path, cfg = _train_cfg(ctx, spec, "xd", XD_SOURCE)
+    out = run_dir(ctx.output, "xd", "train", XD_SOURCE, ctx.shots, spec.label, cfg, seed)
+    opts = ["DATASET.NUM_SHOTS", str(ctx.shots)]
+    return Step(f"xd train {spec.label} {XD_SOURCE} seed{seed}", out,
+                _argv(ctx, spec, XD_SOURCE, seed, cfg_path, out, "xd", opts, XD_SOURCE))
+
+
+def _transfer_test(ctx: Context, protocol: str, trainer: str, dataset: str, seed: int) -> Step:
+    spec, dataset = get_spec(trainer), dataset_key(dataset)
+    # Folders are named by the *training* config; the evaluation may use a protocol-specific file (MMRL's
+    # domain_generalization yaml), else the training one.
+    train_path, cfg = _train_cfg(ctx, spec, "xd", XD_SOURCE)
+    cfg_path = train_path if ctx.cfg else _train_cfg(ctx, spec, protocol, XD_SOURCE)[0]
+    model_dir = run_dir(ctx.output, "xd", "train", XD_SOURCE, ctx.shots, spec.label, cfg, seed)
+    out = run_dir(ctx.output, protocol, "test", dataset, ctx.shots, spec.label, cfg, seed)
+    return Step(f"{protocol} test {spec.label} {dataset} seed{seed}", out,
+                _argv(ctx, spec, dataset, seed, cfg_path, out, protocol, [], XD_SOURCE),
+                model_dir=model_dir if spec.trains else None, eval_only=True)
+
+
+def xd_test(ctx: Context, trainer: str, dataset: str, seed: int) -> Step:
+    return _transfer_test(ctx, "xd", trainer, dataset, seed)
+
+
+def dg_test(ctx: Context, trainer: str, dataset: str, seed: int) -> Step:
+    return _transfer_test(ctx, "dg", trainer, dataset, seed)
+
+
+def fewshot_train(ctx: Context, trainer: str, dataset: str, shots: int, seed: int) -> Step:
+    spec, dataset = get_spec(trainer), dataset_key(dataset)
+    cfg_path, cfg = _train_cfg(ctx, spec, "fewshot", dataset)
+    out = run_dir(ctx.output, "fewshot", "train", dataset, shots, spec.label, cfg, seed)
+    opts = ["DATASET.NUM_SHOTS", str(shots)]
+    return Step(f"fewshot train {spec.label} {dataset} {shots}-shot seed{seed}", out,
+                _argv(ctx, spec, dataset, seed, cfg_path, out, "fewshot", opts, dataset))
+
+
+def _dataset_list(value: str, default: Sequence[str]) -> list[str]:
+    if value in ("", "all"):
+        return list(default)
+    return [dataset_key(d) for d in re.split(r"[,\s]+", value.strip()) if d]
+
+
+def build_jobs(ctx: Context, protocol: str, trainer: str, seeds: Sequence[int], datasets: str = "",
+               shots: Sequence[int] = (), test_base: bool = False) -> list[list[Step]]:
+    """The protocol's grid as jobs; a job is a list of steps run in order (training first)."""
+    protocol = normalize_protocol(protocol)
+    jobs: list[list[Step]] = []
+    if protocol == "base2new":
+        for dataset in _dataset_list(datasets, BASE2NEW_DATASETS):
+            for seed in seeds:
+                job = [base2new_train(ctx, trainer, dataset, seed), base2new_test(ctx, trainer, dataset, seed, "new")]
+                if test_base:
+                    job.append(base2new_test(ctx, trainer, dataset, seed, "base"))
+                jobs.append(job)
+    elif protocol in ("xd", "dg"):
+        for seed in seeds:
+            job = [xd_train(ctx, trainer, seed)]
+            if protocol == "xd":
+                job += [xd_test(ctx, trainer, d, seed) for d in _dataset_list(datasets, XD_TARGETS)]
+            job += [dg_test(ctx, trainer, d, seed) for d in (_dataset_list(datasets, DG_TARGETS) if protocol == "dg"
+                                                             else DG_TARGETS)]
+            jobs.append(job)
+    else:
+        for dataset in _dataset_list(datasets, BASE2NEW_DATASETS):
+            for k in shots or FEWSHOT_SHOTS:
+                for seed in seeds:
+                    jobs.append([fewshot_train(ctx, trainer, dataset, k, seed)])
+    return jobs
+
+
+# --------------------------------------------------------------------------- execution
+def _run_in_process(argv: list[str], root: str) -> int:
+    """Run ``train.py``'s CLI in this interpreter (one import of torch for many steps)."""
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import train as train_module
+
+    saved_argv, saved_stdout = sys.argv, sys.stdout
+    sys.argv = [osp.join(root, "train.py")] + argv
+    try:
+        rc = train_module.cli()
+    except SystemExit as err:  # argparse errors
+        rc = err.code if isinstance(err.code, int) else 1
+    except Exception as err:  # noqa: BLE001 - one failed step must not end the grid
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        rc = 1
+    finally:
+        logger = sys.stdout
+        sys.argv, sys.stdout = saved_argv, saved_stdout
+        if logger is not saved_stdout and hasattr(logger, "close"):
+            try:
+                logger.close()
+            except Exception:  # noqa: BLE001
+                pass
+        _free_memory()
+    return int(rc or 0)
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_subprocess(argv: list[str], root: str, env: Optional[dict[str, str]] = None, log: Optional[str] = None) -> int:
+    cmd = [sys.executable, osp.join(root, "train.py")] + argv
+    full_env = {**os.environ, **(env or {})}
+    if log:
+        os.makedirs(osp.dirname(log), exist_ok=True)
+        with open(log, "w") as f:
+            return subprocess.call(cmd, env=full_env, stdout=f, stderr=subprocess.STDOUT)
+    return subprocess.call(cmd, env=full_env)
+
+
+@dataclass
+class Outcome:
+    step: Step
+    status: str  # done, skipped, failed, not-run
+    rc: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+
+def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_process: bool = True,
+              env: Optional[dict[str, str]] = None, log_dir: Optional[str] = None,
+              report: Callable[[str], None] = print) -> list[Outcome]:
+    """Run steps in order; after a failed step the later steps of the list are not run."""
+    outcomes: list[Outcome] = []
+    failed = False
+    for step in steps:
+        if failed:
+            outcomes.append(Outcome(step, "not-run", message="an earlier step of this job failed"))
+            continue
+        if step.is_done() and not overwrite:
+            report(f"skip (finished: {step.results_path()}) {step.name}")
+            outcomes.append(Outcome(step, "skipped"))
+            continue
+        try:
+            argv = step.train_argv(overwrite)
+        except ProtocolError as err:
+            report(f"FAILED {step.name}: {err}")
+            outcomes.append(Outcome(step, "failed", 1, message=str(err)))
+            failed = True
+            continue
+        report(f"run {step.name}\n  {shlex.join(['python', 'train.py'] + argv)}")
+        start = time.time()
+        if in_process:
+            rc = _run_in_process(argv, root)
+        else:
+            log = osp.join(log_dir, re.sub(r"[^A-Za-z0-9_.+-]+", "_", step.name) + ".out") if log_dir else None
+            rc = _run_subprocess(argv, root, env, log)
+        seconds = time.time() - start
+        ok = rc == 0 and osp.isfile(step.results_path())
+        if not ok:
+            failed = True
+            where = osp.join(step.output_dir, "log.txt")
+            report(f"FAILED {step.name} (exit {rc}, {seconds:.1f} s); see {where}")
+        outcomes.append(Outcome(step, "done" if ok else "failed", rc, seconds))
+    return outcomes
+
+
+def run_jobs(jobs: Sequence[Sequence[Step]], root: str, gpus: Sequence[str] = (), overwrite: bool = False,
+             in_process: bool = False, log_dir: Optional[str] = None) -> list[Outcome]:
+    """Run jobs one at a time, or one per GPU (``CUDA_VISIBLE_DEVICES`` round-robin, subprocesses)."""
+    total = len(jobs)
+    lock = threading.Lock()
+    outcomes: list[Outcome] = []
+    state = {"finished": 0, "busy_seconds": 0.0}
+    start = time.time()
+
+    def report_job(index: int, job_outcomes: list[Outcome], gpu: str) -> None:
+        with lock:
+            outcomes.extend(job_outcomes)
+            state["finished"] += 1
+            spent = sum(o.seconds for o in job_outcomes)
+            ran = [o for o in job_outcomes if o.status in ("done", "failed")]
+            status = "FAILED" if any(o.status == "failed" for o in job_outcomes) else (
+                "done" if ran else "skipped")
+            elapsed = time.time() - start
+            left = total - state["finished"]
+            eta = elapsed / state["finished"] * left if state["finished"] else 0
+            where = f" gpu {gpu}" if gpu else ""
+            print(f"[{state['finished']}/{total}] {status}{where}: {job_outcomes[0].step.name} ({spent:.1f} s); "
+                  f"elapsed {elapsed:.0f} s, eta {eta:.0f} s", flush=True)
+
+    if not gpus:
+        for i, job in enumerate(jobs):
+            report_job(i, run_steps(job, root, overwrite, in_process=in_process), "")
+    else:
+        pending: "queue.Queue[tuple[int, Sequence[Step]]]" = queue.Queue()
+        for item in enumerate(jobs):
+            pending.put(item)
+
+        def worker(gpu: str) -> None:
+            while True:
+                try:
+                    i, job = pending.get_nowait()
+                except queue.Empty:
+                    return
+                quiet: list[str] = []
+                res = run_steps(job, root, overwrite, in_process=False, env={"CUDA_VISIBLE_DEVICES": gpu},
+                                log_dir=log_dir, report=quiet.append)
+                report_job(i, res, gpu)
+
+        threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    failed = [o for o in outcomes if o.status == "failed"]
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed", "not-run")}
+    print(f"Finished {total} jobs in {time.time() - start:.0f} s: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    for o in failed:
+        print(f"  FAILED {o.step.name}: {o.message or f'exit {o.rc}, log: ' + osp.join(o.step.output_dir, 'log.txt')}")
+    return outcomes
+
+
+# --------------------------------------------------------------------------- CLI
+def _context(args: argparse.Namespace, opts: Sequence[str], check_data: bool = True) -> Context:
+    return Context(data=args.data, output=args.output, cfg=args.cfg, shots=args.shots, opts=list(opts),
+                   check_data=check_data)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=os.environ.get("DATA", ""), help="dataset root (env DATA)")
+    parser.add_argument("--output", default=os.environ.get("OUTPUT", "output"), help="output root (env OUTPUT)")
+    parser.add_argument("--cfg", default=os.environ.get("CFG", ""), help="config name or YAML path (env CFG)")
+    parser.add_argument("--shots", type=int, default=int(os.environ.get("SHOTS", "16")),
+                        help="training shots (env SHOTS, default 16)")
+    parser.add_argument("--overwrite", action="store_true", help="redo finished steps")
+    parser.add_argument("--dry-run", action="store_true", help="print the train.py commands only")
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in re.split(r"[,\s]+", text.strip()) if x]
+
+
+_COMMANDS = {
+    "base2new-train": "train on the base classes (its own test = base accuracy)",
+    "base2new-test": "evaluate the base-trained model on new (or, with --sub base, base) classes",
+    "xd-train": "train on ImageNet (all classes) for cross-dataset transfer / domain generalization",
+    "xd-test": "evaluate the ImageNet model on the 10 other datasets",
+    "dg-test": "evaluate the ImageNet model on ImageNetV2, -Sketch, -A and -R",
+    "fewshot-train": "train and test on all classes with NUM_SHOTS shots",
+    "run-all": "the full grid of datasets x seeds (x shots) of a protocol",
+    "list": "trainers, their classes and the config files they resolve to",
+}
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The argument parser of one sub-command (flags may come anywhere; opts are the trailing words)."""
+    if command not in _COMMANDS:
+        raise ProtocolError(f"Unknown command {command!r}; choose one of {', '.join(_COMMANDS)}")
+    p = argparse.ArgumentParser(prog=f"python -m restore.protocols {command}", description=_COMMANDS[command])
+    if command == "list":
+        return p
+    _common(p)
+    opts_help = "config options KEY VALUE ... passed to every step (after all others, so they win)"
+    if command == "run-all":
+        p.add_argument("protocol", help="base2new | xd | dg | fewshot")
+        p.add_argument("trainer", help=", ".join(TRAINERS))
+        p.add_argument("--seeds", type=_int_list, default=DEFAULT_SEEDS, help="default 1,2,3")
+        p.add_argument("--datasets", default="", help="comma list (default: all of the protocol)")
+        p.add_argument("--shot-list", type=_int_list, default=FEWSHOT_SHOTS, help="few-shot: default 1,2,4,8,16")
+        p.add_argument("--gpus", default="", help="e.g. 0,1: one job per GPU at a time (subprocesses)")
+        p.add_argument("--in-process", action="store_true", help="run every step in this interpreter (no --gpus)")
+        p.add_argument("--test-base", action="store_true", help="base2new: also evaluate on base classes (test_base)")
+    else:
+        p.add_argument("trainer", help=", ".join(TRAINERS))
+        if command == "base2new-test":
+            p.add_argument("--sub", default=os.environ.get("SUB", "new"), choices=["new", "base"], help="env SUB")
+        if command in ("xd-test", "dg-test"):
+            p.add_argument("dataset", help="a dataset, a comma list, or 'all'")
+        elif command != "xd-train":
+            p.add_argument("dataset")
+        if command == "fewshot-train":
+            p.add_argument("num_shots", type=int)
+        p.add_argument("seed", type=int)
+    p.add_argument("opts", nargs="*", help=opts_help)
+    return p
+
+
+def _usage() -> str:
+    return "usage: python -m restore.protocols COMMAND ...\n\n" + "\n".join(
+        f"  {name:15s} {text}" for name, text in _COMMANDS.items()) + "\n\n" + __doc__.split("\n\n")[1]
+
+
+def _print_list() -> int:
+    root = repo_root()
+    for spec in TRAINERS.values():
+        print(f"{spec.key:10s} -> {spec.trainer} (output label {spec.label})")
+        for protocol in ("base2new", "xd", "fewshot"):
+            try:
+                path, _ = resolve_config(spec, protocol, "dtd", root=root)
+                shown = osp.relpath(path, root)
+            except ProtocolError:
+                shown = "MISSING (tried " + ", ".join(_config_candidates(spec, protocol, "dtd")) + ")"
+            print(f"    {protocol:9s} {shown}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command = argv[0]
+    try:
+        parser = build_parser(command)
+    except ProtocolError as err:
+        print(f"error: {err}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    args = parser.parse_intermixed_args(argv[1:])
+    args.command = command
+    if command == "list":
+        return _print_list()
+    try:
+        ctx = _context(args, args.opts, check_data=not args.dry_run)
+        if args.dry_run and not ctx.data:
+            ctx.data = "$DATA"
+        if args.command == "run-all":
+            jobs = build_jobs(ctx, args.protocol, args.trainer, args.seeds, args.datasets, args.shot_list,
+                              args.test_base)
+            if args.dry_run:
+                for job in jobs:
+                    for step in job:
+                        print(step.command(args.overwrite, resolve_epoch=False))
+                return 0
+            gpus = [g for g in re.split(r"[,\s]+", args.gpus) if g]
+            if gpus and args.in_process:
+                raise ProtocolError("--in-process and --gpus exclude each other")
+            log_dir = osp.join(ctx.output, "logs", normalize_protocol(args.protocol)) if gpus else None
+            outcomes = run_jobs(jobs, ctx.root, gpus, args.overwrite, args.in_process, log_dir)
+            return 1 if any(o.status == "failed" for o in outcomes) else 0
+        if args.command == "base2new-train":
+            steps = [base2new_train(ctx, args.trainer, args.dataset, args.seed)]
+        elif args.command == "base2new-test":
+            steps = [base2new_test(ctx, args.trainer, args.dataset, args.seed, args.sub)]
+        elif args.command == "xd-train":
+            steps = [xd_train(ctx, args.trainer, args.seed)]
+        elif args.command in ("xd-test", "dg-test"):
+            fn, default = (xd_test, XD_TARGETS) if args.command == "xd-test" else (dg_test, DG_TARGETS)
+            steps = [fn(ctx, args.trainer, d, args.seed) for d in _dataset_list(args.dataset, default)]
+        else:
+            steps = [fewshot_train(ctx, args.trainer, args.dataset, args.num_shots, args.seed)]
+        if args.dry_run:
+            for step in steps:
+                print(step.command(args.overwrite, resolve_epoch=False))
+            return 0
+        outcomes = run_steps(steps, ctx.root, args.overwrite, in_process=True)
+    except ProtocolError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

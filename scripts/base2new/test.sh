@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Base-to-novel, step 2: evaluate the base-trained model (its last checkpoint) on the new classes.
+# SUB=base (or --sub base) evaluates on the base classes instead (a re-test of the same model).
+# Output: $OUTPUT/base2new/test_new/DATASET/shots_16/<METHOD>/<cfg>/seedSEED (test_base with SUB=base)
+#
+#   DATA=/path/to/datasets bash scripts/base2new/test.sh TRAINER DATASET SEED [opts...]
+#
+# TRAINER: restore, mmrl, craft, coop, cocoop, ivlp, vpt, maple, promptsrc, kgcoop, zsclip.
+# Environment: DATA (required), CFG (config name or .yaml path; default per trainer and protocol),
+# SHOTS (training shots, default 16), OUTPUT (output root, default output), PYTHON (default python).
+# Trailing opts (KEY VALUE ...) go to train.py after everything else. A finished run (results.json)
+# is skipped; a crashed one resumes from its last checkpoint. Logic: restore/protocols.py.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python}" -m restore.protocols base2new-test "$@"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Few-shot: train and test on all classes of DATASET with SHOTS (1, 2, 4, 8, 16) shots per class.
+# Output: $OUTPUT/fewshot/train/DATASET/shots_SHOTS/<METHOD>/<cfg>/seedSEED
+#
+#   DATA=/path/to/datasets bash scripts/fewshot/train.sh TRAINER DATASET SHOTS SEED [opts...]
+#
+# TRAINER: restore, mmrl, craft, coop, cocoop, ivlp, vpt, maple, promptsrc, kgcoop, zsclip.
+# Environment: DATA (required), CFG (config name or .yaml path; default per trainer and protocol),
+# SHOTS (training shots, default 16), OUTPUT (output root, default output), PYTHON (default python).
+# Trailing opts (KEY VALUE ...) go to train.py after everything else. A finished run (results.json)
+# is skipped; a crashed one resumes from its last checkpoint. Logic: restore/protocols.py.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python}" -m restore.protocols fewshot-train "$@"

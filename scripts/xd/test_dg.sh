@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Domain generalization: evaluate the ImageNet-trained model on imagenetv2, imagenet_sketch,
+# imagenet_a, imagenet_r (DATASET: one, a comma list, or all). Output: $OUTPUT/dg/test/DATASET/shots_16/<METHOD>/<cfg>/seedSEED
+#
+#   DATA=/path/to/datasets bash scripts/xd/test_dg.sh TRAINER DATASET|all SEED [opts...]
+#
+# TRAINER: restore, mmrl, craft, coop, cocoop, ivlp, vpt, maple, promptsrc, kgcoop, zsclip.
+# Environment: DATA (required), CFG (config name or .yaml path; default per trainer and protocol),
+# SHOTS (training shots, default 16), OUTPUT (output root, default output), PYTHON (default python).
+# Trailing opts (KEY VALUE ...) go to train.py after everything else. A finished run (results.json)
+# is skipped; a crashed one resumes from its last checkpoint. Logic: restore/protocols.py.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python}" -m restore.protocols dg-test "$@"

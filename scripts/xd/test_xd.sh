@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Cross-dataset transfer: evaluate the ImageNet-trained model on the 10 other datasets
+# (DATASET: one of them, a comma list, or all). Output: $OUTPUT/xd/test/DATASET/shots_16/<METHOD>/<cfg>/seedSEED
+#
+#   DATA=/path/to/datasets bash scripts/xd/test_xd.sh TRAINER DATASET|all SEED [opts...]
+#
+# TRAINER: restore, mmrl, craft, coop, cocoop, ivlp, vpt, maple, promptsrc, kgcoop, zsclip.
+# Environment: DATA (required), CFG (config name or .yaml path; default per trainer and protocol),
+# SHOTS (training shots, default 16), OUTPUT (output root, default output), PYTHON (default python).
+# Trailing opts (KEY VALUE ...) go to train.py after everything else. A finished run (results.json)
+# is skipped; a crashed one resumes from its last checkpoint. Logic: restore/protocols.py.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python}" -m restore.protocols xd-test "$@"

@@ -1,0 +1,343 @@
+"""Craft plug-in regularizer: losses against hand computations, static anchors, every host trainer.
+
+CPU only, tiny random CLIP, synthetic DTD (and a synthetic ImageNet-Sketch as the OOD target).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import os.path as osp
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOSTS = ["CoOp", "IVLP", "VPT", "MaPLe", "PromptSRC", "RESTORE"]
+
+
+# --------------------------------------------------------------------------- losses
+
+def _cos(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def _ce(scores, target):
+    m = max(scores)
+    return -(scores[target] - m - math.log(sum(math.exp(s - m) for s in scores)))
+
+
+def test_mmd_zero_for_identical_samples():
+    from restore.craft.losses import mmd
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    for minmax in (True, False):
+        assert abs(mmd(x, x.clone(), minmax=minmax).item()) < 1e-6
+    assert mmd(x, x + 3.0, minmax=False).item() > 1e-3  # and positive for a shifted sample
+
+
+@pytest.mark.parametrize("minmax", [False, True])
+def test_mmd_matches_double_loop(minmax):
+    from restore.craft.losses import mmd
+
+    x = [[0.0, 1.0], [2.0, -1.0], [1.5, 0.5]]
+    y = [[1.0, 1.0], [-0.5, 2.0]]
+    bands = [0.5, 2.0, 7.0]
+
+    def scale(rows):
+        if not minmax:
+            return rows
+        cols = list(zip(*rows))
+        lo, hi = [min(c) for c in cols], [max(c) for c in cols]
+        return [[(v - lo[j]) / (hi[j] - lo[j] + 1e-8) for j, v in enumerate(r)] for r in rows]
+
+    def k(a, b):
+        d2 = sum((p - q) ** 2 for p, q in zip(a, b))
+        return sum(math.exp(-d2 / (2.0 * s)) for s in bands)
+
+    xs, ys = scale(x), scale(y)
+    kxx = sum(k(a, b) for a in xs for b in xs) / (len(xs) ** 2)
+    kyy = sum(k(a, b) for a in ys for b in ys) / (len(ys) ** 2)
+    kxy = sum(k(a, b) for a in xs for b in ys) / (len(xs) * len(ys))
+    expected = kxx + kyy - 2 * kxy
+    got = mmd(torch.tensor(x), torch.tensor(y), bands, minmax=minmax).item()
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_static_alignment_loss_matches_hand_computation():
+    from restore.craft.losses import static_alignment_loss
+
+    text = [[1.0, 0.0, 1.0], [0.0, 2.0, -1.0]]
+    anchors = [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [3.0, 0.0, 1.0]]
+    label = [2, 0]
+    s = 10.0
+    expected = sum(_ce([s * _cos(t, a) for a in anchors], y) for t, y in zip(text, label)) / 2
+    got = static_alignment_loss(torch.tensor(text), torch.tensor(anchors), torch.tensor(label), s)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+    # Two anchors per class: -log of the softmax mass on the true class's anchors.
+    anchors2 = anchors + [[0.0, 0.0, 1.0]]  # class-major: class 0 = rows 0, 1; class 1 = rows 2, 3
+    label2 = [1, 0]
+    expected2 = 0.0
+    for t, y in zip(text, label2):
+        e = [math.exp(s * _cos(t, a)) for a in anchors2]
+        expected2 += -math.log((e[2 * y] + e[2 * y + 1]) / sum(e))
+    got2 = static_alignment_loss(torch.tensor(text), torch.tensor(anchors2), torch.tensor(label2), s,
+                                 clusters_per_class=2)
+    assert got2.item() == pytest.approx(expected2 / 2, rel=1e-5)
+
+
+def test_stochastic_alignment_loss_matches_hand_computation():
+    from restore.craft.losses import stochastic_alignment_loss
+
+    image = [[1.0, 0.5], [0.2, 1.0], [-1.0, 0.3]]
+    text = [[0.9, 0.1], [0.0, 1.0], [1.0, 1.0]]
+    label = [4, 1, 4]
+    s = 5.0
+    logits = [[s * _cos(i, t) for t in text] for i in image]
+    expected_index = sum(_ce(row, i) for i, row in enumerate(logits)) / 3
+    got = stochastic_alignment_loss(torch.tensor(image), torch.tensor(text), torch.tensor(label), s, "index")
+    assert got.item() == pytest.approx(expected_index, rel=1e-5)
+    # "class" targets: uniform over the batch texts of the same class.
+    expected_class = 0.0
+    for i, row in enumerate(logits):
+        pos = [j for j in range(3) if label[j] == label[i]]
+        expected_class += sum(_ce(row, j) for j in pos) / len(pos)
+    got = stochastic_alignment_loss(torch.tensor(image), torch.tensor(text), torch.tensor(label), s, "class")
+    assert got.item() == pytest.approx(expected_class / 3, rel=1e-5)
+
+
+def test_kmeans_one_cluster_is_mean_and_separates_blobs():
+    from restore.craft.anchors import kmeans
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 4)
+    assert torch.allclose(kmeans(x, 1).float(), x.mean(0, keepdim=True), atol=1e-6)
+    a, b = torch.randn(8, 3) * 0.1, torch.randn(8, 3) * 0.1 + 5.0
+    c = kmeans(torch.cat([a, b]), 2, seed=3).float()
+    c = c[c[:, 0].argsort()]
+    assert torch.allclose(c, torch.stack([a.mean(0), b.mean(0)]), atol=1e-5)
+    assert kmeans(x[:2], 3).shape == (3, 4)  # fewer points than clusters: points repeated
+
+
+def test_config_defaults_and_checks():
+    from restore.craft.config import check
+    from restore.engine.config import ConfigError, extend_cfg, get_cfg_default
+
+    import restore.craft  # noqa: F401
+
+    cfg = extend_cfg(get_cfg_default())
+    node = cfg.TRAINER.CRAFT
+    assert node.ENABLED is False
+    assert node.WEIGHT_STATIC == 1.0 and node.WEIGHT_STOCHASTIC == 1.0 and node.MMD_WEIGHT == 0.0
+    assert list(node.MMD_BANDWIDTHS) == [10.0, 15.0, 20.0, 50.0]
+    assert node.ANCHOR_CLUSTERS == 1 and node.ANCHOR_NUM_SHOTS == 200 and node.TARGET_NUM_SHOTS == 16
+    node.MMD_WEIGHT = 1.0
+    with pytest.raises(ConfigError, match="TARGET_DATASET"):
+        check(node)
+
+
+# --------------------------------------------------------------------------- trainer-level
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    try:
+        from restore.data.synthetic import make_synthetic
+    except ImportError:
+        pytest.skip("restore.data.synthetic is not available")
+    root = tmp_path_factory.mktemp("craft_data")
+    make_synthetic("dtd", str(root), num_classes=4, images_per_class=6)
+    make_synthetic("imagenet_sketch", str(root), num_classes=4, images_per_class=3)
+    return str(root)
+
+
+def _args(root, out, trainer, opts=()):
+    import train
+
+    from restore.engine.registry import TRAINER_REGISTRY
+
+    node = TRAINER_REGISTRY.get(trainer).cfg_node_name() if trainer in TRAINER_REGISTRY else trainer.upper()
+    return train.build_parser().parse_args([
+        "--root", root, "--output-dir", str(out), "--trainer", trainer, "--seed", "1",
+        "--dataset-config-file", osp.join(ROOT, "configs/datasets/dtd.yaml"),
+        "MODEL.BACKBONE.NAME", "tiny", "USE_CUDA", "False", "DATASET.NUM_SHOTS", "2",
+        "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "OPTIM.MAX_EPOCH", "1",
+        "OPTIM.NAME", "sgd", "OPTIM.LR", "0.01", "INPUT.TRANSFORMS", "['normalize']",
+        f"TRAINER.{node}.PREC", "fp32", *opts])
+
+
+def _cfg(root, out, trainer, opts=()):
+    import train
+
+    return train.setup_cfg(_args(root, out, trainer, opts))
+
+
+def _build(cfg):
+    from restore.engine.trainer import build_trainer
+    from restore.engine.utils import set_random_seed
+
+    set_random_seed(cfg.SEED)
+    return build_trainer(cfg)
+
+
+def _first_batch(trainer):
+    trainer.set_model_mode("train")
+    return trainer.parse_batch_train(next(iter(trainer.train_loader_x)))
+
+
+def _registered_hosts():
+    import trainers  # noqa: F401
+
+    from restore.engine.registry import TRAINER_REGISTRY
+
+    return [h for h in HOSTS if h in TRAINER_REGISTRY]
+
+
+def _hosts():
+    try:
+        import sys
+
+        if ROOT not in sys.path:
+            sys.path.insert(0, ROOT)
+        return _registered_hosts()
+    except Exception:  # noqa: BLE001 - collected even when the trainers package is broken
+        return ["CoOp"]
+
+
+def test_anchor_command_writes_class_means(data_root, tmp_path):
+    from PIL import Image
+
+    from restore.clip import load_clip
+    from restore.craft import anchors as craft_anchors
+    from restore.engine.data import build_transform
+
+    out = tmp_path / "run"
+    argv = ["--cpu", "--root", data_root, "--output-dir", str(out), "--trainer", "CoOp", "--seed", "1",
+            "--dataset-config-file", osp.join(ROOT, "configs/datasets/dtd.yaml"),
+            "MODEL.BACKBONE.NAME", "tiny", "USE_CUDA", "False", "DATALOADER.NUM_WORKERS", "0",
+            "DATASET.NUM_SHOTS", "2", "DATASET.SUBSAMPLE_CLASSES", "base", "INPUT.TRANSFORMS", "['normalize']",
+            "TRAINER.CRAFT.ANCHOR_NUM_SHOTS", "-1", "TRAINER.CRAFT.ANCHOR_BATCH_SIZE", "4"]
+    assert craft_anchors.main(argv) == 0
+    path = out / "craft_anchors.pt"
+    data = torch.load(path, map_location="cpu", weights_only=True)
+
+    # Expected: class means of every base-class training image, computed here from the split file.
+    cfg = _cfg(data_root, out, "CoOp", ["INPUT.TRANSFORMS", "['normalize']"])
+    tfm = build_transform(cfg, is_train=False)
+    with open(osp.join(data_root, "dtd", "split_zhou_DescribableTextures.json")) as f:
+        train_split = json.load(f)["train"]
+    clip_model = load_clip("tiny").model.float().eval()
+    n_classes = len({e[1] for e in train_split})
+    base = list(range(math.ceil(n_classes / 2)))
+    expected, names = [], []
+    with torch.no_grad():
+        for c in base:
+            rows = [e for e in train_split if e[1] == c]
+            imgs = torch.stack([tfm(Image.open(osp.join(data_root, "dtd", "images", e[0])).convert("RGB"))
+                                for e in rows])
+            expected.append(clip_model.encode_image(imgs).mean(0))
+            names.append(rows[0][2])
+    expected = torch.stack(expected)
+    assert data["anchors"].shape == expected.shape  # base classes only
+    assert torch.allclose(data["anchors"], expected, atol=1e-4)
+    assert data["classnames"] == names and data["labels"].tolist() == base
+    assert data["clusters"] == 1 and data["backbone"] == "tiny"
+
+    # An existing matching file is reused, not recomputed.
+    mtime = os.stat(path).st_mtime_ns
+    assert craft_anchors.main(argv) == 0
+    assert os.stat(path).st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("host", _hosts())
+def test_craft_on_host_trains_one_step(host, data_root, tmp_path, capsys):
+    if host not in _registered_hosts():
+        pytest.skip(f"{host} is not registered")
+    cfg = _cfg(data_root, tmp_path / host, host, ["TRAINER.CRAFT.ENABLED", "True",
+                                                  "TRAINER.CRAFT.WEIGHT_STOCHASTIC_T2I", "0.5"])
+    trainer = _build(cfg)
+    assert len(trainer.regularizers) == 1
+    reg = trainer.regularizers[0]
+    image, label = _first_batch(trainer)
+    loss, summary, output = trainer.compute_loss(image, label)
+    assert {"craft_static", "craft_stoch", "craft_t2i"} <= set(summary)
+    assert "computing them now" in capsys.readouterr().out
+    assert osp.isfile(tmp_path / host / "craft_anchors.pt")
+    assert reg.anchors.shape[0] == trainer.num_classes
+    with torch.no_grad():
+        host_loss, _ = trainer.model.loss(output, label)
+    craft = summary["craft_static"] + summary["craft_stoch"] + 0.5 * summary["craft_t2i"]
+    assert loss.item() == pytest.approx(host_loss.item() + craft, rel=1e-4, abs=1e-5)
+    assert summary["loss"] == pytest.approx(loss.item())
+
+    # One real optimisation step through forward_backward, and the learned parameters move.
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.batch_idx, trainer.num_batches, trainer.epoch = 0, len(trainer.train_loader_x), 0
+    step = trainer.forward_backward(next(iter(trainer.train_loader_x)))
+    assert math.isfinite(step["loss"]) and "craft_static" in step
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+@pytest.mark.parametrize("host", _hosts())
+def test_craft_off_leaves_host_loss_unchanged(host, data_root, tmp_path):
+    if host not in _registered_hosts():
+        pytest.skip(f"{host} is not registered")
+    cfg_off = _cfg(data_root, tmp_path / "off", host)
+    assert cfg_off.TRAINER.CRAFT.ENABLED is False
+    cfg_none = cfg_off.clone()
+    cfg_none.defrost()
+    cfg_none.TRAINER.pop("CRAFT")  # a config that never heard of Craft
+    cfg_none.OUTPUT_DIR = str(tmp_path / "none")
+    cfg_none.freeze()
+
+    def two_steps(cfg):
+        trainer = _build(cfg)
+        assert trainer.regularizers == []
+        trainer.epoch, trainer.num_batches = 0, len(trainer.train_loader_x)
+        losses = []
+        for i, batch in enumerate(trainer.train_loader_x):
+            trainer.batch_idx = i
+            trainer.set_model_mode("train")
+            losses.append(trainer.forward_backward(batch)["loss"])
+        return losses
+
+    assert two_steps(cfg_off) == two_steps(cfg_none)
+    assert not osp.exists(tmp_path / "off" / "craft_anchors.pt")
+
+
+def test_craft_mmd_draws_target_batches_in_step(data_root, tmp_path):
+    host = "MaPLe" if "MaPLe" in _registered_hosts() else "CoOp"
+    cfg = _cfg(data_root, tmp_path / "ood", host, [
+        "TRAINER.CRAFT.ENABLED", "True", "TRAINER.CRAFT.WEIGHT_STATIC", "0.0",
+        "TRAINER.CRAFT.WEIGHT_STOCHASTIC", "0.0", "TRAINER.CRAFT.MMD_WEIGHT", "1.0",
+        "TRAINER.CRAFT.TARGET_DATASET", "ImageNetSketch", "TRAINER.CRAFT.TARGET_NUM_SHOTS", "2",
+        "TRAINER.CRAFT.TARGET_BATCH_SIZE", "4"])
+    trainer = _build(cfg)
+    reg = trainer.regularizers[0]
+    image, label = _first_batch(trainer)
+    loss, summary, output = trainer.compute_loss(image, label)
+    assert set(summary) >= {"craft_mmd"} and "craft_static" not in summary
+    assert not osp.exists(tmp_path / "ood" / "craft_anchors.pt")  # no static anchors needed
+    assert len(reg._target_loader.dataset) == 8  # 2 per class x 4 sketch classes
+    with torch.no_grad():
+        host_loss, _ = trainer.model.loss(output, label)
+    assert loss.item() == pytest.approx(host_loss.item() + summary["craft_mmd"], rel=1e-4, abs=1e-6)
+    loss.backward()
+    # The target loader restarts when exhausted (2 batches of 4): more draws than batches work.
+    for _ in range(5):
+        assert reg.next_target_batch().shape[0] == 4
+
+
+def test_anchor_path_mismatch_is_an_error(data_root, tmp_path):
+    from restore.craft.anchors import ensure_anchors, save_anchors
+
+    bogus = tmp_path / "other.pt"
+    save_anchors({"version": 1, "anchors": torch.zeros(2, 48), "labels": torch.arange(2),
+                  "classnames": ["a", "b"], "clusters": 1, "backbone": "tiny"}, str(bogus))
+    cfg = _cfg(data_root, tmp_path / "run", "CoOp", ["TRAINER.CRAFT.ANCHOR_PATH", str(bogus)])
+    with pytest.raises(ValueError, match="does not fit this run"):
+        ensure_anchors(cfg, None, ["x", "y", "z", "w"])

@@ -1,0 +1,182 @@
+"""Whole runs through train.py on a synthetic DTD with the tiny CLIP: round-trips and reliability.
+
+Covers: save / auto-resume / eval-only / --load-epoch, the log block, results.json, a run killed
+mid-epoch resuming to the same final result as an uninterrupted one, bit-identical deterministic
+runs, weights-only loading of every checkpoint written, and bad input giving one clear sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CFG = """
+DATALOADER:
+  TRAIN_X:
+    BATCH_SIZE: 2
+  TEST:
+    BATCH_SIZE: 8
+  NUM_WORKERS: 0
+INPUT:
+  SIZE: (224, 224)
+  INTERPOLATION: "bicubic"
+  PIXEL_MEAN: [0.48145466, 0.4578275, 0.40821073]
+  PIXEL_STD: [0.26862954, 0.26130258, 0.27577711]
+  TRANSFORMS: ["random_resized_crop", "random_flip", "normalize"]
+OPTIM:
+  NAME: "sgd"
+  LR: 0.01
+  MAX_EPOCH: 3
+  LR_SCHEDULER: "cosine"
+  WARMUP_EPOCH: 1
+  WARMUP_TYPE: "constant"
+  WARMUP_CONS_LR: 1e-5
+TRAIN:
+  PRINT_FREQ: 1
+MODEL:
+  BACKBONE:
+    NAME: "tiny"
+TRAINER:
+  COOP:
+    N_CTX: 4
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from restore.data.synthetic import make_synthetic
+
+    base = tmp_path_factory.mktemp("runs")
+    make_synthetic("dtd", str(base / "data"))
+    cfg = base / "coop_tiny.yaml"
+    cfg.write_text(CFG)
+    return base
+
+
+def train_cmd(env, out, *extra, trainer="CoOp", shots=4, sub="base"):
+    return [sys.executable, "train.py", "--root", str(env / "data"), "--seed", "1", "--trainer", trainer,
+            "--dataset-config-file", "configs/datasets/dtd.yaml", "--config-file", str(env / "coop_tiny.yaml"),
+            "--output-dir", str(out), *extra, "DATASET.NUM_SHOTS", str(shots), "DATASET.SUBSAMPLE_CLASSES", sub,
+            "DATASET.CACHE_DIR", str(env / "cache")]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_train_then_eval_only_round_trip(env):
+    out = env / "roundtrip"
+    proc = run(train_cmd(env, out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (out / "log.txt").read_text()
+    for line in ("Finish training", "Deploy the last-epoch model", "=> result", "* accuracy:", "* macro_f1:"):
+        assert line in log
+    assert "epoch [3/3] batch [" in log and " lr " in log and " eta " in log
+    assert sorted(os.listdir(out / "prompt_learner")) == ["checkpoint", "model.pth.tar-3"]
+    train_record = json.load(open(out / "results.json"))
+    assert train_record["split"] == "base" and train_record["epoch"] == 3 and train_record["seed"] == 1
+    for key in ("accuracy", "macro_f1", "trainer", "dataset", "num_classes", "backbone", "wall_time_s"):
+        assert key in train_record
+    # the printed accuracy equals results.json's
+    assert f"* accuracy: {train_record['accuracy']:.1f}%" in log
+
+    # eval-only with --load-epoch on base gives the same accuracy; on new classes it evaluates the new split
+    same = run(train_cmd(env, env / "eval_base", "--eval-only", "--model-dir", str(out), "--load-epoch", "3"))
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert json.load(open(env / "eval_base" / "results.json"))["accuracy"] == train_record["accuracy"]
+    new = run(train_cmd(env, env / "eval_new", "--eval-only", "--model-dir", str(out), "--load-epoch", "3", sub="new"))
+    assert new.returncode == 0, new.stderr[-2000:]
+    record = json.load(open(env / "eval_new" / "results.json"))
+    assert record["split"] == "new" and record["epoch"] == 3
+
+    # re-running a finished run is skipped, outputs untouched; --overwrite redoes it
+    mtime = os.path.getmtime(out / "results.json")
+    again = run(train_cmd(env, out))
+    assert again.returncode == 0 and "skipping" in again.stdout
+    assert os.path.getmtime(out / "results.json") == mtime
+
+    # every checkpoint the library writes loads with weights_only=True
+    ckpt = torch.load(out / "prompt_learner" / "model.pth.tar-3", weights_only=True)
+    assert set(ckpt) >= {"state_dict", "epoch", "optimizer", "scheduler", "val_result", "rng_state"}
+    assert list(ckpt["state_dict"]) == ["prompt_learner.ctx"]  # only what is learned, no copy of CLIP
+
+
+def _final_state(out):
+    return torch.load(out / "prompt_learner" / "model.pth.tar-3", weights_only=True)["state_dict"]
+
+
+def test_killed_run_resumes_to_the_same_result(env):
+    reference = env / "uninterrupted"
+    assert run(train_cmd(env, reference, shots=8) + ["DETERMINISTIC", "True"]).returncode == 0
+
+    killed = env / "killed"
+    proc = subprocess.Popen(train_cmd(env, killed, shots=8) + ["DETERMINISTIC", "True"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch [2/3] batch [2/"):
+            proc.send_signal(signal.SIGKILL)  # mid-epoch 2, after epoch 1's checkpoint
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "results.json").exists()
+    assert (killed / "prompt_learner" / "checkpoint").read_text().strip() == "model.pth.tar-1"
+
+    resumed = run(train_cmd(env, killed, shots=8) + ["DETERMINISTIC", "True"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Found checkpoint" in resumed.stdout and "Previous epoch: 1" in resumed.stdout
+    assert torch.equal(_final_state(killed)["prompt_learner.ctx"], _final_state(reference)["prompt_learner.ctx"])
+    a, b = json.load(open(killed / "results.json")), json.load(open(reference / "results.json"))
+    assert (a["accuracy"], a["macro_f1"]) == (b["accuracy"], b["macro_f1"])
+
+
+def test_deterministic_runs_are_bit_identical(env):
+    outs = [env / f"det{i}" for i in range(2)]
+    for out in outs:
+        assert run(train_cmd(env, out) + ["DETERMINISTIC", "True"]).returncode == 0
+    assert torch.equal(_final_state(outs[0])["prompt_learner.ctx"], _final_state(outs[1])["prompt_learner.ctx"])
+    logs = [[l for l in (o / "log.txt").read_text().splitlines() if l.startswith("epoch [")] for o in outs]
+    numbers = [[re.findall(r"(?:loss|acc|lr) (\S+)", line) for line in log] for log in logs]
+    assert len(numbers[0]) == 9 and numbers[0] == numbers[1]
+
+
+def test_zeroshot_clip_evaluates(env):
+    out = env / "zs"
+    proc = run(train_cmd(env, out, "--eval-only", trainer="zsclip", shots=-1, sub="all"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.load(open(out / "results.json"))
+    assert record["trainer"] == "ZeroshotCLIP" and record["split"] == "all" and 0 <= record["accuracy"] <= 100
+
+
+BAD_INPUTS = [  # (name, flags, opts, expected sentence)
+    ("unknown trainer", ["--trainer", "MaPLee"], [], "Unknown trainer 'MaPLee'. Did you mean 'MaPLe'"),
+    ("unknown dataset", [], ["DATASET.NAME", "DTDD"], "Unknown dataset 'DTDD'"),
+    ("unknown config key", [], ["OPTIM.LRR", "0.1"], "Unknown config key 'OPTIM.LRR'"),
+    ("missing data root", ["--root", "/nonexistent/data"], [], "DATASETS.md"),
+    ("--model-dir without checkpoints", ["--eval-only", "--model-dir", "/tmp"], [], "Model not found"),
+    ("--load-epoch that does not exist", ["--eval-only", "--model-dir", "@roundtrip", "--load-epoch", "7"], [],
+     "Available in"),
+    ("checkpoint from another trainer", ["--trainer", "VPT", "--eval-only", "--model-dir", "@roundtrip",
+                                         "--load-epoch", "3"], [], "was written by trainer 'CoOp'"),
+]
+
+
+@pytest.mark.parametrize("name,flags,opts,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gives_one_clear_sentence(env, name, flags, opts, message):
+    if not (env / "roundtrip" / "results.json").exists():
+        assert run(train_cmd(env, env / "roundtrip")).returncode == 0
+    flags = [str(env / "roundtrip") if a == "@roundtrip" else a for a in flags]
+    cmd = train_cmd(env, env / f"bad_{name.replace(' ', '_')}")
+    split = cmd.index("DATASET.NUM_SHOTS")  # argparse: the last --flag wins; opts stay at the end
+    proc = run(cmd[:split] + flags + cmd[split:] + opts)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

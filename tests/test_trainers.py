@@ -1,0 +1,172 @@
+"""Every registered trainer, generically: what learns, checkpoint round trip, loading for new classes.
+
+Trainers registered later are picked up automatically (as timm tests every model). A trainer that
+needs smaller settings on the tiny CLIP (12 layers per tower, widths 64 text / 128 vision) adds
+them to ``TINY_OVERRIDES``; trainers that learn nothing are listed in ``NOTHING_TO_LEARN``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+import trainers  # noqa: F401  registers every trainer
+from restore.engine.config import extend_cfg, get_cfg_default
+from restore.engine.registry import TRAINER_REGISTRY
+from restore.engine.trainer import TrainerBase
+from restore.prompting.trainer import PromptModel
+
+TRAINER_NAMES = sorted(TRAINER_REGISTRY.registered_names())
+
+# Per trainer: small values of its own TRAINER.<NAME> node for the tiny backbone (default: its default_cfg).
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "CoOp": {"N_CTX": 4},
+    "CoCoOp": {"N_CTX": 4},
+}
+# Per trainer: other cfg keys ("A.B.C": value) it needs.
+CFG_OVERRIDES: dict[str, dict[str, Any]] = {}
+NOTHING_TO_LEARN = {"ZeroshotCLIP"}
+
+BASE_CLASSES = ["banded", "blotchy", "braided_hair", "bubbly"]
+NEW_CLASSES = ["cracked", "dotted", "zig_zagged"]
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def make_cfg(name: str, **node_overrides: Any) -> Any:
+    """Default config + every trainer's node + tiny-CLIP settings for trainer ``name``."""
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    cls = TRAINER_REGISTRY.get(name)
+    cls.extend_cfg(cfg)
+    cfg.TRAINER.NAME = name
+    cfg.DATASET.NAME = "DescribableTextures"
+    cfg.MODEL.BACKBONE.NAME = "tiny"
+    cfg.INPUT.SIZE = (224, 224)
+    cfg.OPTIM.MAX_EPOCH = 2
+    for dotted, value in CFG_OVERRIDES.get(name, {}).items():
+        _set(cfg, dotted, value)
+    node = cfg.TRAINER[cls.cfg_node_name()]
+    for key, value in {**TINY_OVERRIDES.get(name, {}), **node_overrides}.items():
+        node[key] = value
+    return cfg
+
+
+def lightweight_trainer(name: str, cfg: Any, classnames: list[str]) -> Any:
+    """A trainer instance with cfg and device set, without data loaders (enough for build_prompt_model)."""
+    cls = TRAINER_REGISTRY.get(name)
+    trainer = object.__new__(cls)
+    TrainerBase.__init__(trainer)
+    trainer.cfg = cfg
+    trainer.device = torch.device("cpu")
+    trainer.precision = "fp32"
+    trainer.autocast_dtype = None
+    trainer.num_classes = len(classnames)
+    trainer.lab2cname = dict(enumerate(classnames))
+    trainer.max_epoch = cfg.OPTIM.MAX_EPOCH
+    return trainer
+
+
+def build_model(name: str, clip_model: Any, classnames: list[str], seed: int = 0, **node_overrides: Any) -> PromptModel:
+    cfg = make_cfg(name, **node_overrides)
+    trainer = lightweight_trainer(name, cfg, classnames)
+    torch.manual_seed(seed)
+    model = trainer.build_prompt_model(cfg, list(classnames), copy.deepcopy(clip_model))
+    model.freeze()
+    return model
+
+
+def _images(n: int = 4, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 224, 224, generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded CPU, 2 OpenMP threads made the tiny CLIP ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return _images()
+
+
+def test_every_trainer_is_covered():
+    assert {"CoOp", "CoCoOp", "IVLP", "VPT", "MaPLe", "PromptSRC", "KgCoOp", "ZeroshotCLIP"} <= set(TRAINER_NAMES)
+
+
+@pytest.mark.parametrize("name", TRAINER_NAMES)
+def test_trainer_learns_only_its_prompts_and_checkpoints_round_trip(name, tiny_clip, images, tmp_path):
+    model = build_model(name, tiny_clip, BASE_CLASSES)
+    learnable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(not p.requires_grad for p in model.clip.parameters()), "CLIP must be frozen"
+    assert learnable == {n for n, _ in model.named_parameters() if not model.is_frozen_name(n)}
+
+    if name in NOTHING_TO_LEARN:
+        assert not learnable and model.checkpoint_state() == {}
+        model.eval()
+        with torch.no_grad(), model.inference_cache():
+            assert model(images).logits.shape == (len(images), len(BASE_CLASSES))
+        return
+    assert learnable, f"{name} has no learnable parameter; add it to NOTHING_TO_LEARN if that is intended"
+
+    # One optimisation step on the method's loss: gradients reach exactly the learnable tensors.
+    label = torch.arange(len(images)) % len(BASE_CLASSES)
+    clip_before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    learn_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    output = model(images)
+    assert output.logits.shape == (len(images), len(BASE_CLASSES))
+    loss, summary = model.loss(output, label)
+    assert torch.isfinite(loss) and "loss" in summary
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {n} got a gradient"
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    for k, v in model.clip.state_dict().items():
+        assert torch.equal(v, clip_before[k]), f"frozen clip.{k} changed"
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, learn_before[n])]
+    assert set(changed) == set(learn_before)
+
+    # Only learned (and persistent method) state is saved; CLIP weights never are.
+    state = model.checkpoint_state()
+    assert state and not any(k.startswith("clip.") for k in state)
+    path = tmp_path / "ckpt.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=True)
+
+    model.eval()
+    with torch.no_grad():
+        expected = model(images).logits
+        with model.inference_cache():
+            assert torch.allclose(model(images).logits, expected, atol=1e-5)
+
+    fresh = build_model(name, tiny_clip, BASE_CLASSES, seed=123)
+    fresh.load_checkpoint_state(loaded, str(path))
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(images).logits, expected, atol=1e-5)
+
+    # The same checkpoint loads into a model built for other classes (base -> new).
+    new = build_model(name, tiny_clip, NEW_CLASSES, seed=7)
+    new.load_checkpoint_state(loaded, str(path))
+    new.eval()
+    with torch.no_grad(), new.inference_cache():
+        logits = new(images).logits
+    assert logits.shape == (len(images), len(NEW_CLASSES)) and torch.isfinite(logits).all()

@@ -1,0 +1,114 @@
+"""IVLP: independent vision-language deep prompts (Rasheed et al. / Khattak et al., MaPLe repo).
+
+Also home of :class:`DeepPromptModel`, the small base every deep-prompt trainer builds on (VPT,
+IVLP, PromptSRC, MaPLe and the RESTORE variants): it owns ``self.prompt_learner`` (a module with
+``text_context``, ``text_deep()`` and ``vision_deep()``) and runs the shared prompted encoders.
+
+The single-branch variants of the RESTORE paper are configs, not classes:
+``N_CTX_VISION 0`` / ``PROMPT_DEPTH_VISION 0`` gives language-only prompting, ``N_CTX_TEXT 0`` /
+``PROMPT_DEPTH_TEXT 0`` vision-only prompting (the text is then the fixed "<CTX_INIT> <class>.").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from restore.clip.model import CLIP
+from restore.engine.registry import TRAINER_REGISTRY
+from restore.prompting.deep import IndependentPrompts
+from restore.prompting.encoders import DeepTokens, EncoderOutput
+from restore.prompting.trainer import PromptModel, PromptTrainer
+
+
+class DeepPromptModel(PromptModel):
+    """Base for models whose prompts are layer-0 text context + deep tokens in either tower.
+
+    Subclasses set ``self.prompt_learner`` (IndependentPrompts, CoupledPrompts or alike). Hooks,
+    all identity / pass-through here, for methods built on top (e.g. RESTORE):
+
+    * :meth:`text_deep` / :meth:`vision_deep`: the :class:`DeepTokens` groups given to each tower.
+    * :meth:`adapt_text_features` / :meth:`adapt_image_features`: applied to the projected,
+      un-normalised features (``(C, D)`` / ``(B, D)``) in training and evaluation, e.g. surgery
+      adapters. They are applied after the text cache, so they may hold learnable parameters.
+    * :meth:`encode_text_output` / :meth:`encode_image_output`: the full encoder outputs (hidden
+      states with ``return_hidden=True``) for feature-shift analyses.
+
+    When the text side has nothing to learn (vision-only prompting) the text features are computed
+    once without gradient and reused, per device and dtype.
+    """
+
+    prompt_learner: nn.Module
+
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str]) -> None:
+        super().__init__(clip_model, classnames)
+        self._fixed_text: torch.Tensor | None = None
+
+    # --- hooks ---
+    def text_deep(self) -> list[DeepTokens]:
+        return self.prompt_learner.text_deep()
+
+    def vision_deep(self) -> list[DeepTokens]:
+        return self.prompt_learner.vision_deep()
+
+    def adapt_text_features(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def adapt_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    # --- encoders ---
+    @property
+    def text_is_learned(self) -> bool:
+        """Whether the class text depends on learnable prompt tokens."""
+        return self.prompt_learner.text_context.ctx is not None or len(self.text_deep()) > 0
+
+    def encode_text_output(self, **kwargs: Any) -> EncoderOutput:
+        context = self.prompt_learner.text_context
+        return self.text_encoder(context(), context.eot_index, self.text_deep(), **kwargs)
+
+    def encode_image_output(self, image: torch.Tensor, **kwargs: Any) -> EncoderOutput:
+        return self.image_encoder(image, self.vision_deep(), **kwargs)
+
+    def prompted_text_features(self) -> torch.Tensor:
+        """Class text features before :meth:`adapt_text_features`."""
+        if self.text_is_learned:
+            return self.encode_text_output().features
+        dtype = self.text_encoder.dtype
+        cached = self._fixed_text
+        if cached is None or cached.device != self.clip.text_projection.device or cached.dtype != dtype:
+            with torch.no_grad():
+                cached = self.encode_text_output().features
+            self._fixed_text = cached
+        return cached
+
+    def encode_text(self) -> torch.Tensor:
+        return self.adapt_text_features(self.prompted_text_features())
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.adapt_image_features(self.encode_image_output(image).features)
+
+
+class IVLPModel(DeepPromptModel):
+    """Independent per-layer prompts in both towers (a tower with 0 tokens or depth 0 is left alone)."""
+
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any) -> None:
+        super().__init__(clip_model, classnames)
+        self.prompt_learner = IndependentPrompts(
+            clip_model, classnames, n_ctx_text=method_cfg.N_CTX_TEXT, n_ctx_vision=method_cfg.N_CTX_VISION,
+            depth_text=method_cfg.PROMPT_DEPTH_TEXT, depth_vision=method_cfg.PROMPT_DEPTH_VISION,
+            ctx_init=method_cfg.CTX_INIT)
+
+
+@TRAINER_REGISTRY.register()
+class IVLP(PromptTrainer):
+    """Independent Vision-Language Prompting (both towers, or one of them via config)."""
+
+    model_name = "VLPromptLearner"
+    default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "N_CTX_TEXT": 2, "CTX_INIT": "a photo of a", "PREC": "fp16",
+                                   "PROMPT_DEPTH_VISION": 9, "PROMPT_DEPTH_TEXT": 9}
+
+    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        return IVLPModel(clip_model, classnames, self.method_cfg)

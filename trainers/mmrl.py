@@ -1,0 +1,447 @@
+"""MMRL: Multi-Modal Representation Learning for vision-language models (Guo & Gu, CVPR 2025).
+
+Method (see shared/reference/mmrl.md for the full specification):
+
+* A shared, learnable representation space ``R`` (K tokens of dimension d_r, N(0, 0.02^2)).
+  For every layer j of ``REP_LAYERS`` (1-based, contiguous, default 6..12) a Linear map per
+  modality turns ``R`` into K vision tokens (width d_v) and K text tokens (width d_t). The
+  per-layer maps of one modality start as copies of a single default-initialised Linear.
+* At the first rep layer the tokens are *inserted* right after CLS (vision) and right after BOT
+  (text); at the following rep layers the previous layer's K outputs are *replaced*. The text
+  causal mask covers the grown sequence and the EOT index moves by K (both done by the shared
+  encoders through ``DeepTokens(first_layer=J-1, position=1, insert=True)``).
+* Read-outs: class feature ``f_c = ln_post(CLS) @ visual.proj`` (frozen), representation
+  feature ``f_r = mean_k(ln_post(rep_k)) @ proj_rep`` (new trainable 768x512 projection, Gaussian
+  std d_v^-0.5), text feature ``w = ln_final(EOT) @ text_projection`` of the fixed hand-written
+  template of the dataset (no learned context). Logits use a fixed scale of 100.
+* Loss ``alpha*CE(z_c) + (1-alpha)*CE(z_r) + lambda*[(1 - mean cos(f_c, f_0)) + (1 - mean cos(w, w_0))]``
+  with f_0 the frozen CLIP image features of the same augmented batch and w_0 the frozen CLIP
+  text features of the template prompts (computed once, when the model is built).
+* Decoupled inference: seen classes use ``alpha*z_c + (1-alpha)*z_r`` (logits, as the official
+  code; ``MIX probs`` mixes probabilities as the paper writes), new classes and new datasets use
+  ``z_c`` only. The rule is :func:`resolve_inference` (PROTOCOL x SUBSAMPLE_CLASSES x INFERENCE).
+
+Per-dataset lambda / d_r live in ``configs/trainers/MMRL/datasets/<dataset>.yaml``;
+:func:`mmrl_dataset_opts` turns one into ``opts`` for ``train.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import os.path as osp
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from restore.clip.model import CLIP
+from restore.clip.tokenizer import tokenize
+from restore.engine.registry import TRAINER_REGISTRY
+from restore.prompting.context import clean_classname, encode_fixed_prompts
+from restore.prompting.encoders import DeepTokens, EncoderOutput, LayerObserver
+from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
+
+__all__ = ["MMRL", "MMRLModel", "RepresentationLearner", "mmrl_loss", "mix_logits", "resolve_inference",
+           "rep_layer_span", "mmrl_dataset_opts", "PROTOCOLS", "INFERENCE_MODES", "MIX_MODES"]
+
+PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization", "few_shot")
+INFERENCE_MODES = ("auto", "class", "mixed")
+MIX_MODES = ("logits", "probs")
+#: The official code multiplies cosine similarities by a fixed 100 (CLIP's logit_scale is unused).
+LOGIT_SCALE = 100.0
+REP_TOKENS = "rep_tokens"
+
+_REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+DATASET_CONFIG_DIR = osp.join(_REPO_ROOT, "configs", "trainers", "MMRL", "datasets")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoupled inference rule
+# --------------------------------------------------------------------------------------------
+def resolve_inference(protocol: str, subsample_classes: str, inference: str = "auto",
+                      evaluating_source: bool = True) -> str:
+    """Which logits an evaluation uses: ``"mixed"`` (class + representation) or ``"class"``.
+
+    ``inference`` other than ``"auto"`` is returned as is. ``"auto"`` follows the official code:
+
+    ================================  ======================  ===========================
+    PROTOCOL                          condition               logits
+    ================================  ======================  ===========================
+    base2new                          SUBSAMPLE_CLASSES base  mixed
+    base2new                          new / all               class
+    few_shot                          always                  mixed
+    cross_dataset, domain_generaliz.  source dataset          mixed
+    cross_dataset, domain_generaliz.  any target dataset      class
+    ================================  ======================  ===========================
+
+    ``evaluating_source`` says whether the evaluated dataset is the one the weights were trained
+    on; the trainer derives it from the training run / checkpoint metadata, never from a name.
+    """
+    if inference not in INFERENCE_MODES:
+        raise ValueError(f"TRAINER.MMRL.INFERENCE must be one of {INFERENCE_MODES}, got {inference!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"PROTOCOL must be one of {PROTOCOLS}, got {protocol!r}")
+    if inference != "auto":
+        return inference
+    if protocol == "base2new":
+        return "mixed" if subsample_classes == "base" else "class"
+    if protocol == "few_shot":
+        return "mixed"
+    return "mixed" if evaluating_source else "class"
+
+
+def mix_logits(logits_class: torch.Tensor, logits_rep: torch.Tensor, alpha: float, mix: str = "logits") -> torch.Tensor:
+    """Fuse the two heads: ``alpha*z_c + (1-alpha)*z_r`` ("logits", official code) or
+    ``log(alpha*softmax(z_c) + (1-alpha)*softmax(z_r))`` ("probs", the paper's equation; a
+    log-probability, so softmax/argmax of the result is the mixed probability)."""
+    if mix == "logits":
+        return alpha * logits_class + (1.0 - alpha) * logits_rep
+    if mix == "probs":
+        log_a = math.log(alpha) if alpha > 0 else -math.inf
+        log_b = math.log(1.0 - alpha) if alpha < 1 else -math.inf
+        return torch.logaddexp(F.log_softmax(logits_class, dim=-1) + log_a, F.log_softmax(logits_rep, dim=-1) + log_b)
+    raise ValueError(f"TRAINER.MMRL.MIX must be one of {MIX_MODES}, got {mix!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+def mmrl_loss(logits_class: torch.Tensor, logits_rep: torch.Tensor, label: torch.Tensor,
+              image_features: torch.Tensor, teacher_image_features: torch.Tensor | None,
+              text_features: torch.Tensor, teacher_text_features: torch.Tensor | None,
+              alpha: float, reg_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``alpha*CE(z_c) + (1-alpha)*CE(z_r) + reg_weight*(L_cos^v + L_cos^t)``.
+
+    ``L_cos^v = 1 - mean_b cos(f_c,b, f_0,b)`` over the batch, ``L_cos^t = 1 - mean_c cos(w_c, w_0,c)``
+    over the classes. With ``reg_weight == 0`` the teachers may be ``None``.
+    """
+    ce_class = F.cross_entropy(logits_class.float(), label)
+    ce_rep = F.cross_entropy(logits_rep.float(), label)
+    loss = alpha * ce_class + (1.0 - alpha) * ce_rep
+    parts = {"loss_ce_class": ce_class, "loss_ce_rep": ce_rep}
+    if reg_weight != 0:
+        if teacher_image_features is None or teacher_text_features is None:
+            raise ValueError("REG_WEIGHT != 0 needs the frozen CLIP teacher features")
+        cos_v = 1.0 - F.cosine_similarity(image_features.float(), teacher_image_features.float(), dim=-1).mean()
+        cos_t = 1.0 - F.cosine_similarity(text_features.float(), teacher_text_features.float(), dim=-1).mean()
+        loss = loss + reg_weight * (cos_v + cos_t)
+        parts.update({"loss_cos_v": cos_v, "loss_cos_t": cos_t})
+    return loss, parts
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+def rep_layer_span(rep_layers: Sequence[int], depth: int) -> tuple[int, int]:
+    """``(first block index (0-based), number of layers)`` of 1-based, contiguous REP_LAYERS."""
+    layers = [int(layer) for layer in rep_layers]
+    if not layers:
+        raise ValueError("TRAINER.MMRL.REP_LAYERS is empty; MMRL needs at least one layer (default [6, ..., 12])")
+    if layers != list(range(layers[0], layers[0] + len(layers))):
+        raise ValueError(f"TRAINER.MMRL.REP_LAYERS must be increasing consecutive layer numbers, got {layers}")
+    if layers[0] < 1 or layers[-1] > depth:
+        raise ValueError(f"TRAINER.MMRL.REP_LAYERS {layers} are 1-based layer numbers and must lie in 1..{depth} "
+                         f"for this backbone")
+    return layers[0] - 1, len(layers)
+
+
+class RepresentationLearner(nn.Module):
+    """The shared representation space ``R`` (K x d_r) and its per-layer maps to both towers.
+
+    ``compound_rep_tokens_r2vproj[j]`` / ``..._r2tproj[j]`` map R to the vision / text tokens of the
+    j-th rep layer. Each list starts as deep copies of one default-initialised Linear (with bias),
+    as in the official code: identical initial weights, independent parameters.
+    """
+
+    def __init__(self, n_tokens: int, rep_dim: int, text_width: int, vision_width: int, n_layers: int) -> None:
+        super().__init__()
+        if n_tokens < 1 or rep_dim < 1 or n_layers < 1:
+            raise ValueError(f"MMRL needs N_REP_TOKENS, REP_DIM and REP_LAYERS >= 1, got {n_tokens}, {rep_dim}, {n_layers}")
+        self.compound_rep_tokens = nn.Parameter(torch.randn(n_tokens, rep_dim) * 0.02)
+        to_vision = nn.Linear(rep_dim, vision_width)
+        to_text = nn.Linear(rep_dim, text_width)
+        self.compound_rep_tokens_r2vproj = nn.ModuleList([copy.deepcopy(to_vision) for _ in range(n_layers)])
+        self.compound_rep_tokens_r2tproj = nn.ModuleList([copy.deepcopy(to_text) for _ in range(n_layers)])
+
+    @property
+    def n_tokens(self) -> int:
+        return self.compound_rep_tokens.shape[0]
+
+    def text_tokens(self) -> list[torch.Tensor]:
+        return [layer(self.compound_rep_tokens) for layer in self.compound_rep_tokens_r2tproj]
+
+    def vision_tokens(self) -> list[torch.Tensor]:
+        return [layer(self.compound_rep_tokens) for layer in self.compound_rep_tokens_r2vproj]
+
+    def forward(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self.text_tokens(), self.vision_tokens()
+
+
+class MMRLModel(PromptModel):
+    """Frozen CLIP + representation learner + trainable representation projection ``proj_rep``.
+
+    Learnable: ``representation_learner.*`` and ``proj_rep`` (everything under ``clip.`` is frozen).
+    ``inference`` ("class" | "mixed") selects the evaluation logits; the trainer sets it per run.
+    """
+
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str], template: str, n_rep_tokens: int = 5,
+                 rep_dim: int = 512, rep_layers: Sequence[int] = (6, 7, 8, 9, 10, 11, 12), alpha: float = 0.7,
+                 reg_weight: float = 1.0, mix: str = "logits", inference: str = "mixed") -> None:
+        super().__init__(clip_model, classnames)
+        if "{}" not in template:
+            raise ValueError(f"The MMRL text template must contain '{{}}' for the class name, got {template!r}")
+        if mix not in MIX_MODES:
+            raise ValueError(f"TRAINER.MMRL.MIX must be one of {MIX_MODES}, got {mix!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"TRAINER.MMRL.ALPHA must be in [0, 1], got {alpha}")
+        depth_t, depth_v = self.text_encoder.num_layers, self.image_encoder.num_layers
+        self.first_layer, n_layers = rep_layer_span(rep_layers, min(depth_t, depth_v))
+        self.alpha, self.reg_weight, self.mix, self.inference = float(alpha), float(reg_weight), mix, inference
+        width_v, width_t = self.image_encoder.width, self.text_encoder.width
+        embed_dim = clip_model.visual.proj.shape[1]
+        self.representation_learner = RepresentationLearner(n_rep_tokens, rep_dim, width_t, width_v, n_layers)
+        # P_v^r: a new random projection (the official code does not start it from visual.proj).
+        self.proj_rep = nn.Parameter(torch.randn(width_v, embed_dim) * width_v ** -0.5)
+        self.template = template
+        self.prompts = [template.format(clean_classname(name)) for name in self.classnames]
+        # Class-dependent buffers are not saved, so a checkpoint loads for other class lists.
+        self.register_buffer("token_ids", tokenize(self.prompts), persistent=False)
+        # Frozen CLIP teacher w_0: the same template prompts through CLIP without rep tokens, once.
+        teacher = F.normalize(encode_fixed_prompts(self.text_encoder, self.prompts), dim=-1)
+        self.register_buffer("teacher_text_features", teacher, persistent=False)
+
+    # --- tokens and encoders ---
+    def text_deep(self, tokens: Sequence[torch.Tensor] | None = None) -> list[DeepTokens]:
+        tokens = self.representation_learner.text_tokens() if tokens is None else tokens
+        return [DeepTokens(list(tokens), first_layer=self.first_layer, position=1, insert=True, name=REP_TOKENS)]
+
+    def vision_deep(self, tokens: Sequence[torch.Tensor] | None = None) -> list[DeepTokens]:
+        tokens = self.representation_learner.vision_tokens() if tokens is None else tokens
+        return [DeepTokens(list(tokens), first_layer=self.first_layer, position=1, insert=True, name=REP_TOKENS)]
+
+    def encode_text_output(self, return_hidden: bool = False, observer: LayerObserver | None = None) -> EncoderOutput:
+        """Text tower over the template prompts with rep tokens after BOT (EOT index + K)."""
+        embeddings = self.text_encoder.embed(self.token_ids)
+        return self.text_encoder(embeddings, self.token_ids.argmax(dim=-1), self.text_deep(),
+                                 return_hidden=return_hidden, observer=observer)
+
+    def encode_text(self) -> torch.Tensor:
+        return self.encode_text_output().features
+
+    def encode_image_output(self, image: torch.Tensor, return_hidden: bool = False,
+                            observer: LayerObserver | None = None) -> EncoderOutput:
+        """Image tower with rep tokens after CLS."""
+        return self.image_encoder(image, self.vision_deep(), return_hidden=return_hidden, observer=observer)
+
+    def image_features_pair(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f_c, f_r), not normalised: CLS through the frozen proj, mean of LN'd rep tokens through proj_rep."""
+        out = self.encode_image_output(image)
+        rep = out.tokens[:, out.slots[REP_TOKENS]].mean(dim=1)
+        return out.features, rep @ self.proj_rep.to(rep.dtype)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image_features_pair(image)[0]
+
+    @torch.no_grad()
+    def teacher_image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """f_0: the frozen CLIP image embedding (no rep tokens), L2-normalised."""
+        return F.normalize(self.image_encoder(image).features.float(), dim=-1)
+
+    # --- forward / loss ---
+    def forward(self, image: torch.Tensor) -> PromptOutput:
+        f_c, f_r = self.image_features_pair(image)
+        f_c, f_r = F.normalize(f_c.float(), dim=-1), F.normalize(f_r.float(), dim=-1)
+        w = F.normalize(self.text_features().float(), dim=-1)
+        logits_class = LOGIT_SCALE * f_c @ w.t()
+        logits_rep = LOGIT_SCALE * f_r @ w.t()
+        fused = mix_logits(logits_class, logits_rep, self.alpha, self.mix)
+        extras: dict[str, Any] = {"logits_class": logits_class, "logits_rep": logits_rep, "rep_features": f_r}
+        if self.training:
+            logits = fused  # training accuracy is logged from the fused head, as in the official code
+            if self.reg_weight != 0:
+                extras["teacher_image_features"] = self.teacher_image_features(image)
+        else:
+            if self.inference not in ("class", "mixed"):
+                raise ValueError(f"MMRLModel.inference must be 'class' or 'mixed', got {self.inference!r}")
+            logits = fused if self.inference == "mixed" else logits_class
+        return PromptOutput(logits, f_c, w, extras)
+
+    def loss(self, output: PromptOutput, label: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, parts = mmrl_loss(
+            output.extras["logits_class"], output.extras["logits_rep"], label, output.image_features,
+            output.extras.get("teacher_image_features"), output.text_features,
+            self.teacher_text_features, self.alpha, self.reg_weight)
+        return loss, {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-dataset overrides (YAML) -> opts
+# --------------------------------------------------------------------------------------------
+def _dataset_stem(dataset: str, datasets_dir: str) -> str | None:
+    """The configs/datasets stem of a yaml stem or a DATASET.NAME (case-insensitive); None if unknown."""
+    import yaml
+
+    wanted = dataset.lower().removesuffix(".yaml")
+    for path in sorted(glob.glob(osp.join(datasets_dir, "*.yaml"))):
+        stem = osp.splitext(osp.basename(path))[0]
+        with open(path) as f:
+            name = str(((yaml.safe_load(f) or {}).get("DATASET") or {}).get("NAME", ""))
+        if wanted in (stem.lower(), name.lower()):
+            return stem
+    return None
+
+
+def _flatten(node: dict[str, Any], prefix: str = "") -> list[str]:
+    opts: list[str] = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            opts.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            opts.extend([f"{prefix}{key}", str(value)])
+    return opts
+
+
+def mmrl_dataset_opts(dataset: str, protocol: str = "base2new", light: bool = False,
+                      config_dir: str | None = None) -> list[str]:
+    """Per-dataset MMRL overrides as ``train.py`` opts, e.g. ``["TRAINER.MMRL.REG_WEIGHT", "6.0"]``.
+
+    ``dataset``: a configs/datasets stem ("dtd") or a DATASET.NAME ("DescribableTextures").
+    Read from ``configs/trainers/MMRL/datasets/<stem>.yaml`` (published lambda per dataset, d_r 2048
+    for EuroSAT); a known dataset without such a file gives ``[]``. For ``cross_dataset`` and
+    ``domain_generalization`` nothing is returned: the protocol's yaml fixes lambda (0.2) and d_r
+    (512, so that every target loads the ImageNet weights). ``light=True`` (MMRL*) drops REP_DIM.
+    Pass these opts *before* your own opts so that yours win.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    config_dir = config_dir or DATASET_CONFIG_DIR
+    datasets_dir = osp.join(osp.dirname(osp.dirname(osp.dirname(config_dir))), "datasets")
+    stem = _dataset_stem(dataset, datasets_dir)
+    if stem is None:
+        if osp.isfile(osp.join(config_dir, f"{dataset}.yaml")):
+            stem = dataset
+        else:
+            known = sorted(osp.splitext(osp.basename(p))[0] for p in glob.glob(osp.join(datasets_dir, "*.yaml")))
+            raise ValueError(f"Unknown dataset {dataset!r} for MMRL overrides; known: {known}")
+    if protocol in ("cross_dataset", "domain_generalization"):
+        return []
+    path = osp.join(config_dir, f"{stem}.yaml")
+    if not osp.isfile(path):
+        return []
+    import yaml
+
+    with open(path) as f:
+        opts = _flatten(yaml.safe_load(f) or {})
+    if light:
+        pairs = [(k, v) for k, v in zip(opts[0::2], opts[1::2]) if not k.endswith(".REP_DIM")]
+        opts = [item for pair in pairs for item in pair]
+    return opts
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------
+class MMRL(PromptTrainer):
+    """Multi-Modal Representation Learning (node ``TRAINER.MMRL``).
+
+    Keys: ALPHA (0.7), REG_WEIGHT (lambda), REP_LAYERS (1-based, [6..12]), REP_DIM (d_r, 512; MMRL*: 32),
+    N_REP_TOKENS (K, 5), PREC, TEMPLATE ("" = the dataset's hand-written template),
+    INFERENCE ("auto" | "class" | "mixed", see :func:`resolve_inference`) and MIX ("logits" | "probs").
+    """
+
+    model_name = "MultiModalRepresentationLearner"
+    default_cfg: dict[str, Any] = {
+        "ALPHA": 0.7,
+        "REG_WEIGHT": 1.0,
+        "REP_LAYERS": [6, 7, 8, 9, 10, 11, 12],
+        "REP_DIM": 512,
+        "N_REP_TOKENS": 5,
+        "PREC": "amp",
+        "TEMPLATE": "",
+        "INFERENCE": "auto",
+        "MIX": "logits",
+    }
+
+    def check_cfg(self, cfg: Any) -> None:
+        super().check_cfg(cfg)
+        node = cfg.TRAINER.MMRL
+        if cfg.PROTOCOL not in PROTOCOLS:
+            raise ValueError(f"PROTOCOL must be one of {PROTOCOLS} for MMRL's decoupled inference, got {cfg.PROTOCOL!r}")
+        if node.INFERENCE not in INFERENCE_MODES:
+            raise ValueError(f"TRAINER.MMRL.INFERENCE must be one of {INFERENCE_MODES}, got {node.INFERENCE!r}")
+        if node.MIX not in MIX_MODES:
+            raise ValueError(f"TRAINER.MMRL.MIX must be one of {MIX_MODES}, got {node.MIX!r}")
+        if not 0.0 <= node.ALPHA <= 1.0:
+            raise ValueError(f"TRAINER.MMRL.ALPHA must be in [0, 1], got {node.ALPHA}")
+
+    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        from restore.data.templates import CUSTOM_TEMPLATES
+
+        node = self.method_cfg
+        template = node.TEMPLATE or CUSTOM_TEMPLATES.get(cfg.DATASET.NAME, "a photo of a {}.")
+        print(f"MMRL text template: {template!r}")
+        self._checkpoint_dataset: str | None = None
+        self._loaded_checkpoint = False
+        return MMRLModel(clip_model, classnames, template, n_rep_tokens=node.N_REP_TOKENS, rep_dim=node.REP_DIM,
+                         rep_layers=node.REP_LAYERS, alpha=node.ALPHA, reg_weight=node.REG_WEIGHT, mix=node.MIX)
+
+    # --- decoupled inference ---
+    def evaluating_source(self) -> bool:
+        """True when the evaluated dataset is the one the weights were trained on.
+
+        Weights trained (or resumed) in this run were trained on cfg.DATASET; loaded weights carry
+        the training dataset in their checkpoint metadata.
+        """
+        if not self._loaded_checkpoint:
+            return True
+        return self._checkpoint_dataset == self.cfg.DATASET.NAME
+
+    def inference_mode(self) -> str:
+        return resolve_inference(self.cfg.PROTOCOL, self.cfg.DATASET.SUBSAMPLE_CLASSES, self.method_cfg.INFERENCE,
+                                 self.evaluating_source())
+
+    @torch.no_grad()
+    def test(self, split: str | None = None) -> float:
+        self.model.inference = self.inference_mode()
+        head = "class + representation" if self.model.inference == "mixed" else "class token only"
+        mix = f", mixing {self.model.mix}" if self.model.inference == "mixed" else ""
+        print(f"MMRL decoupled inference: {head}{mix} (PROTOCOL {self.cfg.PROTOCOL}, SUBSAMPLE_CLASSES "
+              f"{self.cfg.DATASET.SUBSAMPLE_CLASSES}, INFERENCE {self.method_cfg.INFERENCE})")
+        return super().test(split)
+
+    def results_metadata(self) -> dict[str, Any]:
+        return {**super().results_metadata(), "mmrl_inference": self.model.inference, "mmrl_mix": self.model.mix}
+
+    # --- checkpoints record where the weights were trained ---
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {**super().checkpoint_metadata(), "dataset": self.cfg.DATASET.NAME,
+                "subsample_classes": self.cfg.DATASET.SUBSAMPLE_CLASSES, "protocol": self.cfg.PROTOCOL}
+
+    def check_checkpoint_metadata(self, checkpoint: dict[str, Any], path: str) -> None:
+        super().check_checkpoint_metadata(checkpoint, path)
+        self._loaded_checkpoint = True
+        self._checkpoint_dataset = checkpoint.get("dataset")
+
+
+if __name__ != "__main__":  # ``python -m trainers.mmrl`` runs this file a second time: register once
+    TRAINER_REGISTRY.register(MMRL)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """``python -m trainers.mmrl dtd [--protocol base2new] [--light]`` prints the per-dataset opts."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print MMRL's per-dataset config opts for train.py")
+    parser.add_argument("dataset")
+    parser.add_argument("--protocol", default="base2new", choices=PROTOCOLS)
+    parser.add_argument("--light", action="store_true", help="MMRL* (keep REP_DIM 32)")
+    args = parser.parse_args(argv)
+    print(" ".join(mmrl_dataset_opts(args.dataset, args.protocol, args.light)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
