@@ -180,3 +180,30 @@ def test_bad_input_gives_one_clear_sentence(env, name, flags, opts, message):
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env, monkeypatch, capsys):
+    import argparse
+
+    import train as train_script
+    from restore.engine.trainer import build_trainer
+
+    out = env / "nan"
+    args = train_script.build_parser().parse_args(train_cmd(env, out)[2:] + ["OPTIM.MAX_EPOCH", "2"])
+    cfg = train_script.setup_cfg(args)
+    trainer = build_trainer(cfg)
+    calls = {"n": 0}
+    original = trainer.model.loss
+
+    def loss_that_explodes(output, label):
+        calls["n"] += 1
+        loss, summary = original(output, label)
+        return (loss * float("nan") if trainer.epoch == 1 else loss), summary
+
+    monkeypatch.setattr(trainer.model, "loss", loss_that_explodes)
+    with pytest.raises(FloatingPointError, match=r"epoch 2/2, batch 1/\d+.*last good checkpoint"):
+        trainer.train()
+    assert (out / "prompt_learner" / "checkpoint").read_text().strip() == "model.pth.tar-1"
+    state = torch.load(out / "prompt_learner" / "model.pth.tar-1", weights_only=True)["state_dict"]
+    assert torch.isfinite(state["prompt_learner.ctx"]).all()
+    assert not (out / "results.json").exists()
