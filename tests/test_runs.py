@@ -182,9 +182,7 @@ def test_bad_input_gives_one_clear_sentence(env, name, flags, opts, message):
     assert "Traceback" not in proc.stderr
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env, monkeypatch, capsys):
-    import argparse
-
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env, monkeypatch):
     import train as train_script
     from restore.engine.trainer import build_trainer
 
