@@ -527,6 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    elif args.tiny:
+        torch.set_num_threads(1)
     start = time.time()
     report = run_benchmark(device, quick=args.quick, trainers=args.trainers, tiny=args.tiny)
     report["wall_s"] = round(time.time() - start, 1)

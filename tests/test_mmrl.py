@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from restore.clip.model import CLIP, TINY_CONFIG, CLIPConfig, causal_mask
+from restore.clip.model import CLIP, CLIPConfig, causal_mask
 from trainers.mmrl import (MMRLModel, mix_logits, mmrl_dataset_opts, mmrl_loss, rep_layer_span,
                            resolve_inference)
 
@@ -251,7 +251,8 @@ def test_teachers_are_frozen_clip(tiny_clip):
 
     model = _tiny_model(tiny_clip, ("cat", "big_red_bird"), "a photo of a {}.")
     with torch.no_grad():
-        expected_t = F.normalize(tiny_clip.encode_text(tokenize(["a photo of a cat.", "a photo of a big red bird."])), dim=-1)
+        ids = tokenize(["a photo of a cat.", "a photo of a big red bird."])
+        expected_t = F.normalize(tiny_clip.encode_text(ids), dim=-1)
         image = torch.randn(2, 3, 224, 224)
         expected_v = F.normalize(tiny_clip.encode_image(image), dim=-1)
     torch.testing.assert_close(model.teacher_text_features, expected_t, atol=1e-5, rtol=1e-4)

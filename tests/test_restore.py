@@ -383,17 +383,16 @@ def runs(tmp_path_factory):
     (base / "tiny.yaml").write_text(CFG)
     out = {}
     for name, extra in (("prompt", []), ("feature", ["TRAINER.RESTORE.SHIFT", "feature"])):
-        train_dir = base / f"{name}_base"
-        cmd = [sys.executable, "train.py", "--root", str(base / "data"), "--seed", "1", "--trainer", "RESTORE",
-               "--dataset-config-file", "configs/datasets/dtd.yaml", "--config-file", str(base / "tiny.yaml"),
-               "--output-dir", str(train_dir), *restore_dataset_opts("dtd"), "DATASET.NUM_SHOTS", "2",
-               "DATASET.SUBSAMPLE_CLASSES", "base", "DATASET.CACHE_DIR", str(base / "cache"), *extra]
-        log = _run(cmd).stdout
-        eval_dir = base / f"{name}_new"
-        cmd_eval = [c for c in cmd]
-        cmd_eval[cmd_eval.index(str(train_dir))] = str(eval_dir)
-        cmd_eval[cmd_eval.index("base")] = "new"
-        _run(cmd_eval + ["--eval-only", "--model-dir", str(train_dir), "--load-epoch", "2"])
+        train_dir, eval_dir = base / f"{name}_base", base / f"{name}_new"
+
+        def cmd(out_dir, split, *flags):
+            return [sys.executable, "train.py", "--root", str(base / "data"), "--seed", "1", "--trainer", "RESTORE",
+                    "--dataset-config-file", "configs/datasets/dtd.yaml", "--config-file", str(base / "tiny.yaml"),
+                    "--output-dir", str(out_dir), *flags, *restore_dataset_opts("dtd"), "DATASET.NUM_SHOTS", "2",
+                    "DATASET.SUBSAMPLE_CLASSES", split, "DATASET.CACHE_DIR", str(base / "cache"), *extra]
+
+        log = _run(cmd(train_dir, "base")).stdout
+        _run(cmd(eval_dir, "new", "--eval-only", "--model-dir", str(train_dir), "--load-epoch", "2"))
         out[name] = (train_dir, eval_dir, log)
     return base, out
 
@@ -410,7 +409,9 @@ def test_end_to_end_base_then_new(runs):
         assert eval_res["restore"]["text_ratio"] == pytest.approx(train_res["restore"]["text_ratio"])
         assert eval_res["restore"]["text_ratio"] > 0.1
         ckpt = torch.load(train_dir / "MultiModalPromptLearner" / "model.pth.tar-2", weights_only=True)
-        assert float(ckpt["state_dict"]["fs_ref_steps"]) == 1
+        # prompt mode: the first-step references are in the checkpoint; feature mode (FEATURE_NORM none) needs none
+        assert int(ckpt["state_dict"]["fs_ref_steps"]) == (1 if name == "prompt" else 0)
+        assert (float(ckpt["state_dict"]["fs_ref_text"].min()) > 0) == (name == "prompt")
         assert 0 <= eval_res["accuracy"] <= 100
 
 

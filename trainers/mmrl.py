@@ -159,7 +159,8 @@ class RepresentationLearner(nn.Module):
     def __init__(self, n_tokens: int, rep_dim: int, text_width: int, vision_width: int, n_layers: int) -> None:
         super().__init__()
         if n_tokens < 1 or rep_dim < 1 or n_layers < 1:
-            raise ValueError(f"MMRL needs N_REP_TOKENS, REP_DIM and REP_LAYERS >= 1, got {n_tokens}, {rep_dim}, {n_layers}")
+            raise ValueError(f"MMRL needs N_REP_TOKENS, REP_DIM and REP_LAYERS >= 1, "
+                             f"got {n_tokens}, {rep_dim}, {n_layers}")
         self.compound_rep_tokens = nn.Parameter(torch.randn(n_tokens, rep_dim) * 0.02)
         to_vision = nn.Linear(rep_dim, vision_width)
         to_text = nn.Linear(rep_dim, text_width)
@@ -369,7 +370,8 @@ class MMRL(PromptTrainer):
         super().check_cfg(cfg)
         node = cfg.TRAINER.MMRL
         if cfg.PROTOCOL not in PROTOCOLS:
-            raise ValueError(f"PROTOCOL must be one of {PROTOCOLS} for MMRL's decoupled inference, got {cfg.PROTOCOL!r}")
+            raise ValueError(f"PROTOCOL must be one of {PROTOCOLS} for MMRL's decoupled inference, "
+                             f"got {cfg.PROTOCOL!r}")
         if node.INFERENCE not in INFERENCE_MODES:
             raise ValueError(f"TRAINER.MMRL.INFERENCE must be one of {INFERENCE_MODES}, got {node.INFERENCE!r}")
         if node.MIX not in MIX_MODES:
