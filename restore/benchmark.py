@@ -529,6 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     elif args.tiny:
         torch.set_num_threads(1)
+    elif device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
+        # Oversubscribed intra-op threads spin-wait and slow down by orders of magnitude on a busy machine.
+        print(f"note: the machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): using 1 CPU "
+              "thread (pass --threads N to override)")
+        torch.set_num_threads(1)
     start = time.time()
     report = run_benchmark(device, quick=args.quick, trainers=args.trainers, tiny=args.tiny)
     report["wall_s"] = round(time.time() - start, 1)

@@ -293,7 +293,7 @@ class Step:
 
     def train_argv(self, overwrite: bool = False, resolve_epoch: bool = True) -> list[str]:
         """The full argument list for ``train.py`` (resolves the checkpoint epoch now)."""
-        argv = list(self.argv)
+        argv = _expand_dataset_opts(self.argv)
         extra: list[str] = []
         if self.eval_only:
             extra.append("--eval-only")
@@ -378,8 +378,26 @@ def _argv(ctx: Context, spec: TrainerSpec, dataset: str, seed: int, cfg_path: st
         raise ProtocolError(f"No dataset config {ctx.rel(dcfg)}")
     argv = ["--root", ctx.data_root(), "--seed", str(seed), "--trainer", spec.trainer,
             "--dataset-config-file", ctx.rel(dcfg), "--config-file", ctx.rel(cfg_path), "--output-dir", out_dir, "--"]
+    # The method's per-dataset options are looked up only when the step runs (importing the trainers
+    # costs seconds; a finished grid is skipped without it).
     return argv + ["PROTOCOL", PROTOCOL_DIRS[protocol], *opts, *spec.opts.get(protocol, ()),
-                   *dataset_opts(spec, opts_dataset, protocol, ctx.root), *ctx.opts]
+                   _DATASET_OPTS, f"{spec.key}|{opts_dataset}|{protocol}|{ctx.root}", *ctx.opts]
+
+
+_DATASET_OPTS = "<dataset-opts>"
+
+
+def _expand_dataset_opts(argv: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == _DATASET_OPTS:
+            key, dataset, protocol, root = argv[i + 1].split("|", 3)
+            out += dataset_opts(get_spec(key), dataset, protocol, root)
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def _train_cfg(ctx: Context, spec: TrainerSpec, protocol: str, dataset: str) -> tuple[str, str]:

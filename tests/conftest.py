@@ -21,3 +21,17 @@ def tiny_clip():
 
     torch.manual_seed(0)
     return CLIP(TINY_CONFIG).eval()
+
+
+@pytest.fixture(autouse=True)
+def _restore_stdout():
+    """Tests that run train.py in-process install the log tee on sys.stdout; undo it after each test
+    so pytest's own summary line still reaches the terminal."""
+    original = sys.stdout
+    yield
+    current = sys.stdout
+    if current is not original:
+        close = getattr(current, "close", None)
+        if close is not None and hasattr(current, "console"):
+            close()
+        sys.stdout = original

@@ -1,0 +1,135 @@
+"""The exact speed-ups are exact (truncated text tower, cached evaluation text) and the benchmark runs."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from restore.benchmark import main as benchmark_main
+from restore.benchmark import speedups, synthetic_classnames
+from restore.prompting.encoders import DeepTokens, PromptedTextEncoder
+
+
+def _token_ids(lengths: list[int], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), 77, dtype=torch.long)
+    ids[:, 0] = 49406
+    for i, n in enumerate(lengths):
+        ids[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
+        ids[i, n] = 49407
+    return ids
+
+
+def _deep_groups(width: int, kind: str) -> list[DeepTokens]:
+    g = torch.Generator().manual_seed(5)
+    if kind == "maple":  # replace positions 1..2 from layer 1 to 8
+        return [DeepTokens([torch.randn(2, width, generator=g) for _ in range(8)], first_layer=1, position=1,
+                           insert=False, name="text_prompts")]
+    if kind == "mmrl":  # insert 5 tokens after BOT at layer 6, replaced at every later layer
+        return [DeepTokens([torch.randn(5, width, generator=g) for _ in range(6)], first_layer=6, position=1,
+                           insert=True, name="rep")]
+    # both at once, plus a per-sample (B, n, D) group
+    return _deep_groups(width, "maple") + _deep_groups(width, "mmrl")
+
+
+@pytest.mark.parametrize("kind", ["none", "maple", "mmrl", "both"])
+@torch.no_grad()
+def test_truncated_text_tower_equals_full_one_with_deep_prompts(tiny_clip, kind):
+    encoder = PromptedTextEncoder(tiny_clip)
+    ids = _token_ids([4, 19, 9, 12])
+    embeddings = encoder.embed(ids)
+    # learned layer-0 context as CoOp/MaPLe put it into the embeddings (positions 1..4)
+    embeddings[:, 1:5] = torch.randn(4, 4, encoder.width, generator=torch.Generator().manual_seed(1))
+    deep = [] if kind == "none" else _deep_groups(encoder.width, kind)
+    fast = encoder(embeddings, ids.argmax(-1), deep)
+    full = encoder(embeddings, ids.argmax(-1), deep, truncate=False)
+    assert fast.tokens.shape[1] < full.tokens.shape[1]
+    assert torch.equal(fast.pooled_index, full.pooled_index)
+    assert fast.slots == full.slots
+    assert torch.allclose(fast.features, full.features, atol=2e-5, rtol=1e-5)
+    # the speedups(truncate=False) switch reaches every encoder call
+    with speedups(truncate=False):
+        switched = encoder(embeddings, ids.argmax(-1), deep, return_hidden=True)
+    assert switched.hidden_states[0].shape[1] == 77
+    assert torch.allclose(switched.features, full.features, atol=1e-6)
+
+
+@torch.no_grad()
+def test_truncated_text_tower_gradients_match(tiny_clip):
+    encoder = PromptedTextEncoder(tiny_clip)
+    ids = _token_ids([6, 11])
+    grads = []
+    for truncate in (True, False):
+        ctx = torch.randn(2, 2, encoder.width, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        deep = _deep_groups(encoder.width, "both")
+        with torch.enable_grad():
+            emb = torch.cat([encoder.embed(ids)[:, :1], ctx, encoder.embed(ids)[:, 3:]], dim=1)
+            encoder(emb, ids.argmax(-1), deep, truncate=truncate).features.pow(2).sum().backward()
+        grads.append(ctx.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def _coop(tiny_clip, classnames):
+    from trainers.coop import CoOpModel
+
+    node = SimpleNamespace(N_CTX=4, CTX_INIT="", CSC=False, CLASS_TOKEN_POSITION="end")
+    torch.manual_seed(0)
+    return CoOpModel(tiny_clip, classnames, node).eval()
+
+
+@torch.no_grad()
+def test_cached_evaluation_gives_the_per_batch_logits(tiny_clip):
+    model = _coop(tiny_clip, synthetic_classnames(7))
+    images = [torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    per_batch = [model(x).logits for x in images]
+    calls = []
+    original = model.encode_text
+    model.encode_text = lambda: calls.append(1) or original()  # type: ignore[method-assign]
+    with model.inference_cache():
+        cached = [model(x).logits for x in images]
+    assert len(calls) == 1  # text features computed once for the whole evaluation
+    for a, b in zip(per_batch, cached):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert model._cached_text is None  # cache dropped after the evaluation
+    calls.clear()
+    with speedups(cache=False), model.inference_cache():
+        plain = [model(x).logits for x in images]
+    assert len(calls) == 3  # the switch restores per-batch text features
+    for a, b in zip(per_batch, plain):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_synthetic_classnames_have_realistic_lengths():
+    from restore.clip.tokenizer import encode
+
+    names = synthetic_classnames(1000)
+    assert len(set(names)) == 1000
+    lengths = [len(encode(n)) for n in names]
+    assert min(lengths) >= 1 and 4 <= max(lengths) <= 12 and 1.5 <= sum(lengths) / len(lengths) <= 5
+
+
+def test_benchmark_smoke_writes_keys_and_positive_ratios(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    js, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    try:
+        rc = benchmark_main(["--tiny", "--device", "cpu", "--trainers", "CoOp", "MaPLe", "RESTORE",
+                             "--json", str(js), "--md", str(md)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    report = json.loads(js.read_text())
+    for key in ("text_speedup_1000", "eval_speedup_1000", "restore_vs_maple_step", "restore_feature_mode_overhead"):
+        assert isinstance(report[key], float) and report[key] > 0, (key, report[key], report["notes"])
+    assert "precision_speedup_train_1000" in report
+    for name in ("CoOp", "MaPLe", "RESTORE"):
+        for classes in ("5", "12"):
+            row = report["results"][name][classes]
+            assert "error" not in row, row
+            assert row["train_ms_per_image"] > 0 and row["eval_images_per_s"] > 0
+            assert row["train_speedup"] > 0 and row["eval_speedup"] > 0
+    text = md.read_text()
+    assert "| CoOp | 12 |" in text and "text_speedup_1000" in text
+    assert "text_speedup_1000" in capsys.readouterr().out
