@@ -12,6 +12,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # the tiny model gains nothing from threads
 TRAINER="${1:-restore}"
 DEMO_DIR="${DEMO_DIR:-output/demo}"
 export DATA="$DEMO_DIR/data" OUTPUT="$DEMO_DIR/output" SHOTS="${SHOTS:-16}"

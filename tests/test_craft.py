@@ -198,12 +198,8 @@ def _registered_hosts():
 
 def _hosts():
     try:
-        import sys
-
-        if ROOT not in sys.path:
-            sys.path.insert(0, ROOT)
         return _registered_hosts()
-    except Exception:  # noqa: BLE001 - collected even when the trainers package is broken
+    except Exception:  # noqa: BLE001 - still collected when the trainers package is broken
         return ["CoOp"]
 
 
@@ -341,3 +337,41 @@ def test_anchor_path_mismatch_is_an_error(data_root, tmp_path):
     cfg = _cfg(data_root, tmp_path / "run", "CoOp", ["TRAINER.CRAFT.ANCHOR_PATH", str(bogus)])
     with pytest.raises(ValueError, match="does not fit this run"):
         ensure_anchors(cfg, None, ["x", "y", "z", "w"])
+
+
+def test_template_anchors_train_deep_text_prompts_only(data_root, tmp_path):
+    """Official semantics on MaPLe: the static term reaches the deep text prompts, not the layer-0 context."""
+    if "MaPLe" not in _registered_hosts():
+        pytest.skip("MaPLe is not registered")
+    cfg = _cfg(data_root, tmp_path / "grad", "MaPLe", ["TRAINER.CRAFT.ENABLED", "True",
+                                                       "TRAINER.CRAFT.WEIGHT_STOCHASTIC", "0.0"])
+    trainer = _build(cfg)
+    reg = trainer.regularizers[0]
+    assert reg.text_mode == "template"
+    image, label = _first_batch(trainer)
+    output = trainer.model(image)
+    extra, summary = reg(trainer, image, label, output)
+    assert set(summary) == {"craft_static"}
+    extra.backward()
+    learner = trainer.model.prompt_learner
+    assert learner.ctx.grad is None or torch.count_nonzero(learner.ctx.grad) == 0
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in learner.compound_prompts_text)
+
+
+@pytest.mark.parametrize("name", ["maple_vit_b16_c2_ep5_batch4_2ctx", "maple_vit_b16_c2_ep5_batch4_2ctx_imagenet",
+                                  "maple_vit_b16_c2_ep2_batch128_2ctx_ood"])
+def test_craft_configs_merge(name):
+    if "MaPLe" not in _registered_hosts():
+        pytest.skip("MaPLe is not registered")
+    from restore.craft.config import check
+    from restore.engine.config import extend_cfg, get_cfg_default, merge_file
+
+    cfg = extend_cfg(get_cfg_default())
+    merge_file(cfg, osp.join(ROOT, "configs", "trainers", "Craft", name + ".yaml"))
+    assert cfg.TRAINER.CRAFT.ENABLED is True and cfg.TRAINER.NAME == "MaPLe"
+    check(cfg.TRAINER.CRAFT)
+    if name.endswith("_ood"):
+        assert cfg.TRAINER.CRAFT.MMD_WEIGHT == 1.0 and cfg.TRAINER.CRAFT.TARGET_DATASET == "ImageNetSketch"
+        assert cfg.TRAINER.CRAFT.WEIGHT_STATIC == 0.0 and cfg.TRAINER.MAPLE.PROMPT_DEPTH == 3
+    else:
+        assert cfg.TRAINER.CRAFT.WEIGHT_STATIC == 1.0 and cfg.TRAINER.CRAFT.MMD_WEIGHT == 0.0

@@ -30,7 +30,8 @@ OPTS = ["MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPO
 
 def _env(data: str, output: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("CFG", "SUB", "SHOTS", "OUTPUT", "DATA")}
-    env.update({"DATA": data, "OUTPUT": output, "SHOTS": "2", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"})
+    env.update({"DATA": data, "OUTPUT": output, "SHOTS": "2", "PYTHONPATH": ROOT,
+                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})  # the tiny model: threads only contend
     env.update(extra)
     return env
 
@@ -314,3 +315,15 @@ def test_xd_and_dg_scripts(data_root, tmp_path):
     assert [r["dataset"] for r in dg] == ["imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r",
                                           "average"]
     assert "Cross-dataset transfer: CoOp" in md and "Domain generalization: CoOp" in md and "4/4 datasets" in md
+
+
+def test_run_all_one_job_per_gpu(data_root, tmp_path):
+    """--gpus: one worker per id with CUDA_VISIBLE_DEVICES set, every step a subprocess (runs on CPU here)."""
+    out = str(tmp_path / "output")
+    proc = _bash("run_all.sh", ["base2new", "zsclip", "--datasets", "dtd", "--seeds", "1,2", "--gpus", "0,1", *OPTS],
+                 _env(data_root, out))
+    assert "[2/2]" in proc.stdout and "4 done" in proc.stdout and " gpu " in proc.stdout
+    logs = glob.glob(osp.join(out, "logs", "base2new", "*.out"))
+    assert len(logs) == 4
+    assert len(glob.glob(osp.join(out, "base2new", "test_new", "dtd", "shots_2", "ZeroshotCLIP", "*", "seed*",
+                                  "results.json"))) == 2

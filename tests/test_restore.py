@@ -20,7 +20,17 @@ from trainers.restore_trainer import (RestoreMaPLeModel, RestorePromptSRCModel, 
                                       restore_dataset_opts, restore_num_params)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CLASSES = ["banded", "blotchy", "braided_rope"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The tiny models are too small to gain from threads; one thread avoids contention on busy CI machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def node(**overrides):
@@ -369,7 +379,7 @@ MODEL:
 
 
 def _run(cmd):
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

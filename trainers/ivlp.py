@@ -44,7 +44,7 @@ class DeepPromptModel(PromptModel):
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str]) -> None:
         super().__init__(clip_model, classnames)
-        self._fixed_text: torch.Tensor | None = None
+        self._fixed_text: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     # --- hooks ---
     def text_deep(self) -> list[DeepTokens]:
@@ -76,13 +76,13 @@ class DeepPromptModel(PromptModel):
         """Class text features before :meth:`adapt_text_features`."""
         if self.text_is_learned:
             return self.encode_text_output().features
-        dtype = self.text_encoder.dtype
-        cached = self._fixed_text
-        if cached is None or cached.device != self.clip.text_projection.device or cached.dtype != dtype:
+        device = self.clip.text_projection.device
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (device, self.text_encoder.dtype, autocast)
+        if self._fixed_text is None or self._fixed_text[0] != key:
             with torch.no_grad():
-                cached = self.encode_text_output().features
-            self._fixed_text = cached
-        return cached
+                self._fixed_text = (key, self.encode_text_output().features)
+        return self._fixed_text[1]
 
     def encode_text(self) -> torch.Tensor:
         return self.adapt_text_features(self.prompted_text_features())

@@ -353,7 +353,7 @@ def plot_base2new(key: GroupKey, rows: Sequence[Base2NewRow], path: str) -> str:
               ("New", [r.new.mean for r in rows], [r.new.std for r in rows]),
               ("HM", [r.hm for r in rows], [None] * len(rows))]
     width = 0.27
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(rows) + 2), 4.4))
     for i, (label, means, stds) in enumerate(series):
         xs = [j + (i - 1) * width for j in range(len(rows))]
         ys = [m if m is not None else 0.0 for m in means]
@@ -362,11 +362,11 @@ def plot_base2new(key: GroupKey, rows: Sequence[Base2NewRow], path: str) -> str:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    title = f"Base-to-novel: {key[0]} ({key[1]}, {key[2]} shots, {key[3]})"
+    ax.set_ylim(0, 105)
+    title = f"Base-to-novel: {key[0]} ({key[1]})\n{key[2]} shots, backbone {key[3] or '?'}"
     if key[3] in RANDOM_BACKBONES:
-        title += " — RANDOM weights"
-    ax.set_title(title, fontsize=10)
+        title += " (RANDOM weights: meaningless numbers)"
+    ax.set_title(title, fontsize=9)
     ax.legend(ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
