@@ -9,7 +9,7 @@ arguments (trainer class, config file, per-dataset options, output folder, check
     python -m restore.protocols xd-test         TRAINER DATASET|all SEED [opts...]
     python -m restore.protocols dg-test         TRAINER DATASET|all SEED [opts...]
     python -m restore.protocols fewshot-train   TRAINER DATASET SHOTS SEED [opts...]
-    python -m restore.protocols run-all         PROTOCOL TRAINER [--seeds 1,2,3] [--datasets ...] [--gpus 0,1] [opts...]
+    python -m restore.protocols run-all         PROTOCOL TRAINER[,TRAINER...] [--seeds 1,2,3] [--datasets ...] [--gpus 0,1] [opts...]
     python -m restore.protocols list            # trainers, their classes and config files
 
 ``TRAINER`` is a lowercase method name (:data:`TRAINERS`). Environment variables (each also a flag):
@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from restore.data.benchmarks import BENCHMARKS, resolve
+from restore.data.benchmarks import resolve
 from restore.evaluation.results import PROTOCOL_DIRS, RESULTS_FILE, run_dir
 
 __all__ = [
@@ -248,12 +248,12 @@ def _find_hook(cls: Any) -> Optional[Callable[..., Sequence[str]]]:
     return None
 
 
-def dataset_opts(spec: TrainerSpec, dataset: str, protocol: str, root: str = "") -> list[str]:
+def dataset_opts(spec: TrainerSpec, dataset: str, protocol: str, root: str = "", cfg_name: str = "") -> list[str]:
     """The method's own per-dataset options (a ``dataset_opts(dataset[, protocol])`` hook), or ``[]``.
 
     The hook is a class attribute of the trainer or a module function ``dataset_opts`` /
     ``<trainer>_dataset_opts``; it receives the dataset key (``dtd``) and, if it accepts one, the
-    ``cfg.PROTOCOL`` value. For cross-dataset/DG evaluation pass the *training* dataset (ImageNet):
+    ``cfg.PROTOCOL`` value (and ``light`` = "light" in the config name, for MMRL*). For cross-dataset/DG evaluation pass the *training* dataset (ImageNet):
     the options describe the trained model.
     """
     hook = _find_hook(trainer_class(spec, root))
@@ -263,7 +263,9 @@ def dataset_opts(spec: TrainerSpec, dataset: str, protocol: str, root: str = "")
         params = inspect.signature(hook).parameters
     except (TypeError, ValueError):
         params = {}
-    kwargs = {"protocol": PROTOCOL_DIRS[protocol]} if "protocol" in params else {}
+    kwargs: dict[str, Any] = {"protocol": PROTOCOL_DIRS[protocol]} if "protocol" in params else {}
+    if "light" in params:  # MMRL*: its config name says so (keeps REP_DIM 32)
+        kwargs["light"] = "light" in cfg_name
     return [str(x) for x in hook(dataset, **kwargs)]
 
 
@@ -293,7 +295,6 @@ class Step:
 
     def train_argv(self, overwrite: bool = False, resolve_epoch: bool = True) -> list[str]:
         """The full argument list for ``train.py`` (resolves the checkpoint epoch now)."""
-        argv = _expand_dataset_opts(self.argv)
         extra: list[str] = []
         if self.eval_only:
             extra.append("--eval-only")
@@ -304,6 +305,7 @@ class Step:
                     extra += ["--load-epoch", str(epoch)]
         if overwrite or self.is_stale():
             extra.append("--overwrite")
+        argv = _expand_dataset_opts(self.argv)  # after the checks above: it imports the trainers
         # options go before the trailing config opts
         cut = argv.index("--") if "--" in argv else len(argv)
         return argv[:cut] + extra + argv[cut + 1:]
@@ -381,7 +383,7 @@ def _argv(ctx: Context, spec: TrainerSpec, dataset: str, seed: int, cfg_path: st
     # The method's per-dataset options are looked up only when the step runs (importing the trainers
     # costs seconds; a finished grid is skipped without it).
     return argv + ["PROTOCOL", PROTOCOL_DIRS[protocol], *opts, *spec.opts.get(protocol, ()),
-                   _DATASET_OPTS, f"{spec.key}|{opts_dataset}|{protocol}|{ctx.root}", *ctx.opts]
+                   _DATASET_OPTS, "|".join([spec.key, opts_dataset, protocol, cfg_path, ctx.root]), *ctx.opts]
 
 
 _DATASET_OPTS = "<dataset-opts>"
@@ -391,8 +393,8 @@ def _expand_dataset_opts(argv: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(argv):
         if argv[i] == _DATASET_OPTS:
-            key, dataset, protocol, root = argv[i + 1].split("|", 3)
-            out += dataset_opts(get_spec(key), dataset, protocol, root)
+            key, dataset, protocol, cfg_path, root = argv[i + 1].split("|", 4)
+            out += dataset_opts(get_spec(key), dataset, protocol, root, osp.splitext(osp.basename(cfg_path))[0])
             i += 2
         else:
             out.append(argv[i])
@@ -695,7 +697,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     opts_help = "config options KEY VALUE ... passed to every step (after all others, so they win)"
     if command == "run-all":
         p.add_argument("protocol", help="base2new | xd | dg | fewshot")
-        p.add_argument("trainer", help=", ".join(TRAINERS))
+        p.add_argument("trainer", help="one or a comma list of: " + ", ".join(TRAINERS))
         p.add_argument("--seeds", type=_int_list, default=DEFAULT_SEEDS, help="default 1,2,3")
         p.add_argument("--datasets", default="", help="comma list (default: all of the protocol)")
         p.add_argument("--shot-list", type=_int_list, default=FEWSHOT_SHOTS, help="few-shot: default 1,2,4,8,16")
@@ -756,8 +758,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run and not ctx.data:
             ctx.data = "$DATA"
         if args.command == "run-all":
-            jobs = build_jobs(ctx, args.protocol, args.trainer, args.seeds, args.datasets, args.shot_list,
-                              args.test_base)
+            jobs = [job for trainer in re.split(r"[,\s]+", args.trainer.strip()) if trainer
+                    for job in build_jobs(ctx, args.protocol, trainer, args.seeds, args.datasets, args.shot_list,
+                                          args.test_base)]
             if args.dry_run:
                 for job in jobs:
                     for step in job:

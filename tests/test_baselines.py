@@ -461,3 +461,45 @@ def test_train_py_end_to_end_on_synthetic_dtd(trainer, node_name, tmp_path):
                       "1", *small, "DATASET.SUBSAMPLE_CLASSES", "new"]) == 0
     result = json.loads((test_out / "results.json").read_text())
     assert result["split"] == "new" and 0.0 <= result["accuracy"] <= 100.0 and result["num_classes"] == 2
+
+
+def test_promptsrc_gpa_through_train_py_and_resume(tmp_path):
+    """GPA in the real loop: the last checkpoint holds the aggregate, and a run resumed after epoch 1
+    (from that epoch's checkpoint) ends with the same weights as the uninterrupted run."""
+    synthetic = pytest.importorskip("restore.data.synthetic", reason="restore.data.synthetic (synthetic datasets) "
+                                    "is not in this checkout yet")
+    import shutil
+
+    from restore.engine.utils import load_checkpoint
+
+    data = tmp_path / "data"
+    synthetic.make_synthetic("dtd", str(data), num_classes=4, images_per_class=6)
+    common = ["--root", str(data), "--trainer", "PromptSRC", "--seed", "1",
+              "--config-file", os.path.join(ROOT, "configs", "trainers", "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx.yaml"),
+              "--dataset-config-file", os.path.join(ROOT, "configs", "datasets", "dtd.yaml")]
+    opts = ["MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "2", "OPTIM.LR", "0.5", "DATALOADER.NUM_WORKERS", "0",
+            "DATALOADER.TRAIN_X.BATCH_SIZE", "2", "DATASET.NUM_SHOTS", "2", "USE_CUDA", "False",
+            "TRAINER.PROMPTSRC.GPA_MEAN", "1", "TRAINER.PROMPTSRC.GPA_STD", "1", "TRAIN.CHECKPOINT_FREQ", "1",
+            "TEST.NO_TEST", "True", "DATASET.SUBSAMPLE_CLASSES", "base"]
+    full = tmp_path / "full"
+    assert _train_py([*common, "--output-dir", str(full), *opts]) == 0
+    ckpt_dir = full / "VLPromptLearner"
+    last = load_checkpoint(str(ckpt_dir / "model.pth.tar-2"))["state_dict"]
+    first = load_checkpoint(str(ckpt_dir / "model.pth.tar-1"))["state_dict"]
+    assert int(first["gpa.epochs"]) == 1 and int(last["gpa.epochs"]) == 2
+    key = "prompt_learner.text_context.ctx"
+    agg = last["gpa.sum__prompt_learner__text_context__ctx"]
+    assert torch.allclose(last[key], agg)  # the saved weights are the aggregate
+    w = gpa_weights(2, 1, 1)
+    assert torch.allclose(first["gpa.sum__prompt_learner__text_context__ctx"], w[0] * first[key])
+    assert not torch.allclose(agg, first[key])
+
+    resumed = tmp_path / "resumed"
+    (resumed / "VLPromptLearner").mkdir(parents=True)
+    shutil.copy(ckpt_dir / "model.pth.tar-1", resumed / "VLPromptLearner" / "model.pth.tar-1")
+    (resumed / "VLPromptLearner" / "checkpoint").write_text("model.pth.tar-1\n")
+    assert _train_py([*common, "--output-dir", str(resumed), *opts]) == 0
+    again = load_checkpoint(str(resumed / "VLPromptLearner" / "model.pth.tar-2"))["state_dict"]
+    assert int(again["gpa.epochs"]) == 2
+    for k in last:
+        assert torch.allclose(again[k].float(), last[k].float(), atol=1e-6), k

@@ -14,7 +14,6 @@ import os
 import os.path as osp
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -189,13 +188,12 @@ def test_aggregate_reads_coop_style_logs(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
-def test_base2new_grid_two_trainers_aggregate_and_skip(data_root, tmp_path):
+def test_base2new_grid_two_trainers_aggregate_and_skip(data_root, tmp_path, capsys):
     out = str(tmp_path / "output")
     env = _env(data_root, out)
-    for trainer in ("coop", "zsclip"):
-        proc = _bash("run_all.sh", ["base2new", trainer, "--datasets", "dtd,eurosat", "--seeds", "1,2", "--in-process",
-                                    *OPTS], env)
-        assert "4 jobs" in proc.stdout and "0 failed" in proc.stdout, proc.stdout[-2000:]
+    proc = _bash("run_all.sh", ["base2new", "coop,zsclip", "--datasets", "dtd,eurosat", "--seeds", "1,2",
+                                "--in-process", *OPTS], env)
+    assert "8 jobs" in proc.stdout and "16 done" in proc.stdout and "0 failed" in proc.stdout, proc.stdout[-2000:]
     runs = sorted(glob.glob(osp.join(out, "base2new", "*", "*", "shots_2", "*", "*", "seed*", "results.json")))
     assert len(runs) == 16
     # a finished grid is skipped without running anything
@@ -204,10 +202,10 @@ def test_base2new_grid_two_trainers_aggregate_and_skip(data_root, tmp_path):
     assert proc.stdout.count("skip (finished") == 8 and "8 skipped" in proc.stdout
     assert before == {p: os.path.getmtime(p) for p in runs}
 
-    proc = subprocess.run([sys.executable, "-m", "restore.evaluation.aggregate", out, "--out", str(tmp_path / "agg")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    md = proc.stdout
+    from restore.evaluation import aggregate as A
+
+    assert A.main([out, "--out", str(tmp_path / "agg")]) == 0
+    md = capsys.readouterr().out
     assert "Base-to-novel: CoOp" in md and "Base-to-novel: ZeroshotCLIP" in md and "RANDOM weights" in md
     rows = list(csv.DictReader(open(tmp_path / "agg" / "base2new.csv")))
     # check one row by hand from the results.json files
@@ -317,13 +315,19 @@ def test_xd_and_dg_scripts(data_root, tmp_path):
     assert "Cross-dataset transfer: CoOp" in md and "Domain generalization: CoOp" in md and "4/4 datasets" in md
 
 
-def test_run_all_one_job_per_gpu(data_root, tmp_path):
+def test_run_all_one_job_per_gpu_fewshot(data_root, tmp_path):
     """--gpus: one worker per id with CUDA_VISIBLE_DEVICES set, every step a subprocess (runs on CPU here)."""
     out = str(tmp_path / "output")
-    proc = _bash("run_all.sh", ["base2new", "zsclip", "--datasets", "dtd", "--seeds", "1,2", "--gpus", "0,1", *OPTS],
-                 _env(data_root, out))
-    assert "[2/2]" in proc.stdout and "4 done" in proc.stdout and " gpu " in proc.stdout
-    logs = glob.glob(osp.join(out, "logs", "base2new", "*.out"))
-    assert len(logs) == 4
-    assert len(glob.glob(osp.join(out, "base2new", "test_new", "dtd", "shots_2", "ZeroshotCLIP", "*", "seed*",
-                                  "results.json"))) == 2
+    proc = _bash("run_all.sh", ["fewshot", "zsclip", "--datasets", "dtd", "--shot-list", "1", "--seeds", "1,2",
+                                "--gpus", "0,1", *OPTS], _env(data_root, out))
+    assert "[2/2]" in proc.stdout and "2 done" in proc.stdout and " gpu " in proc.stdout
+    assert len(glob.glob(osp.join(out, "logs", "fewshot", "*.out"))) == 2
+    runs = glob.glob(osp.join(out, "fewshot", "train", "dtd", "shots_1", "ZeroshotCLIP", "*", "seed*", "results.json"))
+    assert len(runs) == 2 and all(_results(osp.dirname(r))["protocol"] == "few_shot" for r in runs)
+
+    from restore.evaluation.aggregate import aggregate
+
+    md, files = aggregate(out, plot=False)
+    rows = list(csv.DictReader(open(files["few_shot.csv"])))
+    assert len(rows) == 1 and rows[0]["n_seeds"] == "2" and rows[0]["shots"] == "1"
+    assert "Few-shot: ZeroshotCLIP" in md and "| DTD |" in md

@@ -170,3 +170,28 @@ def test_trainer_learns_only_its_prompts_and_checkpoints_round_trip(name, tiny_c
     with torch.no_grad(), new.inference_cache():
         logits = new(images).logits
     assert logits.shape == (len(images), len(NEW_CLASSES)) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "amp"])
+@pytest.mark.parametrize("name", TRAINER_NAMES)
+def test_trainer_runs_in_mixed_precision(name, precision, tiny_clip, images):
+    """As PromptTrainer does on GPU: frozen CLIP in the working dtype ("bf16") or fp32 ("amp"), under
+    autocast; here CPU autocast with bfloat16. Learnable tensors stay fp32 and get finite gradients."""
+    model = build_model(name, tiny_clip, BASE_CLASSES)
+    if precision == "bf16":
+        model.clip.to(torch.bfloat16)
+    label = torch.arange(2) % len(BASE_CLASSES)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(images[:2])
+        loss, _ = model.loss(output, label)
+    assert torch.isfinite(loss)
+    if name not in NOTHING_TO_LEARN:
+        loss.backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), n
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), model.inference_cache():
+        logits = model(images[:2]).logits
+    assert logits.shape == (2, len(BASE_CLASSES)) and torch.isfinite(logits).all()

@@ -526,16 +526,18 @@ def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if dev.type == "cuda" else None
     images = torch.randn(batch_size, 3, clip.visual.input_resolution, clip.visual.input_resolution, device=dev)
     labels = torch.randint(0, num_classes, (batch_size,), device=dev)
-    results: dict[str, float] = {}
+    models, optims, times = {}, {}, {}
     for mode in modes:
         node = cfg.TRAINER.RESTORE.clone()
         node.SHIFT = mode
         model = RestoreMaPLeModel(clip, classnames, node).to(dev)
         model.freeze()
-        model.train()
-        optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        times = []
-        for step in range(warmup + steps):
+        models[mode] = model.train()
+        optims[mode] = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        times[mode] = []
+    for step in range(warmup + steps):  # modes interleaved step by step: fair under a varying machine load
+        for mode in modes:
+            model, optim = models[mode], optims[mode]
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -547,9 +549,8 @@ def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if step >= warmup:
-                times.append(time.perf_counter() - start)
-        times.sort()
-        results[mode] = 1000 * times[len(times) // 2]  # median
+                times[mode].append(time.perf_counter() - start)
+    results = {mode: 1000 * sorted(t)[len(t) // 2] for mode, t in times.items()}  # medians
     if "prompt" in results and "feature" in results:
         results["feature_overhead"] = results["feature"] / results["prompt"] - 1
     return results

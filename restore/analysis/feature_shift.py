@@ -380,8 +380,13 @@ def analyse_runs(run_dirs: Sequence[str], labels: Sequence[str] | None = None, r
         trainer = load_run(run_dir, root=root, split=split, device=device, epoch=epoch)
         label = labels[i] if labels and i < len(labels) else f"{trainer.cfg.TRAINER.NAME}:{osp.basename(osp.normpath(run_dir))}"
         autocast = getattr(trainer, "autocast", None)
-        profile = measure_model_shift(trainer.model, trainer.test_loader, max_images=max_images, label=label,
-                                      device=trainer.device, autocast=autocast)
+        try:
+            profile = measure_model_shift(trainer.model, trainer.test_loader, max_images=max_images, label=label,
+                                          device=trainer.device, autocast=autocast)
+        finally:
+            import shutil
+
+            shutil.rmtree(trainer.cfg.OUTPUT_DIR, ignore_errors=True)  # the scratch folder of load_run
         profile.meta = {"run_dir": run_dir, "trainer": trainer.cfg.TRAINER.NAME, "dataset": trainer.cfg.DATASET.NAME,
                         "split": trainer.cfg.DATASET.SUBSAMPLE_CLASSES, "backbone": trainer.cfg.MODEL.BACKBONE.NAME}
         profiles.append(profile)

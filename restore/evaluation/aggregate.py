@@ -32,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
-from .metrics import SeedStats, harmonic_mean, mean_std, seed_stats
+from .metrics import SeedStats, harmonic_mean, seed_stats
 from .results import RunRecord, collect_runs
 
 __all__ = ["DISPLAY_NAMES", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS", "load_published", "published_method",
@@ -206,7 +206,7 @@ def base2new_markdown(key: GroupKey, rows: Sequence[Base2NewRow]) -> str:
              "| Dataset | Seeds | Base | New | HM | Paper Base / New / HM | Δ HM | Train time (s) | Peak mem (MiB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = f"**Average**" if r.is_average else display(r.dataset)
+        name = "**Average**" if r.is_average else display(r.dataset)
         paper = " / ".join(_fmt(r.paper.get(k)) for k in ("base", "new", "hm")) if any(
             r.paper.get(k) is not None for k in ("base", "new", "hm")) else "–"
         lines.append(f"| {name} | {r.seeds_text()} | {_stat_text(r.base)} | {_stat_text(r.new)} | {_fmt(r.hm)} | "
@@ -292,7 +292,7 @@ def transfer_markdown(key: GroupKey, rows: Sequence[TransferRow], protocol_dir: 
              "| Dataset | Seeds | Accuracy | Paper | Δ |", "|---|---|---|---|---|"]
     for r in rows:
         if r.role == "average":
-            name, seeds = f"**Average (targets)**", f"{r.n_datasets}/{n_targets} datasets"
+            name, seeds = "**Average (targets)**", f"{r.n_datasets}/{n_targets} datasets"
         else:
             name = display(r.dataset) + (" (source)" if r.role == "source" else "")
             seeds = str(r.stats.n)
