@@ -11,7 +11,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: on the 2-core CI machine, subprocess runs and intra-op threads otherwise oversubscribe.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -315,18 +315,53 @@ def test_xd_and_dg_scripts(data_root, tmp_path):
     assert "Cross-dataset transfer: CoOp" in md and "Domain generalization: CoOp" in md and "4/4 datasets" in md
 
 
-def test_run_all_one_job_per_gpu_fewshot(data_root, tmp_path):
-    """--gpus: one worker per id with CUDA_VISIBLE_DEVICES set, every step a subprocess (runs on CPU here)."""
-    out = str(tmp_path / "output")
-    proc = _bash("run_all.sh", ["fewshot", "zsclip", "--datasets", "dtd", "--shot-list", "1", "--seeds", "1,2",
-                                "--gpus", "0,1", *OPTS], _env(data_root, out))
-    assert "[2/2]" in proc.stdout and "2 done" in proc.stdout and " gpu " in proc.stdout
-    assert len(glob.glob(osp.join(out, "logs", "fewshot", "*.out"))) == 2
-    runs = glob.glob(osp.join(out, "fewshot", "train", "dtd", "shots_1", "ZeroshotCLIP", "*", "seed*", "results.json"))
-    assert len(runs) == 2 and all(_results(osp.dirname(r))["protocol"] == "few_shot" for r in runs)
+def test_run_all_one_job_per_gpu(tmp_path, monkeypatch):
+    """--gpus: one worker per id, each job's steps on one GPU (CUDA_VISIBLE_DEVICES), every step a subprocess."""
+    import threading
 
+    from restore import protocols as P
+
+    calls, lock = [], threading.Lock()
+
+    def fake_subprocess(argv, root, env=None, log=None):  # stands in for `python train.py ...`
+        out = argv[argv.index("--output-dir") + 1]
+        os.makedirs(osp.join(out, "prompt_learner"), exist_ok=True)
+        open(osp.join(out, "prompt_learner", "model.pth.tar-1"), "w").close()
+        with open(osp.join(out, "prompt_learner", "checkpoint"), "w") as f:
+            f.write("model.pth.tar-1\n")
+        time.sleep(0.05)
+        with open(osp.join(out, "results.json"), "w") as f:
+            json.dump({"accuracy": 50.0}, f)
+        with lock:
+            calls.append((out, env["CUDA_VISIBLE_DEVICES"], log, argv))
+        return 0
+
+    monkeypatch.setattr(P, "_run_subprocess", fake_subprocess)
+    ctx = P.Context(data=str(tmp_path), output=str(tmp_path / "out"), shots=2)
+    jobs = P.build_jobs(ctx, "base2new", "coop", [1, 2], "dtd,eurosat")
+    outcomes = P.run_jobs(jobs, ctx.root, gpus=["0", "1"], log_dir=str(tmp_path / "logs"))
+    assert [o.status for o in outcomes].count("done") == 8 and len(calls) == 8
+    gpu_of = {c[0]: c[1] for c in calls}
+    assert set(gpu_of.values()) == {"0", "1"}
+    for job in jobs:  # training and its evaluation ran on the same GPU, evaluation with the trained epoch
+        assert gpu_of[job[0].output_dir] == gpu_of[job[1].output_dir]
+        test_argv = next(c[3] for c in calls if c[0] == job[1].output_dir)
+        assert test_argv[test_argv.index("--load-epoch") + 1] == "1"
+    assert all(c[2].startswith(str(tmp_path / "logs")) for c in calls)
+    # a second pass skips everything without starting a process
+    calls.clear()
+    assert {o.status for o in P.run_jobs(jobs, ctx.root, gpus=["0", "1"])} == {"skipped"} and not calls
+
+
+def test_fewshot_step_in_process_and_table(data_root, tmp_path, capsys):
+    from restore import protocols as P
     from restore.evaluation.aggregate import aggregate
 
+    out = str(tmp_path / "output")
+    for seed in ("1", "2"):
+        assert P.main(["fewshot-train", "zsclip", "dtd", "1", seed, "--data", data_root, "--output", out, *OPTS]) == 0
+    runs = glob.glob(osp.join(out, "fewshot", "train", "dtd", "shots_1", "ZeroshotCLIP", "*", "seed*", "results.json"))
+    assert len(runs) == 2 and all(_results(osp.dirname(r))["protocol"] == "few_shot" for r in runs)
     md, files = aggregate(out, plot=False)
     rows = list(csv.DictReader(open(files["few_shot.csv"])))
     assert len(rows) == 1 and rows[0]["n_seeds"] == "2" and rows[0]["shots"] == "1"
