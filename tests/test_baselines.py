@@ -7,10 +7,10 @@ import glob
 import json
 import math
 import os
-import sys
 from types import SimpleNamespace
 
 import pytest
+from helpers import run_train_py
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +20,6 @@ from restore.clip.tokenizer import encode
 from restore.engine.config import extend_cfg, get_cfg_default, merge_file
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import encode_fixed_prompts, zeroshot_classifier
-from restore.prompting.trainer import PromptOutput
 from trainers.cocoop import CoCoOpModel
 from trainers.coop import CoOpModel
 from trainers.ivlp import IVLPModel
@@ -33,14 +32,6 @@ from trainers.vpt import VPTModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["banded", "blotchy", "braided_hair"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a loaded CPU, 2 OpenMP threads made the tiny CLIP ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -420,19 +411,6 @@ def test_published_values_of_key_configs():
 
 # --------------------------------------------------------------------------- end to end
 
-def _train_py(args: list[str]) -> int:
-    """Run ``train.py``'s ``main`` in this process (a subprocess mostly spends its time importing torch)."""
-    import train
-
-    stdout = sys.stdout
-    try:
-        return train.main(train.build_parser().parse_args(args))
-    finally:
-        if sys.stdout is not stdout:  # train.py tees stdout into log.txt
-            logger, sys.stdout = sys.stdout, stdout
-            close = getattr(logger, "close", None)
-            if close is not None:
-                close()
 
 
 @pytest.mark.parametrize("trainer,node_name", [("CoOp", "COOP"), ("MaPLe", "MAPLE")])
@@ -450,14 +428,14 @@ def test_train_py_end_to_end_on_synthetic_dtd(trainer, node_name, tmp_path):
     if trainer == "CoOp":
         small += [f"TRAINER.{node_name}.N_CTX", "4"]
     out = tmp_path / "train"
-    assert _train_py([*common, "--output-dir", str(out), *small, "DATASET.SUBSAMPLE_CLASSES", "base"]) == 0
+    assert run_train_py([*common, "--output-dir", str(out), *small, "DATASET.SUBSAMPLE_CLASSES", "base"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert 0.0 <= result["accuracy"] <= 100.0 and result["trainer"] == trainer
     model_name = TRAINER_REGISTRY.get(trainer).model_name
     assert (out / model_name / "model.pth.tar-1").is_file()
 
     test_out = tmp_path / "test_new"
-    assert _train_py([*common, "--output-dir", str(test_out), "--eval-only", "--model-dir", str(out), "--load-epoch",
+    assert run_train_py([*common, "--output-dir", str(test_out), "--eval-only", "--model-dir", str(out), "--load-epoch",
                       "1", *small, "DATASET.SUBSAMPLE_CLASSES", "new"]) == 0
     result = json.loads((test_out / "results.json").read_text())
     assert result["split"] == "new" and 0.0 <= result["accuracy"] <= 100.0 and result["num_classes"] == 2
@@ -482,7 +460,7 @@ def test_promptsrc_gpa_through_train_py_and_resume(tmp_path):
             "TRAINER.PROMPTSRC.GPA_MEAN", "1", "TRAINER.PROMPTSRC.GPA_STD", "1", "TRAIN.CHECKPOINT_FREQ", "1",
             "TEST.NO_TEST", "True", "DATASET.SUBSAMPLE_CLASSES", "base"]
     full = tmp_path / "full"
-    assert _train_py([*common, "--output-dir", str(full), *opts]) == 0
+    assert run_train_py([*common, "--output-dir", str(full), *opts]) == 0
     ckpt_dir = full / "VLPromptLearner"
     last = load_checkpoint(str(ckpt_dir / "model.pth.tar-2"))["state_dict"]
     first = load_checkpoint(str(ckpt_dir / "model.pth.tar-1"))["state_dict"]
@@ -498,7 +476,7 @@ def test_promptsrc_gpa_through_train_py_and_resume(tmp_path):
     (resumed / "VLPromptLearner").mkdir(parents=True)
     shutil.copy(ckpt_dir / "model.pth.tar-1", resumed / "VLPromptLearner" / "model.pth.tar-1")
     (resumed / "VLPromptLearner" / "checkpoint").write_text("model.pth.tar-1\n")
-    assert _train_py([*common, "--output-dir", str(resumed), *opts]) == 0
+    assert run_train_py([*common, "--output-dir", str(resumed), *opts]) == 0
     again = load_checkpoint(str(resumed / "VLPromptLearner" / "model.pth.tar-2"))["state_dict"]
     assert int(again["gpa.epochs"]) == 2
     for k in last:

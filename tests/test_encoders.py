@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import torch
+from helpers import token_ids
 
 from restore.clip.model import causal_mask
 from restore.prompting.encoders import DeepTokens, PromptedTextEncoder, PromptedVisionEncoder
 
 
-def _token_ids(lengths: list[int], seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), 77, dtype=torch.long)
-    ids[:, 0] = 49406
-    for i, n in enumerate(lengths):
-        ids[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
-        ids[i, n] = 49407
-    return ids
 
 
 @torch.no_grad()
 def test_no_prompts_equals_plain_clip(tiny_clip):
-    ids = _token_ids([5, 9, 7])
+    ids = token_ids([5, 9, 7])
     image = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    text = PromptedTextEncoder(tiny_clip).encode_token_ids(ids)
+    text = PromptedTextEncoder(tiny_clip).encodetoken_ids(ids)
     assert torch.allclose(text.features, tiny_clip.encode_text(ids), atol=1e-5)
     assert text.pooled_index.tolist() == [5, 9, 7]
     # untruncated path gives the same features too
-    full = PromptedTextEncoder(tiny_clip).encode_token_ids(ids, truncate=False)
+    full = PromptedTextEncoder(tiny_clip).encodetoken_ids(ids, truncate=False)
     assert torch.allclose(full.features, text.features, atol=1e-5)
     assert full.tokens.shape[1] == 77 and text.tokens.shape[1] == 10
     vision = PromptedVisionEncoder(tiny_clip)(image)
@@ -36,12 +29,12 @@ def test_no_prompts_equals_plain_clip(tiny_clip):
 @torch.no_grad()
 def test_text_insertion_matches_manual_computation(tiny_clip):
     """Insert 2 tokens after BOT at layer 3, replace them at layer 4: compare with a hand-written loop."""
-    ids = _token_ids([6, 4])
+    ids = token_ids([6, 4])
     width = tiny_clip.transformer.width
     gen = torch.Generator().manual_seed(2)
     t3, t4 = torch.randn(2, width, generator=gen), torch.randn(2, width, generator=gen)
     group = DeepTokens([t3, t4], first_layer=3, position=1, insert=True, name="rep")
-    out = PromptedTextEncoder(tiny_clip).encode_token_ids(ids, deep=[group], return_hidden=True, truncate=False)
+    out = PromptedTextEncoder(tiny_clip).encodetoken_ids(ids, deep=[group], return_hidden=True, truncate=False)
 
     x = tiny_clip.token_embedding(ids) + tiny_clip.positional_embedding
     blocks = tiny_clip.transformer.resblocks
@@ -63,12 +56,12 @@ def test_text_insertion_matches_manual_computation(tiny_clip):
 @torch.no_grad()
 def test_text_replacement_keeps_length_and_causality(tiny_clip):
     """MaPLe-style deep text prompts overwrite positions 1..n; tokens before them are unaffected."""
-    ids = _token_ids([7, 8])
+    ids = token_ids([7, 8])
     encoder = PromptedTextEncoder(tiny_clip)
     tok = [torch.randn(2, tiny_clip.transformer.width) for _ in range(3)]
     group = DeepTokens(tok, first_layer=1, position=1, insert=False)
-    plain = encoder.encode_token_ids(ids, return_hidden=True)
-    prompted = encoder.encode_token_ids(ids, deep=[group], return_hidden=True)
+    plain = encoder.encodetoken_ids(ids, return_hidden=True)
+    prompted = encoder.encodetoken_ids(ids, deep=[group], return_hidden=True)
     assert [h.shape[1] for h in prompted.hidden_states] == [9] * 12
     assert prompted.pooled_index.tolist() == [7, 8]
     # position 0 (SOT) never attends to later tokens: identical in every layer
@@ -113,4 +106,4 @@ def test_prompt_depth_beyond_backbone_is_a_clear_error(tiny_clip):
 
     group = DeepTokens([torch.zeros(2, tiny_clip.transformer.width)] * 13, first_layer=0)
     with pytest.raises(ValueError, match="prompt depth"):
-        PromptedTextEncoder(tiny_clip).encode_token_ids(_token_ids([4]), deep=[group])
+        PromptedTextEncoder(tiny_clip).encodetoken_ids(token_ids([4]), deep=[group])

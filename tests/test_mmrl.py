@@ -22,14 +22,6 @@ VIT_B16 = CLIPConfig(embed_dim=512, image_resolution=224, vision_layers=12, visi
                      transformer_layers=12)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a loaded CPU two OpenMP threads made the tiny CLIP ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def vit_b16_clip():

@@ -7,20 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import token_ids
 
 from restore.benchmark import main as benchmark_main
 from restore.benchmark import speedups, synthetic_classnames
 from restore.prompting.encoders import DeepTokens, PromptedTextEncoder
 
 
-def _token_ids(lengths: list[int], seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), 77, dtype=torch.long)
-    ids[:, 0] = 49406
-    for i, n in enumerate(lengths):
-        ids[i, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
-        ids[i, n] = 49407
-    return ids
 
 
 def _deep_groups(width: int, kind: str) -> list[DeepTokens]:
@@ -39,7 +32,7 @@ def _deep_groups(width: int, kind: str) -> list[DeepTokens]:
 @torch.no_grad()
 def test_truncated_text_tower_equals_full_one_with_deep_prompts(tiny_clip, kind):
     encoder = PromptedTextEncoder(tiny_clip)
-    ids = _token_ids([4, 19, 9, 12])
+    ids = token_ids([4, 19, 9, 12])
     embeddings = encoder.embed(ids)
     # learned layer-0 context as CoOp/MaPLe put it into the embeddings (positions 1..4)
     embeddings[:, 1:5] = torch.randn(4, 4, encoder.width, generator=torch.Generator().manual_seed(1))
@@ -60,7 +53,7 @@ def test_truncated_text_tower_equals_full_one_with_deep_prompts(tiny_clip, kind)
 @torch.no_grad()
 def test_truncated_text_tower_gradients_match(tiny_clip):
     encoder = PromptedTextEncoder(tiny_clip)
-    ids = _token_ids([6, 11])
+    ids = token_ids([6, 11])
     grads = []
     for truncate in (True, False):
         ctx = torch.randn(2, 2, encoder.width, generator=torch.Generator().manual_seed(3)).requires_grad_()

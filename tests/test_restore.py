@@ -6,9 +6,9 @@ import copy
 import csv
 import json
 import os
-import sys
 
 import pytest
+from helpers import run_train_py
 import torch
 
 import trainers  # noqa: F401  registers the trainers
@@ -346,19 +346,6 @@ def test_dataset_opts():
 
 # ------------------------------------------------------------------ whole runs and the analysis command
 
-def _train_py(args: list[str]) -> int:
-    """Run ``train.py``'s ``main`` in this process (a subprocess mostly spends its time importing torch)."""
-    import train
-
-    stdout = sys.stdout
-    try:
-        return train.main(train.build_parser().parse_args(args))
-    finally:
-        if sys.stdout is not stdout:  # train.py tees stdout into log.txt
-            logger, sys.stdout = sys.stdout, stdout
-            close = getattr(logger, "close", None)
-            if close is not None:
-                close()
 
 
 @pytest.fixture(scope="module")
@@ -381,8 +368,8 @@ def runs(tmp_path_factory):
                     "DATALOADER.NUM_WORKERS", "0", "DATASET.NUM_SHOTS", "2", "DATASET.SUBSAMPLE_CLASSES", split,
                     "DATASET.CACHE_DIR", str(base / "cache"), *extra]
 
-        assert _train_py(args(train_dir, "base")) == 0
-        assert _train_py(args(eval_dir, "new", "--eval-only", "--model-dir", str(train_dir), "--load-epoch", "2")) == 0
+        assert run_train_py(args(train_dir, "base")) == 0
+        assert run_train_py(args(eval_dir, "new", "--eval-only", "--model-dir", str(train_dir), "--load-epoch", "2")) == 0
         out[name] = (train_dir, eval_dir, (train_dir / "log.txt").read_text())
     return base, out
 

@@ -90,14 +90,6 @@ def _images(n: int = 4, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 224, 224, generator=g)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a loaded CPU, 2 OpenMP threads made the tiny CLIP ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:

@@ -28,7 +28,6 @@ Per-dataset lambda / d_r live in ``configs/trainers/MMRL/datasets/<dataset>.yaml
 from __future__ import annotations
 
 import copy
-import glob
 import math
 import os.path as osp
 from typing import Any, Sequence
@@ -39,6 +38,7 @@ from torch import nn
 
 from restore.clip.model import CLIP
 from restore.clip.tokenizer import tokenize
+from restore.engine.config import per_dataset_opts
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import clean_classname, encode_fixed_prompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput, LayerObserver
@@ -281,28 +281,8 @@ class MMRLModel(PromptModel):
 # --------------------------------------------------------------------------------------------
 # Per-dataset overrides (YAML) -> opts
 # --------------------------------------------------------------------------------------------
-def _dataset_stem(dataset: str, datasets_dir: str) -> str | None:
-    """The configs/datasets stem of a yaml stem or a DATASET.NAME (case-insensitive); None if unknown."""
-    import yaml
-
-    wanted = dataset.lower().removesuffix(".yaml")
-    for path in sorted(glob.glob(osp.join(datasets_dir, "*.yaml"))):
-        stem = osp.splitext(osp.basename(path))[0]
-        with open(path) as f:
-            name = str(((yaml.safe_load(f) or {}).get("DATASET") or {}).get("NAME", ""))
-        if wanted in (stem.lower(), name.lower()):
-            return stem
-    return None
 
 
-def _flatten(node: dict[str, Any], prefix: str = "") -> list[str]:
-    opts: list[str] = []
-    for key, value in node.items():
-        if isinstance(value, dict):
-            opts.extend(_flatten(value, f"{prefix}{key}."))
-        else:
-            opts.extend([f"{prefix}{key}", str(value)])
-    return opts
 
 
 def mmrl_dataset_opts(dataset: str, protocol: str = "base2new", light: bool = False,
@@ -318,24 +298,9 @@ def mmrl_dataset_opts(dataset: str, protocol: str = "base2new", light: bool = Fa
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    config_dir = config_dir or DATASET_CONFIG_DIR
-    datasets_dir = osp.join(osp.dirname(osp.dirname(osp.dirname(config_dir))), "datasets")
-    stem = _dataset_stem(dataset, datasets_dir)
-    if stem is None:
-        if osp.isfile(osp.join(config_dir, f"{dataset}.yaml")):
-            stem = dataset
-        else:
-            known = sorted(osp.splitext(osp.basename(p))[0] for p in glob.glob(osp.join(datasets_dir, "*.yaml")))
-            raise ValueError(f"Unknown dataset {dataset!r} for MMRL overrides; known: {known}")
+    stem, opts = per_dataset_opts(config_dir or DATASET_CONFIG_DIR, dataset, "MMRL")
     if protocol in ("cross_dataset", "domain_generalization"):
         return []
-    path = osp.join(config_dir, f"{stem}.yaml")
-    if not osp.isfile(path):
-        return []
-    import yaml
-
-    with open(path) as f:
-        opts = _flatten(yaml.safe_load(f) or {})
     if light:
         pairs = [(k, v) for k, v in zip(opts[0::2], opts[1::2]) if not k.endswith(".REP_DIM")]
         opts = [item for pair in pairs for item in pair]

@@ -47,7 +47,6 @@ Per-dataset settings (official run lists, restore.md §3.9) live in
 
 from __future__ import annotations
 
-import glob
 import os.path as osp
 from typing import Any, Sequence
 
@@ -56,6 +55,7 @@ from torch import nn
 
 from restore.analysis.feature_shift import observe_shift
 from restore.clip.model import CLIP, LayerNorm, QuickGELU
+from restore.engine.config import per_dataset_opts
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
@@ -443,27 +443,8 @@ if __name__ != "__main__":  # ``python -m trainers.restore_trainer`` runs this f
 PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization", "few_shot")
 
 
-def _dataset_stem(dataset: str, datasets_dir: str) -> str | None:
-    import yaml
-
-    wanted = dataset.lower().removesuffix(".yaml")
-    for path in sorted(glob.glob(osp.join(datasets_dir, "*.yaml"))):
-        stem = osp.splitext(osp.basename(path))[0]
-        with open(path) as f:
-            name = str(((yaml.safe_load(f) or {}).get("DATASET") or {}).get("NAME", ""))
-        if wanted in (stem.lower(), name.lower()):
-            return stem
-    return None
 
 
-def _flatten(node: dict[str, Any], prefix: str = "") -> list[str]:
-    opts: list[str] = []
-    for key, value in node.items():
-        if isinstance(value, dict):
-            opts.extend(_flatten(value, f"{prefix}{key}."))
-        else:
-            opts.extend([f"{prefix}{key}", str(value)])
-    return opts
 
 
 def restore_dataset_opts(dataset: str, protocol: str = "base2new", config_dir: str | None = None) -> list[str]:
@@ -479,24 +460,10 @@ def restore_dataset_opts(dataset: str, protocol: str = "base2new", config_dir: s
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    config_dir = config_dir or DATASET_CONFIG_DIR
-    datasets_dir = osp.join(osp.dirname(osp.dirname(osp.dirname(config_dir))), "datasets")
-    stem = _dataset_stem(dataset, datasets_dir)
-    if stem is None:
-        if osp.isfile(osp.join(config_dir, f"{dataset}.yaml")):
-            stem = dataset
-        else:
-            known = sorted(osp.splitext(osp.basename(p))[0] for p in glob.glob(osp.join(datasets_dir, "*.yaml")))
-            raise ValueError(f"Unknown dataset {dataset!r} for RESTORE overrides; known: {known}")
+    stem, opts = per_dataset_opts(config_dir or DATASET_CONFIG_DIR, dataset, "RESTORE")
     if protocol in ("cross_dataset", "domain_generalization") and stem != "imagenet":
         return []
-    path = osp.join(config_dir, f"{stem}.yaml")
-    if not osp.isfile(path):
-        return []
-    import yaml
-
-    with open(path) as f:
-        return _flatten(yaml.safe_load(f) or {})
+    return opts
 
 
 def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size: int = 4, steps: int = 5,

@@ -240,3 +240,48 @@ def merge_file(cfg: CN, path: str) -> None:
         raise ConfigError(f"Unknown config key {key!r} in {path}.{suggestion}") from None
     except ValueError as err:
         raise ConfigError(f"Bad config value in {path}: {err}") from None
+
+
+def flatten_opts(node: dict, prefix: str = "") -> list[str]:
+    """A nested YAML mapping as ``train.py`` opts: ``{"A": {"B": 1}}`` -> ``["A.B", "1"]``."""
+    opts: list[str] = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            opts.extend(flatten_opts(value, f"{prefix}{key}."))
+        else:
+            opts.extend([f"{prefix}{key}", str(value)])
+    return opts
+
+
+def per_dataset_opts(config_dir: str, dataset: str, method: str) -> tuple[str, list[str]]:
+    """Read a method's per-dataset YAML ``<config_dir>/<stem>.yaml`` as opts.
+
+    ``config_dir`` is ``configs/trainers/<METHOD>/datasets``; ``dataset`` is a configs/datasets stem
+    ("dtd") or a DATASET.NAME ("DescribableTextures"). Returns ``(stem, opts)``; a known dataset
+    without a file gives no opts, an unknown one a ValueError naming the known stems.
+    """
+    import glob
+    import os.path as osp
+
+    import yaml
+
+    datasets_dir = osp.join(osp.dirname(osp.dirname(osp.dirname(config_dir))), "datasets")
+    wanted = dataset.lower().removesuffix(".yaml")
+    stem = None
+    for path in sorted(glob.glob(osp.join(datasets_dir, "*.yaml"))):
+        candidate = osp.splitext(osp.basename(path))[0]
+        with open(path) as f:
+            name = str(((yaml.safe_load(f) or {}).get("DATASET") or {}).get("NAME", ""))
+        if wanted in (candidate.lower(), name.lower()):
+            stem = candidate
+            break
+    if stem is None:
+        if not osp.isfile(osp.join(config_dir, f"{dataset}.yaml")):
+            known = sorted(osp.splitext(osp.basename(p))[0] for p in glob.glob(osp.join(datasets_dir, "*.yaml")))
+            raise ValueError(f"Unknown dataset {dataset!r} for {method} overrides; known: {known}")
+        stem = dataset
+    path = osp.join(config_dir, f"{stem}.yaml")
+    if not osp.isfile(path):
+        return stem, []
+    with open(path) as f:
+        return stem, flatten_opts(yaml.safe_load(f) or {})
