@@ -166,6 +166,10 @@ BAD_INPUTS = [  # (name, flags, opts, expected sentence)
      "Available in"),
     ("checkpoint from another trainer", ["--trainer", "VPT", "--eval-only", "--model-dir", "@roundtrip",
                                          "--load-epoch", "3"], [], "was written by trainer 'CoOp'"),
+    ("checkpoint from another backbone", ["--eval-only", "--model-dir", "@roundtrip", "--load-epoch", "3"],
+     ["MODEL.BACKBONE.NAME", "@tiny_file"], "was trained with backbone 'tiny'"),
+    ("checkpoint with another class count", ["--eval-only", "--model-dir", "@csc", "--load-epoch", "3"],
+     ["TRAINER.COOP.CSC", "True", "DATASET.SUBSAMPLE_CLASSES", "all"], "different class count"),
 ]
 
 
@@ -173,7 +177,15 @@ BAD_INPUTS = [  # (name, flags, opts, expected sentence)
 def test_bad_input_gives_one_clear_sentence(env, name, flags, opts, message):
     if not (env / "roundtrip" / "results.json").exists():
         assert run(train_cmd(env, env / "roundtrip")).returncode == 0
-    flags = [str(env / "roundtrip") if a == "@roundtrip" else a for a in flags]
+    if "@csc" in flags and not (env / "csc" / "results.json").exists():
+        assert run(train_cmd(env, env / "csc") + ["TRAINER.COOP.CSC", "True"]).returncode == 0
+    if "@tiny_file" in opts and not (env / "tiny.pt").exists():
+        from restore.clip import load_clip, save_openai_state_dict
+
+        save_openai_state_dict(load_clip("tiny").model, str(env / "tiny.pt"))
+    places = {"@roundtrip": str(env / "roundtrip"), "@csc": str(env / "csc"), "@tiny_file": str(env / "tiny.pt")}
+    flags = [places.get(a, a) for a in flags]
+    opts = [places.get(a, a) for a in opts]
     cmd = train_cmd(env, env / f"bad_{name.replace(' ', '_')}")
     split = cmd.index("DATASET.NUM_SHOTS")  # argparse: the last --flag wins; opts stay at the end
     proc = run(cmd[:split] + flags + cmd[split:] + opts)
