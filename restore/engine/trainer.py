@@ -447,7 +447,7 @@ class SimpleTrainer(TrainerBase):
             "dataset": cfg.DATASET.NAME,
             "split": cfg.DATASET.SUBSAMPLE_CLASSES,
             "eval_split": split,
-            "num_classes": self.num_classes if split != "test" else getattr(self.dm.dataset, "num_classes", self.num_classes),
+            "num_classes": self.num_classes,
             "num_test_images": images,
             "num_shots": cfg.DATASET.NUM_SHOTS,
             "seed": cfg.SEED,

@@ -12,7 +12,7 @@ import tempfile
 import time
 import warnings
 from collections import OrderedDict, defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -71,14 +71,14 @@ def _fsync_dir(dirname: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(data: bytes, fpath: str) -> None:
-    """Write ``data`` to a temporary file, fsync it, then rename over ``fpath``."""
+def _atomic_write(fpath: str, write: "Callable[[Any], None]") -> None:
+    """Call ``write(f)`` on a temporary file beside ``fpath``, fsync it, then rename it over ``fpath``."""
     dirname = osp.dirname(osp.abspath(fpath))
     mkdir_if_missing(dirname)
     fd, tmp = tempfile.mkstemp(prefix="." + osp.basename(fpath) + ".", suffix=".tmp", dir=dirname)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, fpath)
@@ -87,6 +87,11 @@ def atomic_write_bytes(data: bytes, fpath: str) -> None:
         if osp.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_bytes(data: bytes, fpath: str) -> None:
+    """Write ``data`` to ``fpath`` atomically: a kill never leaves half a file."""
+    _atomic_write(fpath, lambda f: f.write(data))
 
 
 def atomic_write_json(obj: Any, fpath: str, indent: int = 2) -> None:
@@ -96,20 +101,7 @@ def atomic_write_json(obj: Any, fpath: str, indent: int = 2) -> None:
 
 def atomic_torch_save(obj: Any, fpath: str) -> None:
     """``torch.save`` through a temporary file + fsync + rename: a kill never leaves half a file."""
-    dirname = osp.dirname(osp.abspath(fpath))
-    mkdir_if_missing(dirname)
-    fd, tmp = tempfile.mkstemp(prefix="." + osp.basename(fpath) + ".", suffix=".tmp", dir=dirname)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, fpath)
-        _fsync_dir(dirname)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(fpath, lambda f: torch.save(obj, f))
 
 
 def set_random_seed(seed: int, deterministic: bool = False) -> None:
