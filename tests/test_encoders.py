@@ -15,11 +15,11 @@ from restore.prompting.encoders import DeepTokens, PromptedTextEncoder, Prompted
 def test_no_prompts_equals_plain_clip(tiny_clip):
     ids = token_ids([5, 9, 7])
     image = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    text = PromptedTextEncoder(tiny_clip).encodetoken_ids(ids)
+    text = PromptedTextEncoder(tiny_clip).encode_token_ids(ids)
     assert torch.allclose(text.features, tiny_clip.encode_text(ids), atol=1e-5)
     assert text.pooled_index.tolist() == [5, 9, 7]
     # untruncated path gives the same features too
-    full = PromptedTextEncoder(tiny_clip).encodetoken_ids(ids, truncate=False)
+    full = PromptedTextEncoder(tiny_clip).encode_token_ids(ids, truncate=False)
     assert torch.allclose(full.features, text.features, atol=1e-5)
     assert full.tokens.shape[1] == 77 and text.tokens.shape[1] == 10
     vision = PromptedVisionEncoder(tiny_clip)(image)
@@ -34,7 +34,7 @@ def test_text_insertion_matches_manual_computation(tiny_clip):
     gen = torch.Generator().manual_seed(2)
     t3, t4 = torch.randn(2, width, generator=gen), torch.randn(2, width, generator=gen)
     group = DeepTokens([t3, t4], first_layer=3, position=1, insert=True, name="rep")
-    out = PromptedTextEncoder(tiny_clip).encodetoken_ids(ids, deep=[group], return_hidden=True, truncate=False)
+    out = PromptedTextEncoder(tiny_clip).encode_token_ids(ids, deep=[group], return_hidden=True, truncate=False)
 
     x = tiny_clip.token_embedding(ids) + tiny_clip.positional_embedding
     blocks = tiny_clip.transformer.resblocks
@@ -60,8 +60,8 @@ def test_text_replacement_keeps_length_and_causality(tiny_clip):
     encoder = PromptedTextEncoder(tiny_clip)
     tok = [torch.randn(2, tiny_clip.transformer.width) for _ in range(3)]
     group = DeepTokens(tok, first_layer=1, position=1, insert=False)
-    plain = encoder.encodetoken_ids(ids, return_hidden=True)
-    prompted = encoder.encodetoken_ids(ids, deep=[group], return_hidden=True)
+    plain = encoder.encode_token_ids(ids, return_hidden=True)
+    prompted = encoder.encode_token_ids(ids, deep=[group], return_hidden=True)
     assert [h.shape[1] for h in prompted.hidden_states] == [9] * 12
     assert prompted.pooled_index.tolist() == [7, 8]
     # position 0 (SOT) never attends to later tokens: identical in every layer
@@ -106,4 +106,4 @@ def test_prompt_depth_beyond_backbone_is_a_clear_error(tiny_clip):
 
     group = DeepTokens([torch.zeros(2, tiny_clip.transformer.width)] * 13, first_layer=0)
     with pytest.raises(ValueError, match="prompt depth"):
-        PromptedTextEncoder(tiny_clip).encodetoken_ids(token_ids([4]), deep=[group])
+        PromptedTextEncoder(tiny_clip).encode_token_ids(token_ids([4]), deep=[group])
