@@ -14,65 +14,51 @@ from restore.engine.registry import Registry, check_availability
 from restore.engine.utils import load_checkpoint, save_checkpoint, setup_logger
 
 
-def _lr_sequence(**overrides):
+def _optim_and_sched(**overrides):
     cfg = get_cfg_default()
     for key, value in overrides.items():
         cfg.OPTIM[key] = value
-    param = torch.nn.Parameter(torch.zeros(1))
-    optim = build_optimizer([param], cfg.OPTIM)
-    sched = build_lr_scheduler(optim, cfg.OPTIM)
+    optim = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.OPTIM)
+    return optim, build_lr_scheduler(optim, cfg.OPTIM)
+
+
+def _lr_sequence(epochs, optim, sched):
+    """The LR in effect during each of ``epochs`` epochs, stepping the scheduler once per epoch."""
     lrs = []
-    for _ in range(cfg.OPTIM.MAX_EPOCH):
+    for _ in range(epochs):
         lrs.append(optim.param_groups[0]["lr"])
         optim.step()
         sched.step()
-    return lrs, optim, sched
+    return lrs
 
 
 def test_maple_lr_sequence_matches_dassl():
-    lrs, _, _ = _lr_sequence(NAME="sgd", LR=0.0035, MAX_EPOCH=5, LR_SCHEDULER="cosine", WARMUP_EPOCH=1,
-                             WARMUP_TYPE="constant", WARMUP_CONS_LR=1e-5)
+    lrs = _lr_sequence(5, *_optim_and_sched(NAME="sgd", LR=0.0035, MAX_EPOCH=5, LR_SCHEDULER="cosine",
+                                            WARMUP_EPOCH=1, WARMUP_TYPE="constant", WARMUP_CONS_LR=1e-5))
     assert lrs == pytest.approx([1e-5, 0.0035, 0.003166, 0.002291, 0.001209], abs=1e-6)
 
 
 def test_linear_warmup_and_no_recount_sequences():
-    lrs, _, _ = _lr_sequence(NAME="sgd", LR=0.01, MAX_EPOCH=10, LR_SCHEDULER="cosine", WARMUP_EPOCH=3, WARMUP_TYPE="linear")
+    lrs = _lr_sequence(10, *_optim_and_sched(NAME="sgd", LR=0.01, MAX_EPOCH=10, LR_SCHEDULER="cosine",
+                                             WARMUP_EPOCH=3, WARMUP_TYPE="linear"))
     assert lrs == pytest.approx([1e-5, 0.00333, 0.00667, 0.01, 0.00976, 0.00905, 0.00794, 0.00655, 0.005, 0.00345], abs=1e-5)
-    lrs, _, _ = _lr_sequence(NAME="sgd", LR=0.01, MAX_EPOCH=10, LR_SCHEDULER="cosine", WARMUP_EPOCH=2,
-                             WARMUP_TYPE="constant", WARMUP_RECOUNT=False)
+    lrs = _lr_sequence(10, *_optim_and_sched(NAME="sgd", LR=0.01, MAX_EPOCH=10, LR_SCHEDULER="cosine",
+                                             WARMUP_EPOCH=2, WARMUP_TYPE="constant", WARMUP_RECOUNT=False))
     assert lrs == pytest.approx([1e-5, 1e-5, 0.01, 0.00878, 0.00724, 0.00553, 0.00382, 0.00228, 0.00106, 0.00027], abs=1e-5)
 
 
 def test_warmup_scheduler_state_loads_weights_only_and_resumes(tmp_path):
+    """A warmup scheduler saved after 2 epochs loads with weights_only=True and continues the same sequence."""
     kw = dict(NAME="sgd", LR=0.0035, MAX_EPOCH=5, LR_SCHEDULER="cosine", WARMUP_EPOCH=1, WARMUP_TYPE="constant")
-    _, optim, sched = _lr_sequence(**{**kw, "MAX_EPOCH": 5})
-    path = tmp_path / "s.pt"
-    torch.save({"scheduler": sched.state_dict()}, path)
-    state = torch.load(path, weights_only=True)["scheduler"]
-    # a fresh scheduler restored at epoch 2 continues the same sequence
-    cfg = get_cfg_default()
-    for k, v in kw.items():
-        cfg.OPTIM[k] = v
-    p = torch.nn.Parameter(torch.zeros(1))
-    o2 = build_optimizer([p], cfg.OPTIM)
-    s2 = build_lr_scheduler(o2, cfg.OPTIM)
-    o2.step(); s2.step(); o2.step(); s2.step()
-    mid_state = s2.state_dict()
-    o3 = build_optimizer([p], cfg.OPTIM)
-    s3 = build_lr_scheduler(o3, cfg.OPTIM)
-    s3.load_state_dict(torch.load(_save(tmp_path / "m.pt", mid_state), weights_only=True))
-    o3.param_groups[0]["lr"] = s3.get_last_lr()[0]
-    seq = []
-    for _ in range(3):
-        seq.append(o3.param_groups[0]["lr"])
-        o3.step(); s3.step()
-    assert seq == pytest.approx([0.003166, 0.002291, 0.001209], abs=1e-6)
+    optim, sched = _optim_and_sched(**kw)
+    _lr_sequence(2, optim, sched)
+    torch.save({"scheduler": sched.state_dict()}, tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)["scheduler"]
     assert state["successor"]["T_max"] == 5.0
-
-
-def _save(path, obj):
-    torch.save(obj, path)
-    return path
+    resumed_optim, resumed_sched = _optim_and_sched(**kw)
+    resumed_sched.load_state_dict(state)
+    resumed_optim.param_groups[0]["lr"] = resumed_sched.get_last_lr()[0]
+    assert _lr_sequence(3, resumed_optim, resumed_sched) == pytest.approx([0.003166, 0.002291, 0.001209], abs=1e-6)
 
 
 def test_registry_duplicate_and_did_you_mean():

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from restore.clip.model import CLIP
-from restore.data.templates import CUSTOM_TEMPLATES
+from restore.data.templates import dataset_template
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
@@ -70,6 +70,6 @@ class KgCoOp(PromptTrainer):
                                    "CLASS_TOKEN_POSITION": "end", "W": 8.0, "DISTANCE": "l2"}
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        template = CUSTOM_TEMPLATES.get(cfg.DATASET.NAME, "a photo of a {}.")
+        template = dataset_template(cfg.DATASET.NAME)
         clip_model.to(getattr(self, "device", torch.device("cpu")))  # teacher features on the training device
         return KgCoOpModel(clip_model, classnames, self.method_cfg, template)

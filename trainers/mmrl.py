@@ -345,10 +345,10 @@ class MMRL(PromptTrainer):
             raise ValueError(f"TRAINER.MMRL.ALPHA must be in [0, 1], got {node.ALPHA}")
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        from restore.data.templates import CUSTOM_TEMPLATES
+        from restore.data.templates import dataset_template
 
         node = self.method_cfg
-        template = node.TEMPLATE or CUSTOM_TEMPLATES.get(cfg.DATASET.NAME, "a photo of a {}.")
+        template = node.TEMPLATE or dataset_template(cfg.DATASET.NAME)
         print(f"MMRL text template: {template!r}")
         self._checkpoint_dataset: str | None = None
         self._loaded_checkpoint = False

@@ -92,9 +92,9 @@ class CraftRegularizer:
 
     @property
     def template(self) -> str:
-        from restore.data.templates import CUSTOM_TEMPLATES
+        from restore.data.templates import dataset_template
 
-        return str(self.node.TEMPLATE) or CUSTOM_TEMPLATES.get(str(self.cfg.DATASET.NAME), "a photo of a {}.")
+        return str(self.node.TEMPLATE) or dataset_template(str(self.cfg.DATASET.NAME))
 
     def _resolve_text_mode(self, model: torch.nn.Module) -> tuple[str, Any]:
         mode = str(self.node.STOCHASTIC_TEXT)

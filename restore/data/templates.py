@@ -33,6 +33,11 @@ IMAGENET_TEMPLATES_SELECT: list[str] = [
 ]
 
 
+def dataset_template(dataset_name: str) -> str:
+    """The dataset's hand-written template (``"{} texture."`` for DTD); unknown datasets -> 'a photo of a {}.'."""
+    return CUSTOM_TEMPLATES.get(dataset_name, "a photo of a {}.")
+
+
 def template_for(dataset_name: str, classname: str) -> str:
-    """The dataset's hand-written prompt for ``classname`` (``_`` -> space); unknown datasets -> 'a photo of a'."""
-    return CUSTOM_TEMPLATES.get(dataset_name, "a photo of a {}.").format(classname.replace("_", " "))
+    """The dataset's hand-written prompt for ``classname`` (``_`` -> space)."""
+    return dataset_template(dataset_name).format(classname.replace("_", " "))
