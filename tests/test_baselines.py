@@ -385,7 +385,7 @@ def test_trainer_configs_merge_with_the_published_shared_settings(path):
     assert cfg.MODEL.BACKBONE.NAME == "ViT-B/16"
     trainer = os.path.basename(os.path.dirname(path))
     node_cfg = cfg.TRAINER[TRAINER_REGISTRY.get(trainer).cfg_node_name()]
-    assert node_cfg.PREC == "fp16"
+    assert node_cfg.PREC == "auto"  # published "fp16"; auto = bf16 where supported, else fp16
 
 
 def test_published_values_of_key_configs():

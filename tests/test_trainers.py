@@ -187,3 +187,22 @@ def test_trainer_runs_in_mixed_precision(name, precision, tiny_clip, images):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), model.inference_cache():
         logits = model(images[:2]).logits
     assert logits.shape == (2, len(BASE_CLASSES)) and torch.isfinite(logits).all()
+
+
+def test_auto_precision_is_bf16_where_supported_else_fp16_and_fp32_on_cpu(monkeypatch):
+    from restore.prompting.trainer import PRECISIONS, autocast_dtype, resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for precision in PRECISIONS:
+        assert resolve_precision(precision, cpu) == "fp32" and autocast_dtype(precision, cpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda) == "bf16" and autocast_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", cuda) == "fp16" and autocast_dtype("auto", cuda) == torch.float16
+    assert [autocast_dtype(p, cuda) for p in ("fp32", "fp16", "amp", "bf16")] == [
+        None, torch.float16, torch.float16, torch.bfloat16]
+    for name in TRAINER_NAMES:
+        cfg = get_cfg_default()
+        extend_cfg(cfg)
+        expected = "amp" if name == "MMRL" else "auto"  # MMRL's official code trains under fp16 autocast
+        assert cfg.TRAINER[TRAINER_REGISTRY.get(name).cfg_node_name()].PREC == expected, name

@@ -79,7 +79,7 @@ class CoCoOp(PromptTrainer):
     """Conditional Context Optimization."""
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"N_CTX": 16, "CTX_INIT": "", "PREC": "fp16"}
+    default_cfg: dict[str, Any] = {"N_CTX": 16, "CTX_INIT": "", "PREC": "auto"}
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         node = self.method_cfg

@@ -66,7 +66,7 @@ class KgCoOp(PromptTrainer):
     """Knowledge-guided Context Optimization."""
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"N_CTX": 4, "CSC": False, "CTX_INIT": "a photo of a", "PREC": "fp16",
+    default_cfg: dict[str, Any] = {"N_CTX": 4, "CSC": False, "CTX_INIT": "a photo of a", "PREC": "auto",
                                    "CLASS_TOKEN_POSITION": "end", "W": 8.0, "DISTANCE": "l2"}
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:

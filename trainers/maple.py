@@ -60,7 +60,7 @@ class MaPLe(PromptTrainer):
     """Multi-modal Prompt Learning."""
 
     model_name = "MultiModalPromptLearner"
-    default_cfg: dict[str, Any] = {"N_CTX": 2, "CTX_INIT": "a photo of a", "PREC": "fp16", "PROMPT_DEPTH": 9}
+    default_cfg: dict[str, Any] = {"N_CTX": 2, "CTX_INIT": "a photo of a", "PREC": "auto", "PROMPT_DEPTH": 9}
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         node = self.method_cfg

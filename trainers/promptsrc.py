@@ -213,7 +213,7 @@ class PromptSRC(PromptTrainer):
     """Self-regulating prompts with Gaussian prompt aggregation."""
 
     model_name = "VLPromptLearner"
-    default_cfg: dict[str, Any] = {"N_CTX_VISION": 4, "N_CTX_TEXT": 4, "CTX_INIT": "a photo of a", "PREC": "fp16",
+    default_cfg: dict[str, Any] = {"N_CTX_VISION": 4, "N_CTX_TEXT": 4, "CTX_INIT": "a photo of a", "PREC": "auto",
                                    "PROMPT_DEPTH_VISION": 9, "PROMPT_DEPTH_TEXT": 9, "TEXT_LOSS_WEIGHT": 25,
                                    "IMAGE_LOSS_WEIGHT": 10, "GPA_MEAN": 15, "GPA_STD": 1}
     # Integers as in the official defaults, so the official yamls and ``TRAINER.PROMPTSRC.GPA_MEAN 15``

@@ -361,7 +361,7 @@ class RESTORE(PromptTrainer):
         "N_CTX": 2,                    # MaPLe base: tokens per layer
         "CTX_INIT": "a photo of a",
         "PROMPT_DEPTH": 9,             # MaPLe base: prompted layers 0..8
-        "PREC": "fp16",
+        "PREC": "auto",
         "SHIFT": "prompt",             # "prompt" (official proxy) | "feature" (paper definition)
         "USE_FS_LOSS": True,
         "FS_WEIGHT": 1.0,              # lambda (official FS_LOSS_R; DTD 0.5)

@@ -45,7 +45,7 @@ class ZeroshotCLIP(PromptTrainer):
 
     model_name = "zeroshot"
     aliases = ("zsclip",)
-    default_cfg: dict[str, Any] = {"PREC": "fp16", "ENSEMBLE": False}
+    default_cfg: dict[str, Any] = {"PREC": "auto", "ENSEMBLE": False}
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return ZeroshotModel(clip_model, classnames, dataset_templates(cfg.DATASET.NAME, self.method_cfg.ENSEMBLE))

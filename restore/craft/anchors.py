@@ -284,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.USE_CUDA and not args.cpu else "cpu")
     clip_model = load_clip(cfg.MODEL.BACKBONE.NAME, device=device,
                            cache_dir=cfg.MODEL.BACKBONE.CACHE_DIR or None).model
-    autocast_dtype = torch.float16 if device.type == "cuda" else None
+    from restore.prompting.trainer import autocast_dtype as working_dtype
+
+    autocast_dtype = working_dtype("auto", device)
     path = anchor_path(cfg)
     if args.force or not osp.isfile(path):
         data = compute_anchors(cfg, clip_model, device, autocast_dtype)

@@ -3,7 +3,7 @@
 A method provides two things: a :class:`PromptModel` subclass (its prompt modules, how it
 encodes images and class texts, and its loss) and a thin registered :class:`PromptTrainer`
 subclass (config node, which model to build). Everything else lives here once: loading CLIP,
-freezing it, precision (fp32 / fp16 / amp / bf16), the optimisation step, learnable-only
+freezing it, precision (auto / fp32 / fp16 / amp / bf16), the optimisation step, learnable-only
 checkpoints with metadata checks, text features cached for evaluation, and plug-in
 regularizers (Craft) that attach to any trainer by config.
 """
@@ -28,7 +28,7 @@ from restore.engine.utils import CheckpointError
 
 from .encoders import PromptedTextEncoder, PromptedVisionEncoder
 
-PRECISIONS = ("fp32", "fp16", "amp", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "amp", "bf16")
 FROZEN_PREFIXES = ("clip.", "frozen_")
 
 
@@ -152,9 +152,20 @@ def register_regularizer(factory: RegularizerFactory) -> RegularizerFactory:
     return factory
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run really uses: CPU always runs fp32; ``auto`` is bf16 where the GPU supports
+    it (no loss scaling, no fp16 overflow) and fp16 with a GradScaler otherwise (e.g. V100, T4)."""
+    if device.type != "cuda":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision on a device (None: run in fp32). CPU always runs fp32."""
-    if device.type != "cuda" or precision == "fp32":
+    """The autocast dtype for a precision on a device (None: run in fp32)."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
         return None
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
@@ -167,7 +178,7 @@ class PromptTrainer(TrainerX):
     """
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"PREC": "fp16"}
+    default_cfg: dict[str, Any] = {"PREC": "auto"}
 
     @classmethod
     def cfg_node_name(cls) -> str:
@@ -208,10 +219,13 @@ class PromptTrainer(TrainerX):
         classnames = self.dm.dataset.classnames
         print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
         clip_model = self.load_backbone()
-        self.precision = self.method_cfg.PREC
+        requested = self.method_cfg.PREC
+        self.precision = resolve_precision(requested, self.device)
         self.autocast_dtype = autocast_dtype(self.precision, self.device)
-        if self.device.type != "cuda" and self.precision != "fp32":
-            print(f"Note: PREC {self.precision} needs CUDA; running in fp32 on {self.device}")
+        if self.device.type != "cuda" and requested not in ("fp32", "auto"):
+            print(f"Note: PREC {requested} needs CUDA; running in fp32 on {self.device}")
+        elif requested == "auto":
+            print(f"Precision: PREC auto -> {self.precision} on {self.device}")
         print(f"Building {type(self).__name__}")
         self.model = self.build_prompt_model(cfg, classnames, clip_model)
         learnable = self.model.freeze()
@@ -236,7 +250,7 @@ class PromptTrainer(TrainerX):
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def parse_batch_train(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return batch["img"].to(self.device), batch["label"].to(self.device)
