@@ -1,6 +1,7 @@
 """Speed and memory of every registered trainer, with and without RESTORE's exact speed-ups.
 
-    python -m restore.benchmark [--quick] [--json FILE] [--md FILE] [--device cpu|cuda] [--trainers CoOp MaPLe ...]
+    python -m restore.benchmark [--quick] [--json FILE] [--md FILE] [--device cpu|cuda]
+                                [--trainers CoOp MaPLe ...] [--classes 47 1000] [--reps N] [--no-memory]
 
 For each registered trainer (``import trainers``; ZeroshotCLIP is evaluated but not trained) and
 each class count (47 = DTD, 1000 = ImageNet) it builds the trainer's own model with
@@ -14,22 +15,29 @@ names are synthetic, 1-4 words each, so prompt token lengths look like real ones
   they are amortised over a whole test set).
 
 The same run measures the plain path, the way the original code bases run, with the speed-ups
-switched off by :func:`speedups` (a context manager, not a config key):
+switched off by :func:`speedups` (a context manager, not a config key), in alternation with the
+fast path (medians of paired rounds, so load drift on a shared machine hits both alike):
 
 * ``truncate=False``: the text tower runs all 77 positions instead of stopping at the longest EOT
   (exact: under the causal mask nothing after EOT reaches it);
 * ``cache=False``: class text features recomputed for every evaluation batch instead of once per
   evaluation (exact for every method whose text side does not depend on the image);
-* precision (CUDA only): frozen CLIP in fp16 with fp32 learnable parameters (``PREC fp16``, the
-  default) vs everything fp32 (``precision_speedup_train_1000``).
+* precision (CUDA only): frozen CLIP in the working precision of ``PREC auto`` (bf16 where
+  supported, else fp16) with fp32 learnable parameters vs everything fp32
+  (``precision_speedup_train_1000``).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU an estimate of it, every tensor
+alive during one training step counted by :class:`LiveTensorMemory` with the GPU's bf16 working
+precision reproduced on the CPU (:func:`measure_memory_cpu`).
 
 Headline keys of the JSON: ``text_speedup_1000`` (CoOp's text tower forward+backward over 1000
 classes, untruncated / truncated time), ``eval_speedup_1000`` (CoOp evaluation images/s, cached and
 truncated text / the plain path of per-batch untruncated text; ``eval_cache_only_speedup_1000``
-isolates the cache), ``restore_vs_maple_step`` (RESTORE training step in its default
-``SHIFT prompt`` mode / the same MaPLe step without RESTORE's losses and adapters) and
-``restore_feature_mode_overhead`` (``SHIFT feature`` step / ``SHIFT prompt`` step). A ratio is
-``null`` when its trainer is not registered or failed (the reason is in ``notes``).
+isolates the cache and ``eval_cache_flop_ratio_1000`` is what caching saves by FLOP count),
+``restore_vs_maple_step`` (RESTORE training step in its default ``SHIFT prompt`` mode / the same
+MaPLe step without RESTORE's losses and adapters) and ``restore_feature_mode_overhead`` (``SHIFT
+feature`` step / ``SHIFT prompt`` step). A ratio is ``null`` when its trainer is not registered or
+failed (the reason is in ``notes``).
 
 ``--quick`` (a few minutes on 2 CPU cores): 100 instead of 1000 classes (the ``*_1000`` keys are
 then measured at 100 classes, see ``large_num_classes``), fewer repetitions, evaluation batch 25,
@@ -50,15 +58,18 @@ import platform
 import random
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from restore.clip.model import CLIP, TINY_CONFIG, CLIPConfig
 from restore.prompting.encoders import PromptedTextEncoder
-from restore.prompting.trainer import PromptModel, PromptTrainer
+from restore.prompting.trainer import PromptModel, PromptTrainer, resolve_precision
 
 __all__ = ["speedups", "VIT_B16_CONFIG", "QUICK_CPU_CONFIG", "synthetic_classnames", "run_benchmark", "main"]
 
@@ -141,32 +152,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> float:
-    """Mean seconds per call after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / max(reps, 1)
+Mode = tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], Any]]
 
 
-def _paired(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, measured in alternation (load drift hits all alike)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(max(rounds, 1)):
-        for key, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[key].append(time.perf_counter() - start)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+def _paired(modes: dict[str, Mode], device: torch.device, warmup: int, rounds: int,
+            calls_per_round: int = 1) -> dict[str, tuple[float, float | None]]:
+    """Per mode ``(context, fn)``: median seconds per call and peak MiB (CUDA; None on CPU).
+
+    The modes are measured in alternation, ``calls_per_round`` timed calls of each per round, each
+    round inside a fresh ``context()`` (e.g. :func:`speedups` or an inference context), so load drift
+    on a shared machine hits every mode alike and the ratios stay meaningful. ``warmup`` untimed calls
+    open each mode's first round.
+    """
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    peaks: dict[str, float | None] = {k: None for k in modes}
+    _free(device)
+    for round_index in range(max(rounds, 1)):
+        for key, (context, fn) in modes.items():
+            with context():
+                for _ in range(warmup if round_index == 0 else 0):
+                    fn()
+                _sync(device)
+                _peak_reset(device)
+                start = time.perf_counter()
+                for _ in range(calls_per_round):
+                    fn()
+                _sync(device)
+                times[key].append((time.perf_counter() - start) / calls_per_round)
+                peak = _peak_mib(device)
+                if peak is not None:
+                    peaks[key] = max(peak, peaks[key] or 0.0)
+    return {k: (sorted(v)[len(v) // 2], peaks[k]) for k, v in times.items()}
+
+
+def _plain() -> contextlib.AbstractContextManager:
+    return speedups(truncate=False, cache=False)
 
 
 @contextlib.contextmanager
@@ -283,33 +303,148 @@ def _batch(n: int, num_classes: int, resolution: int, device: torch.device, seed
             "domain": torch.zeros(n, dtype=torch.long, device=device)}
 
 
-def measure_train(trainer: PromptTrainer, batch: dict[str, torch.Tensor], device: torch.device, warmup: int,
-                  reps: int) -> tuple[float, float | None]:
-    """(ms per image, peak MiB) of the trainer's ``forward_backward``."""
-    trainer.set_model_mode("train")
-
+def _train_step(trainer: PromptTrainer, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     def step() -> None:
         with _quiet():
             trainer.forward_backward(batch)
             trainer.batch_idx = 0
 
-    for _ in range(warmup):
-        step()
-    _free(device)
-    _peak_reset(device)
-    seconds = _time(step, device, 0, reps)
-    return round(1000.0 * seconds / batch["img"].shape[0], 3), _peak_mib(device)
+    return step
 
 
-@torch.no_grad()
+def measure_train(trainer: PromptTrainer, batch: dict[str, torch.Tensor], device: torch.device, warmup: int,
+                  reps: int) -> dict[str, Any]:
+    """ms per image and peak MiB (CUDA) of the trainer's ``forward_backward``, fast and plain, paired."""
+    trainer.set_model_mode("train")
+    step = _train_step(trainer, batch)
+    paired = _paired({"fast": (contextlib.nullcontext, step), "plain": (_plain, step)}, device, warmup, reps)
+    n = batch["img"].shape[0]
+    row = {"train_ms_per_image": round(1000.0 * paired["fast"][0] / n, 3),
+           "train_ms_per_image_plain": round(1000.0 * paired["plain"][0] / n, 3),
+           "peak_memory_mib": paired["fast"][1], "peak_memory_mib_plain": paired["plain"][1]}
+    row["train_speedup"] = _ratio(row["train_ms_per_image_plain"], row["train_ms_per_image"])
+    return row
+
+
 def measure_eval(trainer: PromptTrainer, batch: dict[str, torch.Tensor], device: torch.device, warmup: int,
-                 reps: int) -> float:
-    """Images/s of the trainer's evaluation path over ``warmup + reps`` batches (one inference context)."""
+                 reps: int, plain: Callable[[], contextlib.AbstractContextManager] = _plain) -> dict[str, Any]:
+    """Images/s of the trainer's evaluation path (``inference_context`` + ``model_inference``), fast
+    and ``plain``, paired. The fast path's class text features are computed on entering the context,
+    untimed: they are amortised over a whole test set."""
     trainer.set_model_mode("eval")
     images = batch["img"]
-    with _quiet(), trainer.inference_context():
-        seconds = _time(lambda: trainer.model_inference(images), device, warmup, reps)
-    return round(images.shape[0] / seconds, 2)
+
+    def context(outer: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], contextlib.ExitStack]:
+        def enter() -> contextlib.ExitStack:
+            stack = contextlib.ExitStack()
+            stack.enter_context(_quiet())
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(outer())
+            stack.enter_context(trainer.inference_context())
+            return stack
+
+        return enter
+
+    def infer() -> None:
+        trainer.model_inference(images)
+
+    paired = _paired({"fast": (context(contextlib.nullcontext), infer), "plain": (context(plain), infer)},
+                     device, warmup, reps)
+    row = {"eval_images_per_s": round(images.shape[0] / paired["fast"][0], 2),
+           "eval_images_per_s_plain": round(images.shape[0] / paired["plain"][0], 2)}
+    row["eval_speedup"] = _ratio(row["eval_images_per_s"], row["eval_images_per_s_plain"])
+    return row
+
+
+class LiveTensorMemory(TorchDispatchMode):
+    """Current and peak bytes of the tensor storages alive while the mode is active, on any device.
+
+    Every operator's outputs are recorded by storage (views and in-place results count once) and
+    released when the storage is freed, so ``peak`` is what an allocator without slack would need:
+    weights, gradients, optimiser state, activations saved for backward and temporaries.
+    ``existing`` are tensors alive before the block (parameters, buffers, optimiser state).
+    """
+
+    def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        for tensor in existing:
+            self._track(tensor)
+
+    def _release(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self._live or tensor.device.type == "meta":
+            return
+        self._live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._release, key)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for value in pytree.tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self._track(value)
+        return out
+
+
+def _state_tensors(trainer: PromptTrainer) -> list[torch.Tensor]:
+    tensors = [t for t in trainer.model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)]
+    tensors += [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    if trainer.optim is not None:
+        tensors += [v for state in trainer.optim.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def measure_memory_cpu(trainer: PromptTrainer, batch: dict[str, torch.Tensor],
+                       dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Peak tensor memory (MiB) of one training step on CPU in a GPU working precision, fast and plain.
+
+    The GPU path of ``PREC auto``/``bf16`` (frozen CLIP in ``dtype``, learnable tensors fp32, autocast)
+    is reproduced on the CPU, and every tensor alive during the step is counted by
+    :class:`LiveTensorMemory`: an estimate of ``torch.cuda.max_memory_allocated`` without the CUDA
+    context, allocator slack or kernel workspaces. The trainer is left in ``dtype``.
+    """
+    trainer.precision, trainer.autocast_dtype = ("bf16" if dtype == torch.bfloat16 else "fp16"), dtype
+    trainer.model.clip.to(dtype)
+    trainer.set_model_mode("train")
+    step = _train_step(trainer, batch)
+    peaks: dict[str, float] = {}
+    for key, context in (("fast", contextlib.nullcontext), ("plain", _plain)):
+        with context():
+            step()  # the optimiser state exists from here on, as in a steady-state step
+            gc.collect()
+            with LiveTensorMemory(_state_tensors(trainer)) as tracker:
+                step()
+            peaks[key] = round(tracker.peak / 2**20, 1)
+    return peaks
+
+
+def eval_cache_flop_ratio(config: CLIPConfig, eval_batch: int, num_classes: int) -> float:
+    """What caching the class text features saves in evaluation arithmetic (a FLOP ratio).
+
+    (image tower over ``eval_batch`` images + untruncated text tower over ``num_classes`` prompts)
+    / image tower, counted by ``torch.utils.flop_counter`` on meta tensors (no compute). With the
+    text features cached, evaluation costs the image tower alone.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = CLIP(config)
+    images = torch.empty(eval_batch, 3, config.image_resolution, config.image_resolution, device="meta")
+    tokens = torch.zeros(num_classes, config.context_length, dtype=torch.long, device="meta")
+    flops = []
+    for fn, arg in ((model.encode_image, images), (model.encode_text, tokens)):
+        with FlopCounterMode(display=False) as counter:
+            fn(arg)
+        flops.append(counter.get_total_flops())
+    return round((flops[0] + flops[1]) / flops[0], 3)
 
 
 def text_tower_step(trainer: PromptTrainer) -> Callable[[], None]:
@@ -348,9 +483,24 @@ def _registered_trainers(selected: Sequence[str] | None) -> list[str]:
 
 
 def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[str] | None = None,
-                  tiny: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                  tiny: bool = False, log: Callable[[str], None] = print, reps: int = 0,
+                  class_counts: Sequence[int] | None = None, memory: bool = True) -> dict[str, Any]:
+    """Measure every selected trainer; returns the JSON report (see the module docstring).
+
+    ``reps`` (> 0) overrides the preset's timed rounds, ``class_counts`` its (small, large) class
+    counts, ``memory=False`` skips the CPU memory tracking (CUDA peaks are always measured).
+    """
     preset = make_preset(quick, device, tiny)
-    precision = "fp16" if device.type == "cuda" else "fp32"
+    if reps > 0:
+        preset.train_reps = preset.eval_reps = preset.text_reps = reps
+        preset.train_warmup, preset.eval_warmup = min(preset.train_warmup, 1), min(preset.eval_warmup, 1)
+        preset.notes.append(f"--reps {reps}: {reps} timed round(s) per measurement, at most 1 warm-up call")
+    if class_counts:
+        small, large = (min(class_counts), max(class_counts))
+        preset.class_counts = (small, large)
+        if large != 1000:
+            preset.notes.append(f"--classes: *_1000 keys measured at {large} classes")
+    precision = resolve_precision("auto", device)
     names = _registered_trainers(trainers)
     small, large = preset.class_counts
     log(f"RESTORE benchmark ({preset.name}) on {device}: trainers {names}; classes {small}/{large}; "
@@ -361,6 +511,8 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
     clip_model = CLIP(preset.config).eval()
     res = preset.config.image_resolution
     notes = list(preset.notes)
+    on_cpu = device.type != "cuda"
+    track_cpu_memory = on_cpu and memory
     report: dict[str, Any] = {
         "preset": preset.name, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -368,6 +520,10 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
         "clip_config": asdict(preset.config), "random_weights": True,
         "num_classes": list(preset.class_counts), "large_num_classes": large,
         "train_batch": preset.train_batch, "eval_batch": preset.eval_batch,
+        "peak_memory_source": ("torch.cuda.max_memory_allocated, PREC auto" if not on_cpu else
+                               "CPU, live tensors of one step in bf16 working precision (estimate of the GPU figure)"
+                               if track_cpu_memory else None),
+        "eval_cache_flop_ratio_1000": eval_cache_flop_ratio(preset.config, preset.eval_batch, large),
         "results": {},
     }
     results: dict[str, dict[str, Any]] = report["results"]
@@ -382,39 +538,32 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
             train_batch = _batch(preset.train_batch, num_classes, res, device, seed=1)
             eval_batch = _batch(preset.eval_batch, num_classes, res, device, seed=2)
             t0 = time.perf_counter()
+            trains = name not in EVAL_ONLY
             try:
-                trainer = build_bench_trainer(name, clip_model, classnames, device, precision)
-                if name not in EVAL_ONLY and trainer.optim is not None:
-                    row["train_ms_per_image"], row["peak_memory_mib"] = measure_train(
-                        trainer, train_batch, device, preset.train_warmup, preset.train_reps)
-                    with speedups(truncate=False, cache=False):
-                        row["train_ms_per_image_plain"], row["peak_memory_mib_plain"] = measure_train(
-                            trainer, train_batch, device, preset.train_warmup, preset.train_reps)
-                    row["train_speedup"] = _ratio(row["train_ms_per_image_plain"], row["train_ms_per_image"])
-                row["eval_images_per_s"] = measure_eval(trainer, eval_batch, device, preset.eval_warmup,
-                                                        preset.eval_reps)
-                with speedups(truncate=False, cache=False):
-                    row["eval_images_per_s_plain"] = measure_eval(trainer, eval_batch, device, preset.eval_warmup,
-                                                                  preset.eval_reps)
-                row["eval_speedup"] = _ratio(row["eval_images_per_s"], row["eval_images_per_s_plain"])
+                trainer = build_bench_trainer(name, clip_model, classnames, device, "auto")
+                trains = trains and trainer.optim is not None
+                if trains:
+                    row.update(measure_train(trainer, train_batch, device, preset.train_warmup, preset.train_reps))
+                row.update(measure_eval(trainer, eval_batch, device, preset.eval_warmup, preset.eval_reps))
                 if name == "CoOp" and num_classes == large:
-                    with speedups(cache=False):
-                        per_batch = measure_eval(trainer, eval_batch, device, preset.eval_warmup, preset.eval_reps)
-                    report["eval_images_per_s_coop_per_batch_text"] = per_batch
                     # against the plain path (untruncated, per-batch text), as the issue defines it
                     report["eval_speedup_1000"] = row["eval_speedup"]
-                    report["eval_cache_only_speedup_1000"] = _ratio(row["eval_images_per_s"], per_batch)
+                    cache_only = measure_eval(trainer, eval_batch, device, 0, preset.eval_reps,
+                                              plain=lambda: speedups(cache=False))
+                    report["eval_images_per_s_coop_per_batch_text"] = cache_only["eval_images_per_s_plain"]
+                    report["eval_cache_only_speedup_1000"] = cache_only["eval_speedup"]
                     text_step = text_tower_step(trainer)
-
-                    def untruncated_step() -> None:
-                        with speedups(truncate=False):
-                            text_step()
-
-                    paired = _paired({"fast": text_step, "plain": untruncated_step}, device, 1, preset.text_reps)
-                    truncated, untruncated = paired["fast"], paired["plain"]
+                    paired = _paired({"fast": (contextlib.nullcontext, text_step),
+                                      "plain": (lambda: speedups(truncate=False), text_step)},
+                                     device, 1, preset.text_reps)
+                    truncated, untruncated = paired["fast"][0], paired["plain"][0]
                     report["text_ms_1000"] = {"truncated": round(1000 * truncated, 2),
                                               "untruncated": round(1000 * untruncated, 2)}
                     report["text_speedup_1000"] = _ratio(untruncated, truncated)
+                if trains and track_cpu_memory:
+                    trainer = build_bench_trainer(name, clip_model, classnames, device, "auto")
+                    peaks = measure_memory_cpu(trainer, train_batch)
+                    row["peak_memory_mib"], row["peak_memory_mib_plain"] = peaks["fast"], peaks["plain"]
                 if num_classes == large:
                     step_ms[name] = row.get("train_ms_per_image")
             except Exception as err:  # noqa: BLE001 - one failing trainer must not stop the benchmark
@@ -438,41 +587,42 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
         try:
             batch = _batch(preset.train_batch, large, res, device, 1)
             classnames = synthetic_classnames(large)
-            steps: dict[str, Callable[[], None]] = {}
+            modes: dict[str, Mode] = {}
             for key, name, overrides in (("maple", "MaPLe", None), ("restore", restore_name, None),
                                          ("restore_feature", restore_name, {"SHIFT": "feature"})):
-                trainer = build_bench_trainer(name, clip_model, classnames, device, precision, overrides)
+                trainer = build_bench_trainer(name, clip_model, classnames, device, "auto", overrides)
                 trainer.set_model_mode("train")
-
-                def step(t: PromptTrainer = trainer) -> None:
-                    with _quiet():
-                        t.forward_backward(batch)
-                        t.batch_idx = 0
-
-                steps[key] = step
-            paired = _paired(steps, device, preset.train_warmup, max(3, preset.train_reps))
-            ms = {k: round(1000 * v / preset.train_batch, 3) for k, v in paired.items()}
+                modes[key] = (contextlib.nullcontext, _train_step(trainer, batch))
+            paired = _paired(modes, device, preset.train_warmup, max(3, preset.train_reps))
+            ms = {k: round(1000 * v[0] / preset.train_batch, 3) for k, v in paired.items()}
             report["restore_step_ms_per_image"] = ms
             report["restore_vs_maple_step"] = _ratio(ms["restore"], ms["maple"])
             report["restore_feature_mode_overhead"] = _ratio(ms["restore_feature"], ms["restore"])
         except Exception as err:  # noqa: BLE001
             notes.append(f"RESTORE/MaPLe paired step failed: {type(err).__name__}: {err}")
-        steps = {}
+        modes = {}
         trainer = None  # type: ignore[assignment]
         _free(device)
 
-    # Frozen CLIP in the working precision (fp16) vs all fp32: CUDA only.
+    # Frozen CLIP in the working precision vs all fp32: CUDA only.
     report["precision_speedup_train_1000"] = None
     if device.type == "cuda" and "CoOp" in names and step_ms.get("CoOp") is not None:
         try:
-            trainer = build_bench_trainer("CoOp", clip_model, synthetic_classnames(large), device, "fp32")
-            fp32_ms, fp32_peak = measure_train(trainer, _batch(preset.train_batch, large, res, device, 1), device,
-                                               preset.train_warmup, preset.train_reps)
-            report["coop_fp32_train_ms_per_image"] = fp32_ms
-            report["coop_fp32_peak_memory_mib"] = fp32_peak
-            report["precision_speedup_train_1000"] = _ratio(fp32_ms, step_ms["CoOp"])
+            batch = _batch(preset.train_batch, large, res, device, 1)
+            classnames = synthetic_classnames(large)
+            modes = {}
+            for key, prec in (("fp32", "fp32"), (precision, "auto")):
+                trainer = build_bench_trainer("CoOp", clip_model, classnames, device, prec)
+                trainer.set_model_mode("train")
+                modes[key] = (contextlib.nullcontext, _train_step(trainer, batch))
+            paired = _paired(modes, device, preset.train_warmup, preset.train_reps)
+            report["coop_train_ms_per_image_by_precision"] = {
+                k: round(1000 * v[0] / preset.train_batch, 3) for k, v in paired.items()}
+            report["coop_peak_memory_mib_by_precision"] = {k: v[1] for k, v in paired.items()}
+            report["precision_speedup_train_1000"] = _ratio(paired["fp32"][0], paired[precision][0])
         except Exception as err:  # noqa: BLE001
             notes.append(f"CoOp fp32 failed: {type(err).__name__}: {err}")
+        modes = {}
         trainer = None  # type: ignore[assignment]
         _free(device)
     else:
@@ -481,8 +631,16 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
     report.setdefault("eval_speedup_1000", None)
     if "CoOp" not in names:
         notes.append("CoOp not selected: text_speedup_1000 and eval_speedup_1000 are null")
-    if device.type != "cuda":
-        notes.append("peak memory is reported on CUDA only (null on CPU)")
+    if track_cpu_memory:
+        notes.append("peak MiB on CPU: every tensor alive in one training step (LiveTensorMemory) with frozen CLIP "
+                     "in bf16 under bf16 autocast, the GPU path of PREC auto; an estimate of CUDA's "
+                     "max_memory_allocated without the CUDA context, allocator slack or kernel workspaces")
+    elif on_cpu:
+        notes.append("peak memory: not tracked (--no-memory)")
+    notes.append(f"eval_cache_flop_ratio_1000 = {report['eval_cache_flop_ratio_1000']}: by FLOP count, (image tower at batch "
+                 f"{preset.eval_batch} + untruncated text tower over {large} classes) / image tower: what "
+                 "caching the class text features saves in arithmetic (measured speed-ups differ as the towers run "
+                 "at different FLOP rates)")
     report["notes"] = notes
     return report
 
@@ -505,7 +663,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"CLIP with random weights: vision {cfg['vision_layers']}x{cfg['vision_width']} patch "
         f"{cfg['vision_patch_size']} @ {cfg['image_resolution']} px, text {cfg['transformer_layers']}x"
         f"{cfg['transformer_width']}, embed {cfg['embed_dim']}. Train batch {report['train_batch']}, eval batch "
-        f"{report['eval_batch']}. 'plain' = untruncated text tower and per-batch text features.",
+        f"{report['eval_batch']}. 'plain' = untruncated text tower and per-batch text features. Peak memory: "
+        f"{report.get('peak_memory_source') or 'not measured'}.",
         "",
         "| trainer | classes | train ms/img | plain | speed-up | peak MiB | plain | eval img/s | plain | speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -526,6 +685,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|",
         f"| text_speedup_1000 (CoOp text tower fwd+bwd, untruncated / truncated) | {_fmt(report.get('text_speedup_1000'))} |",
         f"| eval_speedup_1000 (CoOp eval img/s, cached+truncated / plain per-batch untruncated text) | {_fmt(report.get('eval_speedup_1000'))} |",
+        f"| eval_cache_flop_ratio_1000 (what caching saves, by FLOP count) | {_fmt(report.get('eval_cache_flop_ratio_1000'))} |",
         f"| restore_vs_maple_step (RESTORE SHIFT prompt step / MaPLe step) | {_fmt(report.get('restore_vs_maple_step'))} |",
         f"| restore_feature_mode_overhead (SHIFT feature / SHIFT prompt step) | "
         f"{_fmt(report.get('restore_feature_mode_overhead'))} |",
@@ -544,6 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--trainers", nargs="+", default=None, help="subset of registered trainers (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--reps", type=int, default=0, help="timed rounds per measurement (default: the preset's)")
+    parser.add_argument("--classes", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
+                        help="class counts (default 47 1000; --quick 47 100)")
+    parser.add_argument("--no-memory", action="store_true", help="on CPU, skip tracking peak memory")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds, tiny CLIP
     return parser
 
@@ -564,7 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "thread (pass --threads N to override)")
         torch.set_num_threads(1)
     start = time.time()
-    report = run_benchmark(device, quick=args.quick, trainers=args.trainers, tiny=args.tiny)
+    report = run_benchmark(device, quick=args.quick, trainers=args.trainers, tiny=args.tiny, reps=args.reps,
+                           class_counts=args.classes, memory=not args.no_memory)
     report["wall_s"] = round(time.time() - start, 1)
     table = markdown(report)
     print()

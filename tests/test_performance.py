@@ -10,10 +10,9 @@ import torch
 from helpers import token_ids
 
 from restore.benchmark import main as benchmark_main
-from restore.benchmark import speedups, synthetic_classnames
+from restore.benchmark import LiveTensorMemory, eval_cache_flop_ratio, speedups, synthetic_classnames
+from restore.clip.model import TINY_CONFIG
 from restore.prompting.encoders import DeepTokens, PromptedTextEncoder
-
-
 
 
 def _deep_groups(width: int, kind: str) -> list[DeepTokens]:
@@ -123,6 +122,49 @@ def test_benchmark_smoke_writes_keys_and_positive_ratios(tmp_path, capsys):
             assert "error" not in row, row
             assert row["train_ms_per_image"] > 0 and row["eval_images_per_s"] > 0
             assert row["train_speedup"] > 0 and row["eval_speedup"] > 0
+            # CPU estimate in bf16: the truncated text tower needs less memory than the full one
+            assert 0 < row["peak_memory_mib"] < row["peak_memory_mib_plain"], row
+    assert report["eval_cache_flop_ratio_1000"] == eval_cache_flop_ratio(TINY_CONFIG, 4, 12)
     text = md.read_text()
     assert "| CoOp | 12 |" in text and "text_speedup_1000" in text
     assert "text_speedup_1000" in capsys.readouterr().out
+
+
+def test_live_tensor_memory_counts_storages_once_and_releases_them():
+    existing = torch.zeros(250)  # 1000 bytes alive before the block
+    with LiveTensorMemory([existing, existing[:10]]) as tracker:
+        assert tracker.current == 1000
+        a = torch.ones(1000)  # 4000
+        b = torch.ones(2000, dtype=torch.float64)  # 16000
+        view = b[:10]
+        b.add_(1)  # in place: same storage
+        assert tracker.current == 21000
+        del a
+        c = torch.ones(500, dtype=torch.bfloat16)  # 1000
+    assert tracker.peak == 21000 and tracker.current == 18000
+    del b, view, c
+
+
+def test_live_tensor_memory_sees_gradients_and_saved_activations():
+    weight = torch.zeros(300, 200, requires_grad=True)  # 240,000 bytes
+    x = torch.ones(50, 200)  # 40,000 bytes
+    with LiveTensorMemory([weight, x]) as tracker:
+        y = x @ weight.t()  # 60,000; x is saved for backward (already counted)
+        y.sum().backward()  # weight.grad 240,000; grad_y is an expanded scalar (4 bytes)
+    assert weight.grad is not None
+    assert 240_000 + 40_000 + 60_000 + 240_000 <= tracker.peak <= 240_000 + 40_000 + 60_000 + 240_000 + 64
+
+
+def test_eval_cache_flop_ratio_matches_the_hand_count():
+    c, batch, classes = TINY_CONFIG, 4, 12
+
+    def layers(n_seq: int, length: int, width: int, depth: int) -> int:
+        # per layer: qkv 6NW^2 + out 2NW^2 + MLP 16NW^2 (N = n_seq * length) + attention 4 n_seq L^2 W
+        return depth * (24 * n_seq * length * width**2 + 4 * n_seq * length**2 * width)
+
+    grid = c.image_resolution // c.vision_patch_size
+    image = (2 * batch * grid**2 * c.vision_width * 3 * c.vision_patch_size**2
+             + layers(batch, grid**2 + 1, c.vision_width, c.vision_layers) + 2 * batch * c.vision_width * c.embed_dim)
+    text = (layers(classes, c.context_length, c.transformer_width, c.transformer_layers)
+            + 2 * classes * c.transformer_width * c.embed_dim)
+    assert eval_cache_flop_ratio(c, batch, classes) == round((image + text) / image, 3)
