@@ -174,7 +174,7 @@ def compute_anchors(cfg: Any, clip_model: Any, device: torch.device | str | None
         items = sample_per_class(dataset.train_x, int(node.ANCHOR_NUM_SHOTS), int(node.ANCHOR_SEED))
         tfm = build_transform(acfg, is_train=node.ANCHOR_TRANSFORM == "train")
         loader = build_data_loader(acfg, sampler_type="SequentialSampler", data_source=items,
-                                   batch_size=int(node.ANCHOR_BATCH_SIZE), tfm=tfm, is_train=False)
+                                   batch_size=int(node.ANCHOR_BATCH_SIZE), tfm=tfm, is_train=False, shard=False)
         start = time.time()
         feats, labels = extract_features(clip_model.encode_image, loader, device, autocast_dtype)
         num_classes = len(dataset.classnames)
@@ -231,7 +231,22 @@ def ensure_anchors(cfg: Any, clip_model: Any, classnames: Sequence[str], device:
 
     A cache at the default path that does not fit the run (other classes, backbone or cluster
     count) is recomputed; one given explicitly in ``ANCHOR_PATH`` raises a ValueError instead.
+    Under DDP rank 0 alone loads or computes (over all anchor images) and writes the file; the
+    other ranks wait for it and load it, so every rank holds the same anchors.
     """
+    from restore.engine import distributed
+
+    if distributed.is_distributed():
+        data = (ensure_anchors_here(cfg, clip_model, classnames, device, autocast_dtype)
+                if distributed.is_main_process() else None)
+        distributed.barrier()
+        return data if data is not None else load_anchors(anchor_path(cfg))
+    return ensure_anchors_here(cfg, clip_model, classnames, device, autocast_dtype)
+
+
+def ensure_anchors_here(cfg: Any, clip_model: Any, classnames: Sequence[str], device: torch.device | str | None = None,
+                        autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """:func:`ensure_anchors` in this process alone."""
     node = craft_node(cfg)
     path = anchor_path(cfg)
     explicit = bool(node is not None and node.ANCHOR_PATH)

@@ -23,6 +23,15 @@ only text prompt is the layer-0 context, e.g. CoOp).
 
 Static anchors and the target loader are prepared on the first training step (an ``--eval-only``
 run computes nothing); the global RNG states are left unchanged by that preparation.
+
+Under DDP (``torchrun``; :mod:`restore.engine.distributed`) the target loader is sharded like the
+training loader (each rank loads its contiguous slice of the same global target batch, which is
+the single-process batch), and the batch-level terms are computed on the global batch: the
+stochastic term is a contrastive loss over the batch and the MMD (with its per-column min-max
+scaling) is not a mean over samples, so averaging per-rank values or gradients would differ from
+one process. Their inputs are all-gathered with gradients (:func:`all_gather_rows`), every rank
+computes the same global loss, and the rank-averaged gradient is the single-process gradient. The
+static term is a mean over samples and stays per rank.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from restore.engine.distributed import all_gather_rows
 from restore.prompting.trainer import PromptOutput, register_regularizer
 
 from .config import check, craft_node, is_enabled
@@ -126,7 +136,13 @@ class CraftRegularizer:
             self._target_loader = self.build_target_loader()
 
     def build_target_loader(self) -> Any:
-        """A shuffled loader over TARGET_NUM_SHOTS unlabelled images per class of TARGET_DATASET."""
+        """A shuffled loader over TARGET_NUM_SHOTS unlabelled images per class of TARGET_DATASET.
+
+        Its order comes from a generator seeded with the target seed; under DDP ``build_data_loader``
+        wraps the sampler in a :class:`~restore.engine.distributed.ShardedSampler` (rank 0's order,
+        shared), so the global target batches are the single-process ones and each rank loads
+        ``TARGET_BATCH_SIZE / world_size`` of them (the batch size is global, like the training one).
+        """
         from restore.engine.data import build_data_loader, build_dataset, build_transform
 
         from .anchors import preserved_rng, sample_per_class
@@ -147,8 +163,12 @@ class CraftRegularizer:
             dataset = build_dataset(tcfg)
             items = sample_per_class(dataset.train_x, int(node.TARGET_NUM_SHOTS), seed)
             tfm = build_transform(tcfg, is_train=node.TARGET_TRANSFORM == "train")
-            loader = build_data_loader(tcfg, sampler_type="RandomSampler", data_source=items,
-                                       batch_size=batch_size, tfm=tfm, is_train=True)
+            try:
+                loader = build_data_loader(tcfg, sampler_type="RandomSampler", data_source=items,
+                                           batch_size=batch_size, tfm=tfm, is_train=True)
+            except ValueError as err:  # DDP: the global target batch must split evenly over the ranks
+                raise ValueError(f"Craft's target loader (global batch {batch_size} from TRAINER.CRAFT."
+                                 f"TARGET_BATCH_SIZE, {len(items)} target images): {err}") from None
         print(f"Craft: {len(items):,} unlabelled target images, batch {batch_size}, "
               f"{node.TARGET_TRANSFORM} transform", flush=True)
         return loader
@@ -215,12 +235,14 @@ class CraftRegularizer:
                 feats = output.image_features
                 if feats is None:
                     raise ValueError("Craft's stochastic alignment needs the host's PromptOutput.image_features")
+                # DDP: a contrastive loss over the global batch (identity when single-process)
+                feats, keys, labels = all_gather_rows(feats), all_gather_rows(text), all_gather_rows(label)
                 if self.w_stochastic > 0:
-                    loss = stochastic_alignment_loss(feats, text, label, scale, self.contrast_targets)
+                    loss = stochastic_alignment_loss(feats, keys, labels, scale, self.contrast_targets)
                     total = total + self.w_stochastic * loss
                     summary["craft_stoch"] = loss.item()
                 if self.w_t2i > 0:
-                    loss = stochastic_alignment_loss(text, feats, label, scale, self.contrast_targets)
+                    loss = stochastic_alignment_loss(keys, feats, labels, scale, self.contrast_targets)
                     total = total + self.w_t2i * loss
                     summary["craft_t2i"] = loss.item()
         if self.w_mmd > 0:
@@ -230,7 +252,8 @@ class CraftRegularizer:
                 target_z = relative_logits(model.encode_image(target), output.text_features, scale)
             else:  # hosts without features: their logits are the relative representation
                 source_z, target_z = output.logits.float(), model(target).logits.float()
-            loss = mmd(source_z, target_z, self.bandwidths, self.minmax)
+            # DDP: the MMD of the global source and target batches (identity when single-process)
+            loss = mmd(all_gather_rows(source_z), all_gather_rows(target_z), self.bandwidths, self.minmax)
             total = total + self.w_mmd * loss
             summary["craft_mmd"] = loss.item()
         return total, summary

@@ -21,6 +21,11 @@ How it works (all of it lives here; the engine calls these helpers at a handful 
   call their model several times per step and read its attributes (MaPLe/PromptSRC under
   DataParallel break on exactly that), and the learnable parameters are tiny, so overlapping
   communication with the backward pass would gain nothing.
+* A loss that is not a mean over samples (a contrastive loss over the batch, an MMD between two
+  batches, per-column batch statistics) is computed on the global batch: :func:`all_gather_rows`
+  concatenates every rank's rows and carries gradients back to each rank's own rows, summed over
+  the ranks that used them. Every rank then computes the same global loss ``L`` and its rows get
+  ``world_size * dL/drow``, which :func:`average_gradients` divides back: exactly ``dL/dtheta``.
 * Logged scalars are averaged over ranks (:func:`average_summary`), so rank 0 prints the global
   loss. Only rank 0 writes ``log.txt``, TensorBoard, checkpoints and ``results.json``; other ranks'
   stdout is silenced (set ``RESTORE_LOG_ALL_RANKS=1`` to keep it).
@@ -51,7 +56,7 @@ from torch.utils.data import Sampler
 
 __all__ = [
     "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process", "barrier",
-    "all_reduce_sum", "broadcast_object", "ShardedSampler", "shard_sampler", "average_gradients",
+    "all_reduce_sum", "all_gather_rows", "broadcast_object", "ShardedSampler", "shard_sampler", "average_gradients",
     "average_summary", "broadcast_parameters", "evaluate", "check_same",
 ]
 
@@ -152,6 +157,38 @@ def all_reduce_sum(value: int | float) -> int | float:
     dist.all_reduce(t)
     out = t.item()
     return int(round(out)) if isinstance(value, int) else out
+
+
+class _GatherRows(torch.autograd.Function):
+    """Differentiable all-gather along dim 0; backward is a sum reduce-scatter (all_reduce, own slice)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        tensor = tensor.contiguous()
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()  # all_reduce is in place; autograd may share grad buffers
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order (identity when single-process).
+
+    With :class:`ShardedSampler`'s contiguous training shards this is the single-process batch.
+    Differentiable: each rank's rows receive the sum over ranks of their gradient, as
+    ``torch.distributed.nn.functional.all_gather`` (deprecated in recent torch); with the same loss
+    on every rank followed by :func:`average_gradients` that is the single-process gradient. The
+    shape must be the same on every rank (equal training shards).
+    """
+    if not is_distributed():
+        return tensor
+    return _GatherRows.apply(tensor)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -309,8 +309,8 @@ class SimpleTrainer(TrainerBase):
         self.output_dir = cfg.OUTPUT_DIR
         self.cfg = cfg
         self.loaded_epoch: int | None = None
-        self.train_images = 0
-        self.train_seconds = 0.0
+        self.train_images = 0  # global: summed over DDP ranks once per epoch (results.json train_images_per_s)
+        self.train_seconds = 0.0  # this rank's training wall time (ranks are in lock-step; rank 0's is written)
         self.build_data_loader()
         self.build_model()
         distributed.broadcast_parameters(self._models.values())  # DDP: same start on every rank
@@ -488,13 +488,14 @@ class TrainerX(SimpleTrainer):
         losses = MetricMeter()
         batch_time, data_time = AverageMeter(), AverageMeter()
         self.num_batches = len(self.train_loader_x)
+        images = 0  # this rank's; summed over ranks at the end of the epoch
         end = epoch_start = time.time()
         for self.batch_idx, batch in enumerate(self.train_loader_x):
             data_time.update(time.time() - end)
             loss_summary = distributed.average_summary(self.forward_backward(batch))  # DDP: global values
             batch_time.update(time.time() - end)
             losses.update(loss_summary)
-            self.train_images += int(batch["label"].shape[0]) if isinstance(batch, dict) else 0
+            images += int(batch["label"].shape[0]) if isinstance(batch, dict) else 0
             meet_freq = (self.batch_idx + 1) % self.cfg.TRAIN.PRINT_FREQ == 0
             only_few_batches = self.num_batches < self.cfg.TRAIN.PRINT_FREQ
             if meet_freq or only_few_batches:
@@ -516,6 +517,7 @@ class TrainerX(SimpleTrainer):
             self.write_scalar("train/lr", self.get_current_lr(), n_iter)
             end = time.time()
         self.train_seconds += time.time() - epoch_start
+        self.train_images += distributed.all_reduce_sum(images)  # DDP: every rank's images (exact if uneven)
 
     def parse_batch_train(self, batch: dict[str, Any]) -> Any:
         input = batch["img"].to(self.device)
@@ -538,6 +540,7 @@ class TrainerXU(SimpleTrainer):
             raise RuntimeError("This trainer needs unlabelled data (train_u) but the dataset provides none.")
         self.num_batches = {"train_x": len_x, "train_u": len_u}.get(count, min(len_x, len_u))
         iter_x, iter_u = iter(self.train_loader_x), iter(self.train_loader_u)
+        images = 0  # this rank's; summed over ranks at the end of the epoch
         end = epoch_start = time.time()
         for self.batch_idx in range(self.num_batches):
             try:
@@ -554,7 +557,7 @@ class TrainerXU(SimpleTrainer):
             loss_summary = distributed.average_summary(self.forward_backward(batch_x, batch_u))  # type: ignore[call-arg]  # DDP
             batch_time.update(time.time() - end)
             losses.update(loss_summary)
-            self.train_images += int(batch_x["label"].shape[0])
+            images += int(batch_x["label"].shape[0])
             if (self.batch_idx + 1) % self.cfg.TRAIN.PRINT_FREQ == 0 or self.num_batches < self.cfg.TRAIN.PRINT_FREQ:
                 nb_remain = self.num_batches - self.batch_idx - 1 + (self.max_epoch - self.epoch - 1) * self.num_batches
                 eta = str(datetime.timedelta(seconds=int(batch_time.avg * nb_remain)))
@@ -563,6 +566,7 @@ class TrainerXU(SimpleTrainer):
                       f"{losses} lr {self.get_current_lr():.4e} eta {eta}")
             end = time.time()
         self.train_seconds += time.time() - epoch_start
+        self.train_images += distributed.all_reduce_sum(images)  # DDP: every rank's images (exact if uneven)
 
     def parse_batch_train(self, batch_x: dict[str, Any], batch_u: dict[str, Any]) -> Any:  # type: ignore[override]
         return batch_x["img"].to(self.device), batch_x["label"].to(self.device), batch_u["img"].to(self.device)

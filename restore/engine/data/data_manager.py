@@ -42,8 +42,11 @@ def seed_worker(worker_id: int) -> None:
 
 def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_source: Sequence[Datum] | None = None,
                       batch_size: int = 64, n_domain: int = 0, n_ins: int = 2, tfm: Any = None,
-                      is_train: bool = True, dataset_wrapper: Any = None) -> DataLoader:
+                      is_train: bool = True, dataset_wrapper: Any = None, shard: bool = True) -> DataLoader:
     """A DataLoader over ``data_source`` (Dassl semantics: train drops the last incomplete batch).
+
+    Under DDP each rank loads its shard of every global batch; ``shard=False`` gives every rank
+    the whole loader (for work that one rank does alone, e.g. Craft's anchors).
 
     With ``cfg.SEED >= 0`` the shuffling order and worker seeds come from a generator seeded with
     ``cfg.SEED``, so the order is reproducible and independent of other uses of the global RNG.
@@ -57,7 +60,8 @@ def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_so
     sampler = build_sampler(sampler_type, cfg=cfg, data_source=data_source, batch_size=batch_size,
                             n_domain=n_domain, n_ins=n_ins, generator=generator)
     # DDP: batch_size is global; each rank loads its shard of every global batch (no-op in one process)
-    sampler, batch_size = shard_sampler(sampler, batch_size, is_train, len(data_source))
+    if shard:
+        sampler, batch_size = shard_sampler(sampler, batch_size, is_train, len(data_source))
     wrapper = dataset_wrapper or DatasetWrapper
     loader = DataLoader(
         wrapper(cfg, data_source, transform=tfm, is_train=is_train),
