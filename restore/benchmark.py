@@ -51,7 +51,6 @@ import contextlib
 import copy
 import gc
 import io
-import json
 import math
 import os
 import platform
@@ -68,6 +67,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from restore.clip.model import CLIP, TINY_CONFIG, CLIPConfig
+from restore.engine.utils import atomic_write_json
 from restore.prompting.encoders import PromptedTextEncoder
 from restore.prompting.trainer import PromptModel, PromptTrainer, resolve_precision
 
@@ -484,11 +484,14 @@ def _registered_trainers(selected: Sequence[str] | None) -> list[str]:
 
 def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[str] | None = None,
                   tiny: bool = False, log: Callable[[str], None] = print, reps: int = 0,
-                  class_counts: Sequence[int] | None = None, memory: bool = True) -> dict[str, Any]:
+                  class_counts: Sequence[int] | None = None, memory: bool = True,
+                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Measure every selected trainer; returns the JSON report (see the module docstring).
 
     ``reps`` (> 0) overrides the preset's timed rounds, ``class_counts`` its (small, large) class
     counts, ``memory=False`` skips the CPU memory tracking (CUDA peaks are always measured).
+    ``on_progress`` receives the partial report after every row (``main`` writes it to ``--json``,
+    so a long run that is stopped keeps what it measured).
     """
     preset = make_preset(quick, device, tiny)
     if reps > 0:
@@ -574,6 +577,8 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
                 _free(device)
             row["seconds"] = round(time.perf_counter() - t0, 1)
             results[name][str(num_classes)] = row
+            if on_progress is not None:
+                on_progress(report)
             log(f"  {name:>14} {num_classes:>5} classes: " + ", ".join(
                 f"{k} {v}" for k, v in row.items() if k != "seconds") + f"  [{row['seconds']} s]")
 
@@ -728,16 +733,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               "thread (pass --threads N to override)")
         torch.set_num_threads(1)
     start = time.time()
+    def save_partial(partial: dict[str, Any]) -> None:
+        if args.json:
+            atomic_write_json({**partial, "partial": True}, os.path.abspath(args.json))
+
     report = run_benchmark(device, quick=args.quick, trainers=args.trainers, tiny=args.tiny, reps=args.reps,
-                           class_counts=args.classes, memory=not args.no_memory)
+                           class_counts=args.classes, memory=not args.no_memory, on_progress=save_partial)
     report["wall_s"] = round(time.time() - start, 1)
     table = markdown(report)
     print()
     print(table)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_json(report, os.path.abspath(args.json))
         print(f"JSON written to {args.json}")
     if args.md:
         os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)

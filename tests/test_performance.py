@@ -168,3 +168,18 @@ def test_eval_cache_flop_ratio_matches_the_hand_count():
     text = (layers(classes, c.context_length, c.transformer_width, c.transformer_layers)
             + 2 * classes * c.transformer_width * c.embed_dim)
     assert eval_cache_flop_ratio(c, batch, classes) == round((image + text) / image, 3)
+
+
+def test_benchmark_reports_progress_after_every_row():
+    from restore.benchmark import run_benchmark
+
+    snapshots: list[list[tuple[str, str]]] = []
+    report = run_benchmark(torch.device("cpu"), tiny=True, trainers=["ZeroshotCLIP", "CoOp"], memory=False,
+                           log=lambda line: None, reps=1, class_counts=[3, 6],
+                           on_progress=lambda r: snapshots.append(
+                               [(n, c) for n, rows in r["results"].items() for c in rows]))
+    assert snapshots == [[("ZeroshotCLIP", "3")], [("ZeroshotCLIP", "3"), ("ZeroshotCLIP", "6")],
+                         [("ZeroshotCLIP", "3"), ("ZeroshotCLIP", "6"), ("CoOp", "3")],
+                         [("ZeroshotCLIP", "3"), ("ZeroshotCLIP", "6"), ("CoOp", "3"), ("CoOp", "6")]]
+    assert report["num_classes"] == [3, 6] and "train_ms_per_image" not in report["results"]["ZeroshotCLIP"]["6"]
+    assert report["results"]["CoOp"]["6"]["peak_memory_mib"] is None  # memory=False on CPU
