@@ -372,3 +372,60 @@ def test_craft_configs_merge(name):
         assert cfg.TRAINER.CRAFT.WEIGHT_STATIC == 0.0 and cfg.TRAINER.MAPLE.PROMPT_DEPTH == 3
     else:
         assert cfg.TRAINER.CRAFT.WEIGHT_STATIC == 1.0 and cfg.TRAINER.CRAFT.MMD_WEIGHT == 0.0
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_craft_resume_continues_the_target_stream_exactly(data_root, tmp_path):
+    """Train 2 epochs; vs stop after epoch 1's checkpoint and resume: bit-identical prompts. Epoch 1 ends
+    one batch into the second pass over the targets (4 steps; 12 target images in batches of 4)."""
+    opts = ["TRAINER.CRAFT.ENABLED", "True", "TRAINER.CRAFT.WEIGHT_STATIC", "0.0",
+            "TRAINER.CRAFT.WEIGHT_STOCHASTIC", "0.0", "TRAINER.CRAFT.MMD_WEIGHT", "1.0",
+            "TRAINER.CRAFT.TARGET_DATASET", "ImageNetSketch", "TRAINER.CRAFT.TARGET_NUM_SHOTS", "3",
+            "TRAINER.CRAFT.TARGET_BATCH_SIZE", "4", "OPTIM.MAX_EPOCH", "2", "TEST.NO_TEST", "True"]
+    reference = _build(_cfg(data_root, tmp_path / "ref", "CoOp", opts))
+    reference.train()
+    assert reference.regularizers[0].state_dict()["target_drawn"] == 8 - 2 * 3  # 8 draws, 3 per pass
+
+    first = _build(_cfg(data_root, tmp_path / "run", "CoOp", opts))
+    original_after_epoch = first.after_epoch
+
+    def stop_after_first_epoch():
+        original_after_epoch()
+        raise _Stop  # a crash right after epoch 1's checkpoint
+
+    first.after_epoch = stop_after_first_epoch
+    with pytest.raises(_Stop):
+        first.train()
+    saved = first.regularizers[0].state_dict()
+    assert saved["target_drawn"] == 1  # one batch into the second pass
+    resumed = _build(_cfg(data_root, tmp_path / "run", "CoOp", opts))
+    resumed.train()
+    assert resumed.start_epoch == 1
+    assert torch.equal(resumed.model.prompt_learner.ctx, reference.model.prompt_learner.ctx)
+
+
+def test_craft_target_stream_state_round_trips(data_root, tmp_path):
+    opts = ["TRAINER.CRAFT.ENABLED", "True", "TRAINER.CRAFT.WEIGHT_STATIC", "0.0",
+            "TRAINER.CRAFT.WEIGHT_STOCHASTIC", "0.0", "TRAINER.CRAFT.MMD_WEIGHT", "1.0",
+            "TRAINER.CRAFT.TARGET_DATASET", "ImageNetSketch", "TRAINER.CRAFT.TARGET_NUM_SHOTS", "3",
+            "TRAINER.CRAFT.TARGET_BATCH_SIZE", "4"]
+    a = _build(_cfg(data_root, tmp_path / "a", "CoOp", opts))
+    reg_a = a.regularizers[0]
+    assert reg_a.state_dict() == {}  # nothing drawn yet
+    reg_a.prepare(a)
+    for _ in range(4):
+        reg_a.next_target_batch()
+    state = reg_a.state_dict()
+    expected = [reg_a.next_target_batch() for _ in range(4)]  # crosses into a third pass
+    b = _build(_cfg(data_root, tmp_path / "b", "CoOp", opts))
+    reg_b = b.regularizers[0]
+    reg_b.load_state_dict(state)
+    reg_b.prepare(b)
+    got = [reg_b.next_target_batch() for _ in range(4)]
+    assert all(torch.equal(x, y) for x, y in zip(got, expected))
+    fresh = _build(_cfg(data_root, tmp_path / "c", "CoOp", opts)).regularizers[0]
+    fresh.prepare(b)
+    assert not torch.equal(fresh.next_target_batch(), expected[0])  # without the state: another batch

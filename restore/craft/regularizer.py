@@ -84,6 +84,9 @@ class CraftRegularizer:
         self.anchors: torch.Tensor | None = None  # (C*K, D), L2-normalised, on the trainer's device
         self._target_loader: Any = None
         self._target_iter: Iterator[Any] | None = None
+        self._target_pass_state: torch.Tensor | None = None  # loader generator state when this pass began
+        self._target_drawn = 0  # batches drawn in this pass
+        self._resume_state: dict[str, Any] | None = None
         self._sentence_ids: torch.Tensor | None = None
         self.text_mode, self._deep_source = self._resolve_text_mode(trainer.model)
         weights = (f"static {self.w_static:g}, stochastic {self.w_stochastic:g}"
@@ -134,6 +137,40 @@ class CraftRegularizer:
             self.anchors = F.normalize(data["anchors"].float(), dim=-1).to(self.device)
         if self.w_mmd > 0 and self._target_loader is None:
             self._target_loader = self.build_target_loader()
+            if self._resume_state:
+                self._resume_target_stream(self._resume_state)
+                self._resume_state = None
+
+    # --- resume: the target stream continues where the checkpoint left it ---
+    def state_dict(self) -> dict[str, Any]:
+        """Where the target stream stands: the loader generator's state when the current pass began
+        and the batches drawn since (saved in checkpoints with the engine's RNG states)."""
+        if self._target_iter is None or self._target_pass_state is None:
+            return {}
+        return {"target_pass_state": self._target_pass_state.clone(), "target_drawn": self._target_drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the target stream of :meth:`state_dict` (applied when the target loader is built)."""
+        self._resume_state = dict(state) if state else None
+        if self._resume_state and self._target_loader is not None:
+            self._resume_target_stream(self._resume_state)
+            self._resume_state = None
+
+    def _resume_target_stream(self, state: dict[str, Any]) -> None:
+        generator = getattr(self._target_loader, "generator", None)
+        if generator is None:  # unseeded run (SEED < 0): the order was random anyway
+            return
+        generator.set_state(state["target_pass_state"])
+        self._start_target_pass()
+        for _ in range(int(state["target_drawn"])):  # replay the drawn part of the pass (same order)
+            next(self._target_iter)  # type: ignore[arg-type]
+        self._target_drawn = int(state["target_drawn"])
+
+    def _start_target_pass(self) -> None:
+        generator = getattr(self._target_loader, "generator", None)
+        self._target_pass_state = generator.get_state() if generator is not None else None
+        self._target_iter = iter(self._target_loader)
+        self._target_drawn = 0
 
     def build_target_loader(self) -> Any:
         """A shuffled loader over TARGET_NUM_SHOTS unlabelled images per class of TARGET_DATASET.
@@ -176,12 +213,13 @@ class CraftRegularizer:
     def next_target_batch(self) -> torch.Tensor:
         """The next unlabelled target images (the loader restarts when exhausted, as TrainerXU's)."""
         if self._target_iter is None:
-            self._target_iter = iter(self._target_loader)
+            self._start_target_pass()
         try:
-            batch = next(self._target_iter)
+            batch = next(self._target_iter)  # type: ignore[arg-type]
         except StopIteration:
-            self._target_iter = iter(self._target_loader)
-            batch = next(self._target_iter)
+            self._start_target_pass()
+            batch = next(self._target_iter)  # type: ignore[arg-type]
+        self._target_drawn += 1
         return batch["img"].to(self.device)
 
     # --- per step ---

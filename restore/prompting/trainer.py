@@ -301,6 +301,19 @@ class PromptTrainer(TrainerX):
         stack.enter_context(self.model.inference_cache())
         return stack
 
+    def capture_rng_state(self) -> dict[str, Any]:
+        """The engine's RNG states plus each plug-in regularizer's stream state (e.g. Craft's targets)."""
+        state = super().capture_rng_state()
+        state["regularizers"] = [r.state_dict() if hasattr(r, "state_dict") else {}
+                                 for r in getattr(self, "regularizers", [])]
+        return state
+
+    def restore_rng_state(self, state: dict[str, Any] | None) -> None:
+        super().restore_rng_state(state)
+        for regularizer, saved in zip(getattr(self, "regularizers", []), (state or {}).get("regularizers", [])):
+            if saved and hasattr(regularizer, "load_state_dict"):
+                regularizer.load_state_dict(saved)
+
     def checkpoint_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         return self._models[name].checkpoint_state()
 
