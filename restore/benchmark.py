@@ -293,7 +293,16 @@ def build_bench_trainer(name: str, clip_model: CLIP, classnames: Sequence[str], 
     trainer.load_backbone = lambda: copy.deepcopy(clip_model)  # type: ignore[method-assign]
     with _quiet():
         trainer.build_model()
+    if device.type != "cuda" and precision == "bf16":
+        emulate_working_precision(trainer, torch.bfloat16)
     return trainer
+
+
+def emulate_working_precision(trainer: PromptTrainer, dtype: torch.dtype) -> None:
+    """Put a CPU trainer on the GPU path of ``PREC bf16``: frozen CLIP in ``dtype``, learnable tensors
+    fp32, every forward under autocast (CPU autocast; trainers themselves run fp32 on CPU)."""
+    trainer.precision, trainer.autocast_dtype = ("bf16" if dtype == torch.bfloat16 else "fp16"), dtype
+    trainer.model.clip.to(dtype)
 
 
 def _batch(n: int, num_classes: int, resolution: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -411,8 +420,7 @@ def measure_memory_cpu(trainer: PromptTrainer, batch: dict[str, torch.Tensor],
     :class:`LiveTensorMemory`: an estimate of ``torch.cuda.max_memory_allocated`` without the CUDA
     context, allocator slack or kernel workspaces. The trainer is left in ``dtype``.
     """
-    trainer.precision, trainer.autocast_dtype = ("bf16" if dtype == torch.bfloat16 else "fp16"), dtype
-    trainer.model.clip.to(dtype)
+    emulate_working_precision(trainer, dtype)
     trainer.set_model_mode("train")
     step = _train_step(trainer, batch)
     peaks: dict[str, float] = {}
@@ -485,13 +493,17 @@ def _registered_trainers(selected: Sequence[str] | None) -> list[str]:
 def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[str] | None = None,
                   tiny: bool = False, log: Callable[[str], None] = print, reps: int = 0,
                   class_counts: Sequence[int] | None = None, memory: bool = True,
-                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                  on_progress: Callable[[dict[str, Any]], None] | None = None,
+                  precision: str = "auto") -> dict[str, Any]:
     """Measure every selected trainer; returns the JSON report (see the module docstring).
 
     ``reps`` (> 0) overrides the preset's timed rounds, ``class_counts`` its (small, large) class
     counts, ``memory=False`` skips the CPU memory tracking (CUDA peaks are always measured).
     ``on_progress`` receives the partial report after every row (``main`` writes it to ``--json``,
-    so a long run that is stopped keeps what it measured).
+    so a long run that is stopped keeps what it measured). ``precision``: ``auto`` (the trainers'
+    default: PREC auto on CUDA, fp32 on CPU) or, on CPU, ``bf16`` (the GPU working precision
+    emulated with CPU autocast: half the memory of fp32, which lets the plain path at 1000 classes
+    fit in a laptop's RAM).
     """
     preset = make_preset(quick, device, tiny)
     if reps > 0:
@@ -503,7 +515,13 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
         preset.class_counts = (small, large)
         if large != 1000:
             preset.notes.append(f"--classes: *_1000 keys measured at {large} classes")
-    precision = resolve_precision("auto", device)
+    if precision not in ("auto", "bf16"):
+        raise ValueError(f"precision must be 'auto' or 'bf16', got {precision!r}")
+    build_precision = "bf16" if precision == "bf16" else "auto"
+    if device.type == "cuda":
+        precision = resolve_precision(build_precision, device)
+    else:
+        precision = "bf16 (emulated on CPU: frozen CLIP in bf16, CPU autocast)" if precision == "bf16" else "fp32"
     names = _registered_trainers(trainers)
     small, large = preset.class_counts
     log(f"RESTORE benchmark ({preset.name}) on {device}: trainers {names}; classes {small}/{large}; "
@@ -543,7 +561,7 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
             t0 = time.perf_counter()
             trains = name not in EVAL_ONLY
             try:
-                trainer = build_bench_trainer(name, clip_model, classnames, device, "auto")
+                trainer = build_bench_trainer(name, clip_model, classnames, device, build_precision)
                 trains = trains and trainer.optim is not None
                 if trains:
                     row.update(measure_train(trainer, train_batch, device, preset.train_warmup, preset.train_reps))
@@ -563,8 +581,7 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
                     report["text_ms_1000"] = {"truncated": round(1000 * truncated, 2),
                                               "untruncated": round(1000 * untruncated, 2)}
                     report["text_speedup_1000"] = _ratio(untruncated, truncated)
-                if trains and track_cpu_memory:
-                    trainer = build_bench_trainer(name, clip_model, classnames, device, "auto")
+                if trains and track_cpu_memory:  # last: it leaves the trainer in bf16
                     peaks = measure_memory_cpu(trainer, train_batch)
                     row["peak_memory_mib"], row["peak_memory_mib_plain"] = peaks["fast"], peaks["plain"]
                 if num_classes == large:
@@ -595,7 +612,7 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
             modes: dict[str, Mode] = {}
             for key, name, overrides in (("maple", "MaPLe", None), ("restore", restore_name, None),
                                          ("restore_feature", restore_name, {"SHIFT": "feature"})):
-                trainer = build_bench_trainer(name, clip_model, classnames, device, "auto", overrides)
+                trainer = build_bench_trainer(name, clip_model, classnames, device, build_precision, overrides)
                 trainer.set_model_mode("train")
                 modes[key] = (contextlib.nullcontext, _train_step(trainer, batch))
             paired = _paired(modes, device, preset.train_warmup, max(3, preset.train_reps))
@@ -616,7 +633,7 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
             batch = _batch(preset.train_batch, large, res, device, 1)
             classnames = synthetic_classnames(large)
             modes = {}
-            for key, prec in (("fp32", "fp32"), (precision, "auto")):
+            for key, prec in (("fp32", "fp32"), (precision, build_precision)):
                 trainer = build_bench_trainer("CoOp", clip_model, classnames, device, prec)
                 trainer.set_model_mode("train")
                 modes[key] = (contextlib.nullcontext, _train_step(trainer, batch))
@@ -694,7 +711,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| restore_vs_maple_step (RESTORE SHIFT prompt step / MaPLe step) | {_fmt(report.get('restore_vs_maple_step'))} |",
         f"| restore_feature_mode_overhead (SHIFT feature / SHIFT prompt step) | "
         f"{_fmt(report.get('restore_feature_mode_overhead'))} |",
-        f"| precision_speedup_train_1000 (CoOp fp32 / fp16 step) | {_fmt(report.get('precision_speedup_train_1000'))} |",
+        f"| precision_speedup_train_1000 (CoOp fp32 / working-precision step) | {_fmt(report.get('precision_speedup_train_1000'))} |",
     ]
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
@@ -713,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
                         help="class counts (default 47 1000; --quick 47 100)")
     parser.add_argument("--no-memory", action="store_true", help="on CPU, skip tracking peak memory")
+    parser.add_argument("--precision", choices=("auto", "bf16"), default="auto",
+                        help="auto: the trainers' default (PREC auto on CUDA, fp32 on CPU); bf16: PREC bf16 on CUDA, "
+                             "the GPU path emulated on CPU (half the memory of fp32)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds, tiny CLIP
     return parser
 
@@ -738,7 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write_json({**partial, "partial": True}, os.path.abspath(args.json))
 
     report = run_benchmark(device, quick=args.quick, trainers=args.trainers, tiny=args.tiny, reps=args.reps,
-                           class_counts=args.classes, memory=not args.no_memory, on_progress=save_partial)
+                           class_counts=args.classes, memory=not args.no_memory, on_progress=save_partial,
+                           precision=args.precision)
     report["wall_s"] = round(time.time() - start, 1)
     table = markdown(report)
     print()

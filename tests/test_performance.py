@@ -183,3 +183,21 @@ def test_benchmark_reports_progress_after_every_row():
                          [("ZeroshotCLIP", "3"), ("ZeroshotCLIP", "6"), ("CoOp", "3"), ("CoOp", "6")]]
     assert report["num_classes"] == [3, 6] and "train_ms_per_image" not in report["results"]["ZeroshotCLIP"]["6"]
     assert report["results"]["CoOp"]["6"]["peak_memory_mib"] is None  # memory=False on CPU
+
+
+def test_bench_trainer_emulates_the_gpu_working_precision_on_cpu(tiny_clip):
+    import trainers  # noqa: F401
+    from restore.benchmark import _batch, _train_step, build_bench_trainer
+
+    names = synthetic_classnames(5)
+    fp32 = build_bench_trainer("CoOp", tiny_clip, names, torch.device("cpu"), "auto")
+    bf16 = build_bench_trainer("CoOp", tiny_clip, names, torch.device("cpu"), "bf16")
+    assert fp32.autocast_dtype is None and next(fp32.model.clip.parameters()).dtype == torch.float32
+    assert bf16.autocast_dtype == torch.bfloat16 and bf16.precision == "bf16"
+    assert {p.dtype for p in bf16.model.clip.parameters()} == {torch.bfloat16}
+    learnable = [p for p in bf16.model.parameters() if p.requires_grad]
+    assert learnable and all(p.dtype == torch.float32 for p in learnable)
+    before = [p.detach().clone() for p in learnable]
+    bf16.set_model_mode("train")
+    _train_step(bf16, _batch(2, 5, tiny_clip.visual.input_resolution, torch.device("cpu")))()
+    assert all(p.dtype == torch.float32 and not torch.equal(p, b) for p, b in zip(learnable, before))
