@@ -648,7 +648,7 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
         trainer = None  # type: ignore[assignment]
         _free(device)
     else:
-        notes.append("precision_speedup_train_1000 needs CUDA (on CPU every precision runs fp32)")
+        notes.append("precision_speedup_train_1000 needs CUDA (fp32 vs the working precision on a GPU)")
     report.setdefault("text_speedup_1000", None)
     report.setdefault("eval_speedup_1000", None)
     if "CoOp" not in names:
