@@ -155,14 +155,14 @@ def _sync(device: torch.device) -> None:
 Mode = tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], Any]]
 
 
-def _paired(modes: dict[str, Mode], device: torch.device, warmup: int, rounds: int,
-            calls_per_round: int = 1) -> dict[str, tuple[float, float | None]]:
+def _paired(modes: dict[str, Mode], device: torch.device, warmup: int,
+            rounds: int) -> dict[str, tuple[float, float | None]]:
     """Per mode ``(context, fn)``: median seconds per call and peak MiB (CUDA; None on CPU).
 
-    The modes are measured in alternation, ``calls_per_round`` timed calls of each per round, each
-    round inside a fresh ``context()`` (e.g. :func:`speedups` or an inference context), so load drift
-    on a shared machine hits every mode alike and the ratios stay meaningful. ``warmup`` untimed calls
-    open each mode's first round.
+    The modes are measured in alternation, one timed call of each per round, each round inside a
+    fresh ``context()`` (e.g. :func:`speedups` or an inference context), so load drift on a shared
+    machine hits every mode alike and the ratios stay meaningful. ``warmup`` untimed calls open each
+    mode's first round.
     """
     times: dict[str, list[float]] = {k: [] for k in modes}
     peaks: dict[str, float | None] = {k: None for k in modes}
@@ -175,10 +175,9 @@ def _paired(modes: dict[str, Mode], device: torch.device, warmup: int, rounds: i
                 _sync(device)
                 _peak_reset(device)
                 start = time.perf_counter()
-                for _ in range(calls_per_round):
-                    fn()
+                fn()
                 _sync(device)
-                times[key].append((time.perf_counter() - start) / calls_per_round)
+                times[key].append(time.perf_counter() - start)
                 peak = _peak_mib(device)
                 if peak is not None:
                     peaks[key] = max(peak, peaks[key] or 0.0)
@@ -301,8 +300,7 @@ def build_bench_trainer(name: str, clip_model: CLIP, classnames: Sequence[str], 
 def emulate_working_precision(trainer: PromptTrainer, dtype: torch.dtype) -> None:
     """Put a CPU trainer on the GPU path of ``PREC bf16``: frozen CLIP in ``dtype``, learnable tensors
     fp32, every forward under autocast (CPU autocast; trainers themselves run fp32 on CPU)."""
-    trainer.precision, trainer.autocast_dtype = ("bf16" if dtype == torch.bfloat16 else "fp16"), dtype
-    trainer.model.clip.to(dtype)
+    trainer.apply_precision("bf16" if dtype == torch.bfloat16 else "fp16", dtype)
 
 
 def _batch(n: int, num_classes: int, resolution: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -321,25 +319,39 @@ def _train_step(trainer: PromptTrainer, batch: dict[str, torch.Tensor]) -> Calla
     return step
 
 
+def _ms_per_image(seconds: float, batch: dict[str, torch.Tensor]) -> float:
+    return round(1000.0 * seconds / batch["img"].shape[0], 3)
+
+
+def compare_train_steps(trainers: dict[str, PromptTrainer], batch: dict[str, torch.Tensor], device: torch.device,
+                        warmup: int, rounds: int) -> dict[str, tuple[float, float | None]]:
+    """(ms per image, peak MiB) of several trainers' ``forward_backward`` on one batch, in alternation."""
+    for trainer in trainers.values():
+        trainer.set_model_mode("train")
+    paired = _paired({k: (contextlib.nullcontext, _train_step(t, batch)) for k, t in trainers.items()},
+                     device, warmup, rounds)
+    return {k: (_ms_per_image(seconds, batch), peak) for k, (seconds, peak) in paired.items()}
+
+
 def measure_train(trainer: PromptTrainer, batch: dict[str, torch.Tensor], device: torch.device, warmup: int,
                   reps: int) -> dict[str, Any]:
     """ms per image and peak MiB (CUDA) of the trainer's ``forward_backward``, fast and plain, paired."""
     trainer.set_model_mode("train")
     step = _train_step(trainer, batch)
     paired = _paired({"fast": (contextlib.nullcontext, step), "plain": (_plain, step)}, device, warmup, reps)
-    n = batch["img"].shape[0]
-    row = {"train_ms_per_image": round(1000.0 * paired["fast"][0] / n, 3),
-           "train_ms_per_image_plain": round(1000.0 * paired["plain"][0] / n, 3),
+    row = {"train_ms_per_image": _ms_per_image(paired["fast"][0], batch),
+           "train_ms_per_image_plain": _ms_per_image(paired["plain"][0], batch),
            "peak_memory_mib": paired["fast"][1], "peak_memory_mib_plain": paired["plain"][1]}
     row["train_speedup"] = _ratio(row["train_ms_per_image_plain"], row["train_ms_per_image"])
     return row
 
 
 def measure_eval(trainer: PromptTrainer, batch: dict[str, torch.Tensor], device: torch.device, warmup: int,
-                 reps: int, plain: Callable[[], contextlib.AbstractContextManager] = _plain) -> dict[str, Any]:
+                 reps: int, per_batch_text: bool = False) -> dict[str, Any]:
     """Images/s of the trainer's evaluation path (``inference_context`` + ``model_inference``), fast
-    and ``plain``, paired. The fast path's class text features are computed on entering the context,
-    untimed: they are amortised over a whole test set."""
+    and plain, paired. The fast path's class text features are computed on entering the context,
+    untimed: they are amortised over a whole test set. ``per_batch_text`` adds a third mode in the
+    same rounds: truncated text recomputed per batch (isolates the cache)."""
     trainer.set_model_mode("eval")
     images = batch["img"]
 
@@ -357,11 +369,15 @@ def measure_eval(trainer: PromptTrainer, batch: dict[str, torch.Tensor], device:
     def infer() -> None:
         trainer.model_inference(images)
 
-    paired = _paired({"fast": (context(contextlib.nullcontext), infer), "plain": (context(plain), infer)},
-                     device, warmup, reps)
-    row = {"eval_images_per_s": round(images.shape[0] / paired["fast"][0], 2),
-           "eval_images_per_s_plain": round(images.shape[0] / paired["plain"][0], 2)}
+    modes = {"fast": (context(contextlib.nullcontext), infer), "plain": (context(_plain), infer)}
+    if per_batch_text:
+        modes["per_batch_text"] = (context(lambda: speedups(cache=False)), infer)
+    paired = _paired(modes, device, warmup, reps)
+    per_s = {k: round(images.shape[0] / seconds, 2) for k, (seconds, _) in paired.items()}
+    row = {"eval_images_per_s": per_s["fast"], "eval_images_per_s_plain": per_s["plain"]}
     row["eval_speedup"] = _ratio(row["eval_images_per_s"], row["eval_images_per_s_plain"])
+    if per_batch_text:
+        row["eval_images_per_s_per_batch_text"] = per_s["per_batch_text"]
     return row
 
 
@@ -541,7 +557,7 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
         "clip_config": asdict(preset.config), "random_weights": True,
         "num_classes": list(preset.class_counts), "large_num_classes": large,
         "train_batch": preset.train_batch, "eval_batch": preset.eval_batch,
-        "peak_memory_source": ("torch.cuda.max_memory_allocated, PREC auto" if not on_cpu else
+        "peak_memory_source": (f"torch.cuda.max_memory_allocated, {precision}" if not on_cpu else
                                "CPU, live tensors of one step in bf16 working precision (estimate of the GPU figure)"
                                if track_cpu_memory else None),
         "eval_cache_flop_ratio_1000": eval_cache_flop_ratio(preset.config, preset.eval_batch, large),
@@ -565,14 +581,15 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
                 trains = trains and trainer.optim is not None
                 if trains:
                     row.update(measure_train(trainer, train_batch, device, preset.train_warmup, preset.train_reps))
-                row.update(measure_eval(trainer, eval_batch, device, preset.eval_warmup, preset.eval_reps))
-                if name == "CoOp" and num_classes == large:
+                headline = name == "CoOp" and num_classes == large
+                row.update(measure_eval(trainer, eval_batch, device, preset.eval_warmup, preset.eval_reps,
+                                        per_batch_text=headline))
+                if headline:
                     # against the plain path (untruncated, per-batch text), as the issue defines it
                     report["eval_speedup_1000"] = row["eval_speedup"]
-                    cache_only = measure_eval(trainer, eval_batch, device, 0, preset.eval_reps,
-                                              plain=lambda: speedups(cache=False))
-                    report["eval_images_per_s_coop_per_batch_text"] = cache_only["eval_images_per_s_plain"]
-                    report["eval_cache_only_speedup_1000"] = cache_only["eval_speedup"]
+                    per_batch = row.pop("eval_images_per_s_per_batch_text")
+                    report["eval_images_per_s_coop_per_batch_text"] = per_batch
+                    report["eval_cache_only_speedup_1000"] = _ratio(row["eval_images_per_s"], per_batch)
                     text_step = text_tower_step(trainer)
                     paired = _paired({"fast": (contextlib.nullcontext, text_step),
                                       "plain": (lambda: speedups(truncate=False), text_step)},
@@ -609,21 +626,17 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
         try:
             batch = _batch(preset.train_batch, large, res, device, 1)
             classnames = synthetic_classnames(large)
-            modes: dict[str, Mode] = {}
-            for key, name, overrides in (("maple", "MaPLe", None), ("restore", restore_name, None),
-                                         ("restore_feature", restore_name, {"SHIFT": "feature"})):
-                trainer = build_bench_trainer(name, clip_model, classnames, device, build_precision, overrides)
-                trainer.set_model_mode("train")
-                modes[key] = (contextlib.nullcontext, _train_step(trainer, batch))
-            paired = _paired(modes, device, preset.train_warmup, max(3, preset.train_reps))
-            ms = {k: round(1000 * v[0] / preset.train_batch, 3) for k, v in paired.items()}
+            built = {key: build_bench_trainer(name, clip_model, classnames, device, build_precision, overrides)
+                     for key, name, overrides in (("maple", "MaPLe", None), ("restore", restore_name, None),
+                                                  ("restore_feature", restore_name, {"SHIFT": "feature"}))}
+            compared = compare_train_steps(built, batch, device, preset.train_warmup, max(3, preset.train_reps))
+            ms = {k: v[0] for k, v in compared.items()}
             report["restore_step_ms_per_image"] = ms
             report["restore_vs_maple_step"] = _ratio(ms["restore"], ms["maple"])
             report["restore_feature_mode_overhead"] = _ratio(ms["restore_feature"], ms["restore"])
         except Exception as err:  # noqa: BLE001
             notes.append(f"RESTORE/MaPLe paired step failed: {type(err).__name__}: {err}")
-        modes = {}
-        trainer = None  # type: ignore[assignment]
+        built = {}
         _free(device)
 
     # Frozen CLIP in the working precision vs all fp32: CUDA only.
@@ -632,20 +645,15 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
         try:
             batch = _batch(preset.train_batch, large, res, device, 1)
             classnames = synthetic_classnames(large)
-            modes = {}
-            for key, prec in (("fp32", "fp32"), (precision, build_precision)):
-                trainer = build_bench_trainer("CoOp", clip_model, classnames, device, prec)
-                trainer.set_model_mode("train")
-                modes[key] = (contextlib.nullcontext, _train_step(trainer, batch))
-            paired = _paired(modes, device, preset.train_warmup, preset.train_reps)
-            report["coop_train_ms_per_image_by_precision"] = {
-                k: round(1000 * v[0] / preset.train_batch, 3) for k, v in paired.items()}
-            report["coop_peak_memory_mib_by_precision"] = {k: v[1] for k, v in paired.items()}
-            report["precision_speedup_train_1000"] = _ratio(paired["fp32"][0], paired[precision][0])
+            built = {key: build_bench_trainer("CoOp", clip_model, classnames, device, prec)
+                     for key, prec in (("fp32", "fp32"), (precision, build_precision))}
+            compared = compare_train_steps(built, batch, device, preset.train_warmup, preset.train_reps)
+            report["coop_train_ms_per_image_by_precision"] = {k: v[0] for k, v in compared.items()}
+            report["coop_peak_memory_mib_by_precision"] = {k: v[1] for k, v in compared.items()}
+            report["precision_speedup_train_1000"] = _ratio(compared["fp32"][0], compared[precision][0])
         except Exception as err:  # noqa: BLE001
             notes.append(f"CoOp fp32 failed: {type(err).__name__}: {err}")
-        modes = {}
-        trainer = None  # type: ignore[assignment]
+        built = {}
         _free(device)
     else:
         notes.append("precision_speedup_train_1000 needs CUDA (fp32 vs the working precision on a GPU)")

@@ -128,7 +128,8 @@ class CraftRegularizer:
         return mode, source
 
     def prepare(self, trainer: Any) -> None:
-        """Load or compute the static image anchors and build the target loader (once)."""
+        """Load or compute the static image anchors and build the target loader (once); continue a
+        resumed target stream."""
         if self.w_static > 0 and self.anchors is None:
             from .anchors import ensure_anchors
 
@@ -137,9 +138,9 @@ class CraftRegularizer:
             self.anchors = F.normalize(data["anchors"].float(), dim=-1).to(self.device)
         if self.w_mmd > 0 and self._target_loader is None:
             self._target_loader = self.build_target_loader()
-            if self._resume_state:
-                self._resume_target_stream(self._resume_state)
-                self._resume_state = None
+        if self._resume_state is not None and self._target_loader is not None:
+            self._resume_target_stream(self._resume_state)
+            self._resume_state = None
 
     # --- resume: the target stream continues where the checkpoint left it ---
     def state_dict(self) -> dict[str, Any]:
@@ -150,11 +151,8 @@ class CraftRegularizer:
         return {"target_pass_state": self._target_pass_state.clone(), "target_drawn": self._target_drawn}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume the target stream of :meth:`state_dict` (applied when the target loader is built)."""
+        """Resume the target stream of :meth:`state_dict` (applied by the next :meth:`prepare`)."""
         self._resume_state = dict(state) if state else None
-        if self._resume_state and self._target_loader is not None:
-            self._resume_target_stream(self._resume_state)
-            self._resume_state = None
 
     def _resume_target_stream(self, state: dict[str, Any]) -> None:
         generator = getattr(self._target_loader, "generator", None)

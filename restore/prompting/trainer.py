@@ -237,8 +237,7 @@ class PromptTrainer(TrainerX):
 
             load_pretrained_weights(self.model, cfg.MODEL.INIT_WEIGHTS)
         self.model.to(self.device)
-        if self.autocast_dtype is not None and self.precision in ("fp16", "bf16"):
-            self.model.clip.to(self.autocast_dtype)  # frozen weights in the working precision
+        self.apply_precision(self.precision, self.autocast_dtype)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optim = build_optimizer(params, cfg.OPTIM) if params else None
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM) if params else None
@@ -246,6 +245,13 @@ class PromptTrainer(TrainerX):
         use_scaler = self.device.type == "cuda" and self.precision in ("fp16", "amp")
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.regularizers = [r for r in (f(cfg, self) for f in _REGULARIZER_FACTORIES) if r is not None]
+
+    def apply_precision(self, precision: str, dtype: torch.dtype | None) -> None:
+        """Run under autocast to ``dtype`` (None: fp32), with frozen CLIP stored in ``dtype`` for
+        ``fp16``/``bf16`` (``amp`` keeps fp32 weights); learnable tensors stay fp32 either way."""
+        self.precision, self.autocast_dtype = precision, dtype
+        if dtype is not None and precision in ("fp16", "bf16"):
+            self.model.clip.to(dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
