@@ -21,10 +21,9 @@ Reuse from other trainers (RESTORE's PromptSRC variant):
   (running sum per learnable tensor and the count of aggregated epochs) lives in persistent
   buffers of ``model.gpa``, so it is checkpointed every epoch and training resumes exactly.
 
-Teacher templates: the official code averages 60 ImageNet templates, a list this repository
-does not ship (``restore.data.templates`` has only CoOp's 7-template ``IMAGENET_TEMPLATES_SELECT``);
-:data:`TEACHER_TEMPLATES` is therefore that 7-template list, the largest one available. Per
-template the features are normalised, averaged and normalised again (CLIP's ensembling).
+Teacher templates: :data:`TEACHER_TEMPLATES` is the official 60-template ensemble (the first 60
+of CLIP's 80 ImageNet prompt-engineering templates, ``restore.data.templates``). Per template the
+features are normalised, averaged and normalised again (CLIP's ensembling); computed once per run.
 Differences from the official code, on purpose: GPA aggregates only learnable tensors (not the
 frozen CLIP), is resume-safe, and works in every precision (fp32 / fp16 / amp / bf16).
 """
@@ -39,14 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
-from restore.data.templates import IMAGENET_TEMPLATES_SELECT
+from restore.data.templates import CLIP_IMAGENET_TEMPLATES_60
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
 from .ivlp import IVLPModel
 
-TEACHER_TEMPLATES: list[str] = list(IMAGENET_TEMPLATES_SELECT)
+TEACHER_TEMPLATES: list[str] = list(CLIP_IMAGENET_TEMPLATES_60)
 
 
 # --------------------------------------------------------------------------- losses

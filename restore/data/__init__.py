@@ -1,5 +1,5 @@
 """Dataset tooling around the loaders: prompt templates, synthetic copies for tests, download helpers."""
 
-from .templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT, dataset_template, template_for
+from .templates import CLIP_IMAGENET_TEMPLATES_60, CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT, dataset_template, template_for
 
-__all__ = ["CUSTOM_TEMPLATES", "IMAGENET_TEMPLATES_SELECT", "dataset_template", "template_for"]
+__all__ = ["CLIP_IMAGENET_TEMPLATES_60", "CUSTOM_TEMPLATES", "IMAGENET_TEMPLATES_SELECT", "dataset_template", "template_for"]
