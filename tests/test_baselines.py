@@ -229,15 +229,17 @@ def test_promptsrc_model_loss_and_teacher(clip):
     torch.manual_seed(0)
     model = PromptSRCModel(clip, CLASSES, node("PromptSRC"))
     model.freeze()
-    # the official teacher: 60 distinct CLIP ImageNet templates, averaged after normalisation,
-    # recomputed here with CLIP's own untruncated encode_text
+    # the official teacher: 60 distinct CLIP ImageNet templates, raw features averaged then
+    # normalised, recomputed here with CLIP's own untruncated encode_text
     assert len(TEACHER_TEMPLATES) == len(set(TEACHER_TEMPLATES)) == 60
     assert {"a photo of a {}.", "itap of the {}.", "a bad photo of a {}."} <= set(TEACHER_TEMPLATES)
     with torch.no_grad():
-        per_template = [F.normalize(clip.encode_text(tokenize([t.format(c.replace("_", " ")) for c in CLASSES])).float(),
-                                    dim=-1) for t in TEACHER_TEMPLATES]
-    expected_teacher = F.normalize(torch.stack(per_template).mean(0), dim=-1)
+        per_template = torch.stack([clip.encode_text(tokenize([t.format(c.replace("_", " ")) for c in CLASSES])).float()
+                                    for t in TEACHER_TEMPLATES])
+    expected_teacher = F.normalize(per_template.mean(0), dim=-1)
     assert torch.allclose(model.frozen_teacher_text, expected_teacher, atol=1e-5)
+    clip_ensemble = F.normalize(F.normalize(per_template, dim=-1).mean(0), dim=-1)
+    assert not torch.allclose(model.frozen_teacher_text, clip_ensemble, atol=1e-5)
     x, label = images(), torch.tensor([0, 2])
     model.train()
     out = model(x)
@@ -260,8 +262,9 @@ def test_kgcoop_loss_matches_hand_computation(clip):
     learned = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
     fixed = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     # normalised: (0.6, 0.8) vs (1, 0): |d|^2 = 0.16 + 0.64 = 0.8; (0, 1) vs (0, 1): 0
-    assert kg_loss(learned, fixed).item() == pytest.approx(0.4)
-    assert kg_loss(learned, fixed, "cosine").item() == pytest.approx(1 - (0.6 + 1.0) / 2)
+    # default = the released code's 1 - mean cos; "l2" = the paper's squared distance (twice as large)
+    assert kg_loss(learned, fixed).item() == pytest.approx(1 - (0.6 + 1.0) / 2)
+    assert kg_loss(learned, fixed, "l2").item() == pytest.approx(0.4)
     with pytest.raises(ValueError):
         kg_loss(learned, fixed, "l1")
 
@@ -275,9 +278,26 @@ def test_kgcoop_loss_matches_hand_computation(clip):
     x, label = images(), torch.tensor([1, 2])
     out = model(x)
     loss, summary = model.loss(out, label)
-    hand = F.cross_entropy(out.logits, label) + 8.0 * ((out.text_features - model.frozen_clip_text) ** 2).sum(-1).mean()
+    cos = (F.normalize(out.text_features, dim=-1) * model.frozen_clip_text).sum(-1)
+    hand = F.cross_entropy(out.logits, label) + 8.0 * (1 - cos.mean())
     assert loss.item() == pytest.approx(hand.item(), rel=1e-5)
     assert summary["loss_kg"] > 0
+
+
+def test_kgcoop_teacher_uses_kgcoop_templates(clip):
+    """KgCoOp's own DTD prompt (not CoOp's "{} texture."); other datasets keep CoOp's prompt."""
+    from trainers.kgcoop import KGCOOP_TEMPLATES, KgCoOp
+
+    assert KGCOOP_TEMPLATES["DescribableTextures"] == "a photo of a {}, a type of texture."
+    assert KGCOOP_TEMPLATES["OxfordPets"] == "a photo of a {}, a type of pet."
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    cfg.DATASET.NAME = "DescribableTextures"
+    trainer = KgCoOp.__new__(KgCoOp)
+    trainer.cfg, trainer.device = cfg, torch.device("cpu")
+    assert trainer.method_cfg.DISTANCE == "cosine"
+    model = trainer.build_prompt_model(cfg, CLASSES, clip)
+    assert model.template == "a photo of a {}, a type of texture."
 
 
 # --------------------------------------------------------------------------- CoCoOp

@@ -1,4 +1,10 @@
-"""CoOp: learned text context (Zhou et al., IJCV 2022)."""
+"""CoOp: learned text context (Zhou et al., IJCV 2022).
+
+One difference from the official code, on purpose: with both ``CSC True`` and a ``CTX_INIT``, each
+class gets its own context initialised from the init words; the official code silently ignores
+``CSC`` when ``CTX_INIT`` is set (one shared context). No published CoOp setting combines the two
+(its class-specific runs use random init).
+"""
 
 from __future__ import annotations
 

@@ -1,15 +1,17 @@
 """KgCoOp: knowledge-guided context optimisation (Yao et al., CVPR 2023).
 
 CoOp plus a penalty keeping the learned class text features close to the frozen CLIP features of
-the dataset's hand-written prompt (``CUSTOM_TEMPLATES``, "a photo of a {}." for unknown datasets):
+the dataset's hand-written prompt (:data:`KGCOOP_TEMPLATES`: CoOp's table with KgCoOp's own DTD
+prompt "a photo of a {}, a type of texture."; "a photo of a {}." for unknown datasets):
 
-    L = CE + W * (1/C) * sum_i || w_i - w_i^clip ||^2        (w, w^clip L2-normalised)
+    L = CE + W * (1 - (1/C) sum_i cos(w_i, w_i^clip))        (DISTANCE "cosine", the default)
+    L = CE + W * (1/C) sum_i || w_i - w_i^clip ||^2           (DISTANCE "l2", the paper's Eq. 5)
 
-Defaults (the paper's base-to-novel setting, ``vit_b16_ep100_ctxv1``): N_CTX 4 from CTX_INIT
-"a photo of a" (CoOp-style init, so the 4 words set both), W 8.0, class token at the end, no
-class-specific context. ``DISTANCE "cosine"`` gives ``1 - mean_i cos(w_i, w_i^clip)`` instead,
-the form of the authors' released code; for unit vectors ``||a - b||^2 = 2 (1 - cos)``, so with
-"cosine" the same W weighs the penalty half as much as with the paper's "l2" (the default here).
+The default is the form of the authors' released code, which produced the published numbers with
+W 8.0; for unit vectors ``||a - b||^2 = 2 (1 - cos)``, so "l2" weighs the penalty twice as much at
+the same W. Defaults (the paper's base-to-novel setting, ``vit_b16_ep100_ctxv1``): N_CTX 4 from
+CTX_INIT "a photo of a" (CoOp-style init, so the 4 words set both), W 8.0, class token at the end,
+no class-specific context.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ import torch
 import torch.nn.functional as F
 
 from restore.clip.model import CLIP
-from restore.data.templates import dataset_template
+from restore.data.templates import CUSTOM_TEMPLATES
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
 from .coop import CoOpModel
 
-DISTANCES = ("l2", "cosine")
+DISTANCES = ("cosine", "l2")
+
+#: KgCoOp's hand-written prompts: CoOp's, except DTD.
+KGCOOP_TEMPLATES: dict[str, str] = {**CUSTOM_TEMPLATES, "DescribableTextures": "a photo of a {}, a type of texture."}
 
 
-def kg_loss(text_features: torch.Tensor, clip_text_features: torch.Tensor, distance: str = "l2") -> torch.Tensor:
+def kg_loss(text_features: torch.Tensor, clip_text_features: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
     """KgCoOp's penalty between learned (C, D) and hand-crafted (C, D) class features (both normalised here)."""
     learned = F.normalize(text_features.float(), dim=-1)
     fixed = F.normalize(clip_text_features.float(), dim=-1)
@@ -67,9 +72,9 @@ class KgCoOp(PromptTrainer):
 
     model_name = "prompt_learner"
     default_cfg: dict[str, Any] = {"N_CTX": 4, "CSC": False, "CTX_INIT": "a photo of a", "PREC": "auto",
-                                   "CLASS_TOKEN_POSITION": "end", "W": 8.0, "DISTANCE": "l2"}
+                                   "CLASS_TOKEN_POSITION": "end", "W": 8.0, "DISTANCE": "cosine"}
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        template = dataset_template(cfg.DATASET.NAME)
+        template = KGCOOP_TEMPLATES.get(cfg.DATASET.NAME, "a photo of a {}.")
         clip_model.to(getattr(self, "device", torch.device("cpu")))  # teacher features on the training device
         return KgCoOpModel(clip_model, classnames, self.method_cfg, template)

@@ -22,8 +22,9 @@ Reuse from other trainers (RESTORE's PromptSRC variant):
   buffers of ``model.gpa``, so it is checkpointed every epoch and training resumes exactly.
 
 Teacher templates: :data:`TEACHER_TEMPLATES` is the official 60-template ensemble (the first 60
-of CLIP's 80 ImageNet prompt-engineering templates, ``restore.data.templates``). Per template the
-features are normalised, averaged and normalised again (CLIP's ensembling); computed once per run.
+of CLIP's 80 ImageNet prompt-engineering templates, ``restore.data.templates``), averaged as the
+official code does: the raw text features' mean over templates, normalised once (not CLIP's
+normalise-then-average ensembling); computed once per run.
 Differences from the official code, on purpose: GPA aggregates only learnable tensors (not the
 frozen CLIP), is resume-safe, and works in every precision (fp32 / fp16 / amp / bf16).
 """
@@ -184,8 +185,8 @@ class PromptSRCModel(IVLPModel):
         super().__init__(clip_model, classnames, method_cfg)
         self.text_loss_weight = float(method_cfg.TEXT_LOSS_WEIGHT)
         self.image_loss_weight = float(method_cfg.IMAGE_LOSS_WEIGHT)
-        self.register_buffer("frozen_teacher_text", zeroshot_classifier(self.text_encoder, classnames,
-                                                                        list(teacher_templates)), persistent=False)
+        self.register_buffer("frozen_teacher_text", zeroshot_classifier(
+            self.text_encoder, classnames, list(teacher_templates), normalize_per_template=False), persistent=False)
 
     def zero_shot(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised frozen image features (B, D) and zero-shot logits (B, C), without gradient."""

@@ -132,12 +132,16 @@ def encode_fixed_prompts(text_encoder: "PromptedTextEncoder", prompts: Sequence[
 
 @torch.no_grad()
 def zeroshot_classifier(text_encoder: "PromptedTextEncoder", classnames: Sequence[str],  # noqa: F821
-                        templates: Sequence[str]) -> torch.Tensor:
-    """L2-normalised class weights (C, D): per class, the normalised mean of normalised template features."""
+                        templates: Sequence[str], normalize_per_template: bool = True) -> torch.Tensor:
+    """L2-normalised class weights (C, D): per class, the normalised mean of the template features.
+
+    ``normalize_per_template`` (CLIP's ensembling) normalises each template's features before the
+    mean; False averages the raw features (PromptSRC's teacher), so longer features weigh more.
+    """
     names = [clean_classname(c) for c in classnames]
     per_template = []
     for template in templates:
         feats = encode_fixed_prompts(text_encoder, [template.format(n) for n in names])
-        per_template.append(feats / feats.norm(dim=-1, keepdim=True))
+        per_template.append(feats / feats.norm(dim=-1, keepdim=True) if normalize_per_template else feats)
     mean = torch.stack(per_template, dim=0).mean(dim=0)
     return mean / mean.norm(dim=-1, keepdim=True)
