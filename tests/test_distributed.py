@@ -1,9 +1,10 @@
 """DDP (torchrun-style, Gloo on CPU): 2 processes give the single-process loss curve, weights and results.
 
-Three jobs run in the same processes (one spawn, one import): plain CoOp; CoOp with the Craft
+Four jobs run in the same processes (one spawn, one import): plain CoOp; CoOp with the Craft
 regularizer's batch-level terms (stochastic contrastive alignment and the MMD against a sharded
 unlabelled target loader), which are only equal to one process when computed on the global batch;
-and CoOp with Craft's static anchors computed inside training (rank 0 alone, over every image).
+CoOp with Craft's static anchors computed inside training (rank 0 alone, over every image); and
+RESTORE with the feature-defined shift (a batch statistic inside a nonlinear loss).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ JOBS: dict[str, list[str]] = {  # job name -> extra opts; every job runs in the 
     "craft_static": ["TRAINER.CRAFT.ENABLED", "True", "TRAINER.CRAFT.WEIGHT_STATIC", "1.0",
                      "TRAINER.CRAFT.WEIGHT_STOCHASTIC", "0.0", "TRAINER.CRAFT.MMD_WEIGHT", "0.0",
                      "TRAINER.CRAFT.ANCHOR_NUM_SHOTS", "3", "TRAINER.CRAFT.ANCHOR_BATCH_SIZE", "4"],
+    # RESTORE with the paper's feature-defined shift: batch statistics, references and the guided update
+    "restore_feature": ["TRAINER.NAME", "RESTORE", "TRAINER.RESTORE.PREC", "fp32", "TRAINER.RESTORE.SHIFT", "feature",
+                        "TRAINER.RESTORE.FEATURE_NORM", "first_step", "TRAINER.RESTORE.PROMPT_DEPTH", "3",
+                        "TRAINER.RESTORE.RATIO_UPDATE_EPOCH", "0"],
 }
 
 
@@ -95,6 +100,7 @@ def _run(rank: int, world: int, port: int, data_root: str, out_base: str, result
             target = regs[0]._target_loader if regs else None
             torch.save({"losses": [s["loss"] for s in steps], "steps": steps, "grads": grads,
                         "ctx": trainer.model.prompt_learner.ctx.detach().clone(),
+                        "ratios": [float(getattr(trainer.model, k, float("nan"))) for k in ("text_ratio", "vision_ratio")],
                         "local_batches": len(trainer.train_loader_x),
                         "local_batch_size": trainer.train_loader_x.batch_size,
                         "target_batch_size": target.batch_size if target is not None else None,
@@ -221,3 +227,15 @@ def test_ddp_craft_anchors_computed_in_training_equal_single_process(runs):
     assert ddp["losses"][0] == pytest.approx(single["losses"][0], abs=1e-6)
     # later steps: fp32 round-off of the rank-summed gradients, carried through the steps
     assert ddp["losses"] == pytest.approx(single["losses"], abs=3e-5, rel=1e-4)
+
+
+def test_ddp_restore_feature_shift_matches_single_process(runs):
+    """SHIFT feature: L_fs, its first-step references and the guided ratio update use the global batch."""
+    single, ddp, _, _ = runs["restore_feature"]
+    fs = [step["loss_fs"] for step in single["steps"]]
+    assert fs[0] == pytest.approx(0.0, abs=1e-9) and max(fs) > 1e-6  # normalised by the first step, then moves
+    assert ddp["losses"] == pytest.approx(single["losses"], abs=1e-5, rel=1e-5)
+    assert [s["loss_fs"] for s in ddp["steps"]] == pytest.approx(fs, abs=1e-6, rel=1e-4)
+    assert torch.allclose(ddp["grads"][1], single["grads"][1], rtol=1e-4, atol=1e-6)
+    assert single["ratios"][0] > 0.1 and single["ratios"][1] > 0.1  # updated after epoch 1
+    assert ddp["ratios"] == pytest.approx(single["ratios"], rel=1e-5)

@@ -209,6 +209,24 @@ def test_surgery_identity_at_zero_and_mixing_identity():
     assert sum(p.numel() for p in SurgeryAdapter(512, 2048).parameters()) == 2_100_736
 
 
+def test_working_precision_keeps_shift_and_ratio_in_fp32(tiny_clip):
+    """Under bf16 autocast (the GPU's PREC auto): L_fs from fp32 prompts, the ratio not rounded to bf16."""
+    model = build(tiny_clip)
+    with torch.no_grad():
+        s_t32, s_v32 = model.prompt_shifts()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s_t, s_v = model.prompt_shifts()
+    assert torch.equal(s_t, s_t32) and torch.equal(s_v, s_v32)  # MaPLe's projected vision prompts in fp32
+    adapter = model.visual_adapter
+    x = torch.randn(3, adapter.up.in_features).bfloat16()
+    r = torch.tensor(0.101864)  # bf16 would make it 0.101562
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = adapter.mix(x, r)
+        full = adapter(x).float()
+    assert mixed.dtype == torch.float32
+    assert torch.allclose(mixed, r * full + (1 - r) * x.float(), rtol=0, atol=1e-6)
+
+
 def test_model_surgery_identity_at_zero_ratio(tiny_clip):
     model = build(tiny_clip, TEXT_RATIO=0.0, VISION_RATIO=0.0).eval()
     plain = build(tiny_clip, USE_SURGERY=False).eval()
@@ -317,6 +335,41 @@ def test_promptsrc_variant_reuses_promptsrc_losses(tiny_clip):
     assert len(model.fs_layers) == 8 and model.prompt_learner.vision_prompts[1].shape[0] == 4
     loss.backward()
     assert model.prompt_learner.text_prompts[0].grad is not None and model.visual_adapter.up.weight.grad is not None
+
+
+def test_ivlp_analysis_variant_config_and_loss(tiny_clip):
+    """BASE ivlp (paper Fig. 4, "IVLP + L_fs"): L_fs over IVLP's prompt parameters, no surgery, only prompts learn."""
+    from restore.engine.config import merge_file
+    from trainers.restore_trainer import RestoreIVLPModel
+
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    merge_file(cfg, os.path.join(ROOT, "configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2+2ctx_ivlp.yaml"))
+    n = cfg.TRAINER.RESTORE
+    assert (n.BASE, n.USE_SURGERY, n.FS_WEIGHT, cfg.OPTIM.MAX_EPOCH, cfg.OPTIM.LR) == ("ivlp", False, 1.0, 10, 0.0035)
+    assert (n.IVLP.N_CTX_TEXT, n.IVLP.N_CTX_VISION, n.IVLP.PROMPT_DEPTH_TEXT, n.IVLP.PROMPT_DEPTH_VISION) == (2, 2, 12, 12)
+
+    depth = tiny_clip.visual.transformer.layers
+    ivlp = node().IVLP.clone()
+    ivlp.PROMPT_DEPTH_TEXT = ivlp.PROMPT_DEPTH_VISION = depth
+    torch.manual_seed(0)
+    model = RestoreIVLPModel(copy.deepcopy(tiny_clip), CLASSES, node(BASE="ivlp", USE_SURGERY=False, IVLP=ivlp))
+    model.freeze()
+    model.train()
+    learner = model.prompt_learner
+    assert model.fs_layers == list(range(1, depth)) and not hasattr(model, "text_adapter")
+    out = model(images())
+    loss, summary = model.loss(out, torch.tensor([0, 1]))
+    assert summary["loss_fs"] == 0.0  # references = this first step
+    with torch.no_grad():
+        learner.text_prompts[0].mul_(2.0)  # layer 1 text prompts doubled: Gram norm x4, vision unchanged
+    fs, _, _ = model.fs_loss()
+    assert float(fs.detach()) == pytest.approx((4.0 - 1.0) ** 2, rel=1e-5)
+    loss, summary = model.loss(model(images()), torch.tensor([0, 1]))
+    loss.backward()
+    learnable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert learnable and all(name.startswith("prompt_learner.") for name in learnable)
+    assert all(p.grad is not None for p in learner.text_prompts) and all(p.grad is not None for p in learner.vision_prompts)
 
 
 def test_trainable_parameter_count_vit_b16():

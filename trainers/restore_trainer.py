@@ -4,10 +4,15 @@ Registered as ``RESTORE`` (config node ``TRAINER.RESTORE``, checkpoint folder
 ``MultiModalPromptLearner`` as in the official ``MaPLe_FSA``). Built on MaPLe's coupled prompts
 (``BASE "maple"``, default) or on PromptSRC (``BASE "promptsrc"``: IVLP prompts, PromptSRC's
 self-consistency losses and Gaussian prompt aggregation, reused from :mod:`trainers.promptsrc`).
+``BASE "ivlp"`` (keys under ``IVLP``, with ``USE_SURGERY False``) is the paper's "IVLP + L_fs"
+analysis variant (Fig. 4): the loss alone on IVLP's independent prompts, depth 12.
 
 Loss::
 
     L = L_base + FS_WEIGHT * sum_k (s_t,k - s_v,k)^2          (fp32; L_base = CE, or PromptSRC's loss)
+
+(the shifts and the surgery mix are computed in fp32 whatever the working precision; under DDP the
+feature-mode shifts are those of the global batch)
 
 over the prompted layers ``k`` (``FS_LAYERS "deep"``: layers 1..depth-1, the official choice;
 ``"prompted"`` adds layer 0). The per-layer shift ``s`` has two definitions (``SHIFT``):
@@ -56,13 +61,15 @@ from torch import nn
 from restore.analysis.feature_shift import observe_shift
 from restore.clip.model import CLIP, LayerNorm, QuickGELU
 from restore.engine.config import per_dataset_opts
+from restore.engine.distributed import mean_over_ranks
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
+from .ivlp import IVLPModel
 from .maple import MaPLeModel, maple_num_params
 from .promptsrc import PromptSRCModel, attach_gpa, gpa_end_of_epoch
 
-__all__ = ["RESTORE", "RestoreMaPLeModel", "RestorePromptSRCModel", "SurgeryAdapter", "gram_norms",
+__all__ = ["RESTORE", "RestoreMaPLeModel", "RestorePromptSRCModel", "RestoreIVLPModel", "SurgeryAdapter", "gram_norms",
            "restore_num_params", "adapter_num_params", "restore_dataset_opts", "benchmark_shift_modes",
            "SHIFT_MODES", "RATIO_SCHEDULES"]
 
@@ -70,7 +77,7 @@ SHIFT_MODES = ("prompt", "feature")
 RATIO_SCHEDULES = ("one_shot", "per_epoch", "fixed")
 FS_LAYER_SETS = ("deep", "prompted")
 FEATURE_NORMS = ("none", "first_step")
-BASES = ("maple", "promptsrc")
+BASES = ("maple", "promptsrc", "ivlp")
 
 _REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DATASET_CONFIG_DIR = osp.join(_REPO_ROOT, "configs", "trainers", "RESTORE", "datasets")
@@ -110,9 +117,9 @@ class SurgeryAdapter(nn.Module):
         return x + self.final_act(self.down(self.act(self.up(self.ln(x)))))
 
     def mix(self, x: torch.Tensor, ratio: torch.Tensor | float) -> torch.Tensor:
-        """``r A(x) + (1 - r) x``: identity at ``r = 0``."""
-        r = ratio.to(x.dtype) if isinstance(ratio, torch.Tensor) else ratio
-        return r * self(x) + (1 - r) * x
+        """``r A(x) + (1 - r) x`` in fp32 (a bf16 ratio would round away the guided increment): identity at r = 0."""
+        r = ratio.float() if isinstance(ratio, torch.Tensor) else float(ratio)
+        return r * self(x).float() + (1 - r) * x.float()
 
 
 def adapter_hidden_dim(embed_dim: int, hidden: int, ratio: float) -> int:
@@ -196,9 +203,15 @@ class RestoreMixin:
         raise NotImplementedError
 
     def prompt_shifts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw proxy shifts (Gram norms) of the FS layers: text (K,), vision (K,), fp32."""
-        text, vision = self.layer_prompt_tokens()
-        return gram_norms([text[k] for k in self.fs_layers]), gram_norms([vision[k] for k in self.fs_layers])
+        """Raw proxy shifts (Gram norms) of the FS layers: text (K,), vision (K,), all in fp32.
+
+        Autocast is off here, so prompts derived from the learnable fp32 ones (MaPLe's projected
+        vision prompts) are computed in fp32 too, not in the working precision of the forward.
+        """
+        device_type = self.text_ratio.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            text, vision = self.layer_prompt_tokens()
+            return gram_norms([text[k] for k in self.fs_layers]), gram_norms([vision[k] for k in self.fs_layers])
 
     @property
     def needs_feature_shift(self) -> bool:
@@ -211,8 +224,10 @@ class RestoreMixin:
         with observe_shift(self, self.fs_layers, self.fs_layers, eps=self.feature_eps) as rec:  # type: ignore[arg-type]
             output = super().forward(image)  # type: ignore[misc]
         device = output.logits.device
-        output.extras["shift_text"] = rec.text.vector(self.fs_layers, device)
-        output.extras["shift_vision"] = rec.vision.vector(self.fs_layers, device)
+        # under DDP: the global batch's shifts (equal shards), so L_fs, its references and the
+        # guided ratio update are those of one process
+        output.extras["shift_text"] = mean_over_ranks(rec.text.vector(self.fs_layers, device))
+        output.extras["shift_vision"] = mean_over_ranks(rec.vision.vector(self.fs_layers, device))
         return output
 
     def raw_shifts(self, output: PromptOutput | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,26 +341,52 @@ class RestoreMaPLeModel(RestoreMixin, MaPLeModel):
         return text, vision
 
 
+def ivlp_layer_prompt_tokens(learner: Any) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Per-layer text and vision prompt tensors of IVLP's independent prompts (layer -> (n, d))."""
+    text: dict[int, torch.Tensor] = {k + 1: p for k, p in enumerate(learner.text_prompts)}
+    if learner.text_context.ctx is not None:
+        text[0] = learner.text_context.ctx
+    vision = {k: p for k, p in enumerate(learner.vision_prompts)}
+    return text, vision
+
+
+def ivlp_depths(prompt_cfg: Any) -> tuple[int, int]:
+    """Prompted depths (text, vision) of an IVLP-style node; 0 for a tower without prompts."""
+    use_text = prompt_cfg.N_CTX_TEXT > 0 and prompt_cfg.PROMPT_DEPTH_TEXT > 0
+    use_vision = prompt_cfg.N_CTX_VISION > 0 and prompt_cfg.PROMPT_DEPTH_VISION > 0
+    return (int(prompt_cfg.PROMPT_DEPTH_TEXT) if use_text else 0,
+            int(prompt_cfg.PROMPT_DEPTH_VISION) if use_vision else 0)
+
+
+def _with_ctx_init(prompt_cfg: Any, ctx_init: str) -> Any:
+    out = prompt_cfg.clone()
+    out.defrost()
+    out.CTX_INIT = ctx_init
+    return out
+
+
 class RestorePromptSRCModel(RestoreMixin, PromptSRCModel):
     """RESTORE on PromptSRC: IVLP prompts, PromptSRC's regularisers on the surgery-adapted features."""
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
-        src = node.PROMPTSRC.clone()
-        src.defrost()
-        src.CTX_INIT = node.CTX_INIT
+        src = _with_ctx_init(node.PROMPTSRC, node.CTX_INIT)
         super().__init__(clip_model, classnames, src)
-        use_text = src.N_CTX_TEXT > 0 and src.PROMPT_DEPTH_TEXT > 0
-        use_vision = src.N_CTX_VISION > 0 and src.PROMPT_DEPTH_VISION > 0
-        self._setup_restore(node, int(src.PROMPT_DEPTH_TEXT) if use_text else 0,
-                            int(src.PROMPT_DEPTH_VISION) if use_vision else 0)
+        self._setup_restore(node, *ivlp_depths(src))
 
     def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        learner = self.prompt_learner
-        text: dict[int, torch.Tensor] = {k + 1: p for k, p in enumerate(learner.text_prompts)}
-        if learner.text_context.ctx is not None:
-            text[0] = learner.text_context.ctx
-        vision = {k: p for k, p in enumerate(learner.vision_prompts)}
-        return text, vision
+        return ivlp_layer_prompt_tokens(self.prompt_learner)
+
+
+class RestoreIVLPModel(RestoreMixin, IVLPModel):
+    """The feature-shift loss on IVLP's independent prompts (the paper's "IVLP + L_fs" analysis, Fig. 4)."""
+
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
+        ivlp = _with_ctx_init(node.IVLP, node.CTX_INIT)
+        super().__init__(clip_model, classnames, ivlp)
+        self._setup_restore(node, *ivlp_depths(ivlp))
+
+    def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        return ivlp_layer_prompt_tokens(self.prompt_learner)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +398,7 @@ class RESTORE(PromptTrainer):
 
     model_name = "MultiModalPromptLearner"
     default_cfg: dict[str, Any] = {
-        "BASE": "maple",               # "maple" | "promptsrc"
+        "BASE": "maple",               # "maple" | "promptsrc" | "ivlp" (the FS-loss analysis on IVLP)
         "N_CTX": 2,                    # MaPLe base: tokens per layer
         "CTX_INIT": "a photo of a",
         "PROMPT_DEPTH": 9,             # MaPLe base: prompted layers 0..8
@@ -383,6 +424,9 @@ class RESTORE(PromptTrainer):
             "N_CTX_TEXT": 4, "N_CTX_VISION": 4, "PROMPT_DEPTH_TEXT": 9, "PROMPT_DEPTH_VISION": 9,
             "TEXT_LOSS_WEIGHT": 25.0, "IMAGE_LOSS_WEIGHT": 10.0, "USE_GPA": True, "GPA_MEAN": 15.0, "GPA_STD": 1.0,
         },
+        "IVLP": {                      # BASE ivlp: IVLP's prompt keys (the official analysis yaml: 2+2 tokens, depth 12)
+            "N_CTX_TEXT": 2, "N_CTX_VISION": 2, "PROMPT_DEPTH_TEXT": 12, "PROMPT_DEPTH_VISION": 12,
+        },
     }
 
     def check_cfg(self, cfg: Any) -> None:
@@ -399,6 +443,8 @@ class RESTORE(PromptTrainer):
         node = self.method_cfg
         if node.BASE == "maple":
             return RestoreMaPLeModel(clip_model, classnames, node)
+        if node.BASE == "ivlp":
+            return RestoreIVLPModel(clip_model, classnames, node)
         clip_model.to(getattr(self, "device", torch.device("cpu")))  # PromptSRC's teacher text on the device
         model = RestorePromptSRCModel(clip_model, classnames, node)
         if node.PROMPTSRC.USE_GPA:

@@ -191,6 +191,17 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(tensor)
 
 
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a same-shape ``tensor`` (identity when single-process), differentiable.
+
+    For a per-rank mean over an equal training shard this is the single-process batch mean; as with
+    :func:`all_gather_rows`, the same loss on every rank then gives the single-process gradient.
+    """
+    if not is_distributed():
+        return tensor
+    return all_gather_rows(tensor.unsqueeze(0)).mean(dim=0)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank (identity when single-process)."""
     if not is_distributed():
