@@ -341,52 +341,40 @@ class RestoreMaPLeModel(RestoreMixin, MaPLeModel):
         return text, vision
 
 
-def ivlp_layer_prompt_tokens(learner: Any) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Per-layer text and vision prompt tensors of IVLP's independent prompts (layer -> (n, d))."""
-    text: dict[int, torch.Tensor] = {k + 1: p for k, p in enumerate(learner.text_prompts)}
-    if learner.text_context.ctx is not None:
-        text[0] = learner.text_context.ctx
-    vision = {k: p for k, p in enumerate(learner.vision_prompts)}
-    return text, vision
+class IVLPPromptsRestoreMixin(RestoreMixin):
+    """RESTORE on IVLP's independent prompts, configured by the sub-node ``prompt_node`` of TRAINER.RESTORE."""
+
+    prompt_node: str
+
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
+        prompts = node[self.prompt_node].clone()
+        prompts.defrost()
+        prompts.CTX_INIT = node.CTX_INIT
+        super().__init__(clip_model, classnames, prompts)  # type: ignore[call-arg]
+        use_text = prompts.N_CTX_TEXT > 0 and prompts.PROMPT_DEPTH_TEXT > 0
+        use_vision = prompts.N_CTX_VISION > 0 and prompts.PROMPT_DEPTH_VISION > 0
+        self._setup_restore(node, int(prompts.PROMPT_DEPTH_TEXT) if use_text else 0,
+                            int(prompts.PROMPT_DEPTH_VISION) if use_vision else 0)
+
+    def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        learner = self.prompt_learner  # type: ignore[attr-defined]
+        text: dict[int, torch.Tensor] = {k + 1: p for k, p in enumerate(learner.text_prompts)}
+        if learner.text_context.ctx is not None:
+            text[0] = learner.text_context.ctx
+        vision = {k: p for k, p in enumerate(learner.vision_prompts)}
+        return text, vision
 
 
-def ivlp_depths(prompt_cfg: Any) -> tuple[int, int]:
-    """Prompted depths (text, vision) of an IVLP-style node; 0 for a tower without prompts."""
-    use_text = prompt_cfg.N_CTX_TEXT > 0 and prompt_cfg.PROMPT_DEPTH_TEXT > 0
-    use_vision = prompt_cfg.N_CTX_VISION > 0 and prompt_cfg.PROMPT_DEPTH_VISION > 0
-    return (int(prompt_cfg.PROMPT_DEPTH_TEXT) if use_text else 0,
-            int(prompt_cfg.PROMPT_DEPTH_VISION) if use_vision else 0)
-
-
-def _with_ctx_init(prompt_cfg: Any, ctx_init: str) -> Any:
-    out = prompt_cfg.clone()
-    out.defrost()
-    out.CTX_INIT = ctx_init
-    return out
-
-
-class RestorePromptSRCModel(RestoreMixin, PromptSRCModel):
+class RestorePromptSRCModel(IVLPPromptsRestoreMixin, PromptSRCModel):
     """RESTORE on PromptSRC: IVLP prompts, PromptSRC's regularisers on the surgery-adapted features."""
 
-    def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
-        src = _with_ctx_init(node.PROMPTSRC, node.CTX_INIT)
-        super().__init__(clip_model, classnames, src)
-        self._setup_restore(node, *ivlp_depths(src))
-
-    def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        return ivlp_layer_prompt_tokens(self.prompt_learner)
+    prompt_node = "PROMPTSRC"
 
 
-class RestoreIVLPModel(RestoreMixin, IVLPModel):
+class RestoreIVLPModel(IVLPPromptsRestoreMixin, IVLPModel):
     """The feature-shift loss on IVLP's independent prompts (the paper's "IVLP + L_fs" analysis, Fig. 4)."""
 
-    def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
-        ivlp = _with_ctx_init(node.IVLP, node.CTX_INIT)
-        super().__init__(clip_model, classnames, ivlp)
-        self._setup_restore(node, *ivlp_depths(ivlp))
-
-    def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        return ivlp_layer_prompt_tokens(self.prompt_learner)
+    prompt_node = "IVLP"
 
 
 # --------------------------------------------------------------------------------------------
