@@ -14,7 +14,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOSTS = ["CoOp", "IVLP", "VPT", "MaPLe", "PromptSRC", "RESTORE"]
+HOSTS = ["CoOp", "CoCoOp", "KgCoOp", "IVLP", "VPT", "MaPLe", "PromptSRC", "MMRL", "RESTORE"]
 
 
 # --------------------------------------------------------------------------- losses
@@ -65,6 +65,47 @@ def test_mmd_matches_double_loop(minmax):
     expected = kxx + kyy - 2 * kxy
     got = mmd(torch.tensor(x), torch.tensor(y), bands, minmax=minmax).item()
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def _bf16_reference_inputs():
+    """Relative representations like the MMD's (scale 100, 100 anchors) and features for the CE terms."""
+    torch.manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(16, 64), dim=-1)
+    g = torch.nn.functional.normalize(torch.randn(16, 64) + 0.3, dim=-1)
+    w = torch.nn.functional.normalize(torch.randn(100, 64), dim=-1)
+    return f, g, w, torch.randint(0, 100, (16,))
+
+
+@pytest.mark.parametrize("minmax", [True, False])
+def test_mmd_is_fp32_under_bf16_autocast(minmax):
+    """The trainer calls Craft inside its autocast: the distance expansion must not run in bf16."""
+    from restore.craft.losses import mmd, squared_distances
+
+    f, g, w, _ = _bf16_reference_inputs()
+    x, y = 100.0 * f @ w.t(), 100.0 * g @ w.t()
+    expected = mmd(x, y, minmax=minmax)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mmd(x, y, minmax=minmax)
+        d2 = squared_distances(x, y)
+    assert got.dtype == torch.float32 and d2.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(d2, squared_distances(x, y), rtol=1e-6, atol=0)
+
+
+def test_alignment_losses_are_fp32_under_bf16_autocast():
+    from restore.craft.losses import relative_logits, static_alignment_loss, stochastic_alignment_loss
+
+    f, g, w, label = _bf16_reference_inputs()
+    scale = torch.tensor(100.0)
+    expected = (static_alignment_loss(f, w, label, scale), stochastic_alignment_loss(f, g, label, scale),
+                relative_logits(f, w, scale))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (static_alignment_loss(f, w, label, scale), stochastic_alignment_loss(f, g, label, scale),
+               relative_logits(f, w, scale))
+    assert all(t.dtype == torch.float32 for t in got)
+    assert got[0].item() == pytest.approx(expected[0].item(), rel=1e-6)
+    assert got[1].item() == pytest.approx(expected[1].item(), rel=1e-6)
+    assert torch.allclose(got[2], expected[2], rtol=1e-6, atol=1e-5)
 
 
 def test_static_alignment_loss_matches_hand_computation():
@@ -334,6 +375,109 @@ def test_anchor_path_mismatch_is_an_error(data_root, tmp_path):
     cfg = _cfg(data_root, tmp_path / "run", "CoOp", ["TRAINER.CRAFT.ANCHOR_PATH", str(bogus)])
     with pytest.raises(ValueError, match="does not fit this run"):
         ensure_anchors(cfg, None, ["x", "y", "z", "w"])
+
+
+@pytest.mark.parametrize("opt,value,key", [("TRAINER.CRAFT.ANCHOR_NUM_SHOTS", "2", "num_shots"),
+                                           ("TRAINER.CRAFT.ANCHOR_SEED", "7", "seed"),
+                                           ("TRAINER.CRAFT.ANCHOR_TRANSFORM", "train", "transform"),
+                                           ("DATASET.NAME", None, "dataset")])
+def test_stale_anchor_cache_is_recomputed(opt, value, key, data_root, tmp_path, capsys):
+    """A rerun / resume in the same OUTPUT_DIR with other anchor settings recomputes the anchors (naming
+    the setting), keeps the replaced file as <path>.stale and leaves everything else in the folder alone."""
+    from restore.clip import load_clip
+    from restore.craft.anchors import STALE_SUFFIX, ensure_anchors, load_anchors, save_anchors
+    from restore.engine.data import build_dataset
+
+    out = tmp_path / "run"
+    cfg = _cfg(data_root, out, "CoOp")  # ANCHOR_NUM_SHOTS 1, seed 1, test transform, DescribableTextures
+    classnames = build_dataset(cfg).classnames
+    clip_model = load_clip("tiny").model.float().eval()
+    first = ensure_anchors(cfg, clip_model, classnames)
+    path = out / "craft_anchors.pt"
+    if value is None:  # another dataset with the same class names: recorded under another name
+        save_anchors({**first, "dataset": "OtherDataset"}, str(path))
+        stale_value = "OtherDataset"
+        cfg2 = cfg
+    else:
+        stale_value = first[key]
+        cfg2 = _cfg(data_root, out, "CoOp", [opt, value])
+    (out / "user_notes.txt").write_text("keep me")
+    capsys.readouterr()
+
+    data = ensure_anchors(cfg2, clip_model, classnames)
+    log = capsys.readouterr().out
+    assert "do not fit this run" in log and opt in log and "recomputing" in log
+    expected = {"num_shots": 2, "seed": 7, "transform": "train", "dataset": "DescribableTextures"}[key]
+    assert data[key] == expected and load_anchors(str(path))[key] == expected
+    assert load_anchors(str(path) + STALE_SUFFIX)[key] == stale_value  # the replaced file is kept
+    assert (out / "user_notes.txt").read_text() == "keep me"
+
+    # Now it fits: reused as is; an explicit ANCHOR_PATH that does not fit is an error, not recomputed.
+    mtime = os.stat(path).st_mtime_ns
+    ensure_anchors(cfg2, clip_model, classnames)
+    assert os.stat(path).st_mtime_ns == mtime and "loaded static image anchors" in capsys.readouterr().out
+    if value is not None:
+        explicit = _cfg(data_root, tmp_path / "other", "CoOp", ["TRAINER.CRAFT.ANCHOR_PATH", str(path)])
+        with pytest.raises(ValueError, match=opt.replace(".", r"\.")):
+            ensure_anchors(explicit, clip_model, classnames)
+
+
+def test_anchors_match_names_every_differing_setting():
+    from restore.craft.anchors import FORMAT_VERSION, anchors_match
+
+    recorded = {"version": FORMAT_VERSION, "classnames": ["a", "b"], "clusters": 1, "backbone": "tiny",
+                "dataset": "DTD", "subsample": "base", "num_shots": 200, "seed": 1, "transform": "test"}
+    run = {"backbone": "tiny", "dataset": "DTD", "subsample": "base", "num_shots": 200, "seed": 1,
+           "transform": "test", "kmeans_iters": 100}
+    assert anchors_match(recorded, ["a", "b"], "tiny", 1, run) == ""  # kmeans_iters not recorded: not compared
+    why = anchors_match(recorded, ["a", "b"], "tiny", 1, {**run, "num_shots": 16, "transform": "train"})
+    assert "ANCHOR_NUM_SHOTS 200 != 16" in why and "ANCHOR_TRANSFORM 'test' != 'train'" in why
+    assert "DATASET.SUBSAMPLE_CLASSES" in anchors_match(recorded, ["a", "b"], "tiny", 1, {**run, "subsample": "all"})
+    # With every image and one cluster (the exact class mean) the seed draws nothing: not a mismatch.
+    every = {**recorded, "num_shots": -1}
+    assert anchors_match(every, ["a", "b"], "tiny", 1, {**run, "num_shots": 0, "seed": 5}) == ""
+    assert "ANCHOR_SEED" in anchors_match(every, ["a", "b"], "tiny", 2, {**run, "num_shots": -1, "seed": 5})
+
+
+def test_craft_on_cocoop_uses_image_conditioned_class_texts(data_root, tmp_path):
+    """CoCoOp's text features are per image (B, C, D): sample b's stochastic text anchor is its class's
+    text feature conditioned on its own image, and every term (incl. the MMD) trains the meta-net."""
+    if "CoCoOp" not in _registered_hosts():
+        pytest.skip("CoCoOp is not registered")
+    cfg = _cfg(data_root, tmp_path / "cocoop", "CoCoOp", [
+        "TRAINER.CRAFT.ENABLED", "True", "TRAINER.CRAFT.MMD_WEIGHT", "1.0",
+        "TRAINER.CRAFT.TARGET_DATASET", "ImageNetSketch", "TRAINER.CRAFT.TARGET_NUM_SHOTS", "2"])
+    trainer = _build(cfg)
+    reg = trainer.regularizers[0]
+    assert reg.text_mode == "class"  # no deep text prompts
+    image, label = _first_batch(trainer)
+    model = trainer.model
+    output = model(image)
+    assert output.text_features is None
+    text = reg.stochastic_text(model, label, output)
+    with torch.no_grad():
+        ctx = model.prompt_learner.conditional_ctx(output.image_features)
+        for b in range(len(label)):
+            own = torch.nn.functional.normalize(model.encode_text(ctx[b]).float(), dim=-1)[label[b]]
+            assert torch.allclose(text[b], own, atol=1e-6)
+        plain = torch.nn.functional.normalize(model.encode_text().float(), dim=-1)[label]  # no image bias
+    assert not torch.allclose(text, plain, atol=1e-4)  # the anchors are the image-conditioned ones
+
+    loss, summary, output = trainer.compute_loss(image, label)
+    assert {"craft_static", "craft_stoch", "craft_mmd"} <= set(summary)
+    with torch.no_grad():
+        host_loss, _ = model.loss(output, label)
+    craft = summary["craft_static"] + summary["craft_stoch"] + summary["craft_mmd"]
+    assert loss.item() == pytest.approx(host_loss.item() + craft, rel=1e-4, abs=1e-5)
+    # The static term alone (text anchors vs the fixed image anchors) trains the context and the
+    # meta-net (its output bias; the tiny backbone's 3 hidden ReLU units may all be off) through W(x_b).
+    model.zero_grad(set_to_none=True)
+    reg.w_stochastic, reg.w_mmd = 0.0, 0.0
+    extra, summary = reg(trainer, image, label, model(image))
+    assert set(summary) == {"craft_static"}
+    extra.backward()
+    grads = [model.prompt_learner.context.ctx.grad, model.prompt_learner.meta_net.linear2.bias.grad]
+    assert all(g is not None and torch.count_nonzero(g) > 0 for g in grads)
 
 
 def test_template_anchors_train_deep_text_prompts_only(data_root, tmp_path):

@@ -7,7 +7,8 @@ run trains on are used (``DATASET.SUBSAMPLE_CLASSES`` of the run: the base class
 so anchor row ``c * K + k`` belongs to label ``c``.
 
 The anchors are cached next to the run (``<OUTPUT_DIR>/craft_anchors.pt``, or
-``TRAINER.CRAFT.ANCHOR_PATH``), written atomically and loadable with ``weights_only=True``. Compute
+``TRAINER.CRAFT.ANCHOR_PATH``), written atomically and loadable with ``weights_only=True``, with
+every setting that determines them (checked before a cache is reused). Compute
 them ahead of training with the same arguments as ``train.py`` (run from the repository root)::
 
     python -m restore.craft.anchors --root $DATA --trainer MaPLe \\
@@ -21,6 +22,7 @@ or let the regularizer compute them the first time it is used.
 from __future__ import annotations
 
 import contextlib
+import os
 import os.path as osp
 import random
 import sys
@@ -36,9 +38,11 @@ from .config import craft_node
 
 ANCHOR_FILE = "craft_anchors.pt"
 FORMAT_VERSION = 1
+STALE_SUFFIX = ".stale"  # a cached file that no longer fits the run is kept under this suffix
 
-__all__ = ["ANCHOR_FILE", "anchor_path", "sample_per_class", "kmeans", "class_centroids", "compute_anchors",
-           "save_anchors", "load_anchors", "anchors_match", "ensure_anchors", "preserved_rng", "main"]
+__all__ = ["ANCHOR_FILE", "STALE_SUFFIX", "anchor_path", "sample_per_class", "kmeans", "class_centroids",
+           "compute_anchors", "save_anchors", "load_anchors", "anchor_settings", "anchors_match", "ensure_anchors",
+           "preserved_rng", "main"]
 
 
 @contextlib.contextmanager
@@ -191,12 +195,7 @@ def compute_anchors(cfg: Any, clip_model: Any, device: torch.device | str | None
         "classnames": list(dataset.classnames),
         "counts": counts,
         "clusters": clusters,
-        "backbone": str(cfg.MODEL.BACKBONE.NAME),
-        "dataset": str(cfg.DATASET.NAME),
-        "subsample": str(cfg.DATASET.SUBSAMPLE_CLASSES),
-        "num_shots": int(node.ANCHOR_NUM_SHOTS),
-        "seed": int(node.ANCHOR_SEED),
-        "transform": str(node.ANCHOR_TRANSFORM),
+        **anchor_settings(cfg),
     }
 
 
@@ -211,26 +210,77 @@ def load_anchors(path: str) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def anchors_match(data: dict[str, Any], classnames: Sequence[str], backbone: str, clusters: int) -> str:
-    """Why a cached anchor file does not fit this run ("" when it does)."""
+def _shots(value: Any) -> int:
+    """ANCHOR_NUM_SHOTS as a sample size: every value < 1 means all images (-1)."""
+    return int(value) if int(value) >= 1 else -1
+
+
+# Recorded settings that determine the anchors besides classes / backbone / K: file key -> (config key, normaliser).
+_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "dataset": ("DATASET.NAME", str),
+    "subsample": ("DATASET.SUBSAMPLE_CLASSES", str),
+    "num_shots": ("TRAINER.CRAFT.ANCHOR_NUM_SHOTS", _shots),
+    "seed": ("TRAINER.CRAFT.ANCHOR_SEED", int),
+    "transform": ("TRAINER.CRAFT.ANCHOR_TRANSFORM", str),
+    "kmeans_iters": ("TRAINER.CRAFT.ANCHOR_KMEANS_ITERS", int),
+}
+
+
+def anchor_settings(cfg: Any) -> dict[str, Any]:
+    """The settings of ``cfg`` that determine its anchors, as recorded in an anchor file (with the backbone)."""
+    node = craft_node(cfg)
+    return {
+        "backbone": str(cfg.MODEL.BACKBONE.NAME),
+        "dataset": str(cfg.DATASET.NAME),
+        "subsample": str(cfg.DATASET.SUBSAMPLE_CLASSES),
+        "num_shots": int(node.ANCHOR_NUM_SHOTS),
+        "seed": int(node.ANCHOR_SEED),
+        "transform": str(node.ANCHOR_TRANSFORM),
+        "kmeans_iters": int(node.ANCHOR_KMEANS_ITERS),
+    }
+
+
+def anchors_match(data: dict[str, Any], classnames: Sequence[str], backbone: str, clusters: int,
+                  settings: dict[str, Any] | None = None) -> str:
+    """Why a cached anchor file does not fit this run ("" when it does).
+
+    Compares the format version, the class names, the backbone, K and, given the run's ``settings``
+    (:func:`anchor_settings`), every other recorded setting that determines the anchors: dataset,
+    SUBSAMPLE_CLASSES, ANCHOR_NUM_SHOTS, ANCHOR_SEED, ANCHOR_TRANSFORM and ANCHOR_KMEANS_ITERS (the
+    last only with K > 1; the seed with K = 1 only when a per-class sample is drawn). A setting the
+    file does not record (a hand-made file) is not compared. Every differing setting is named.
+    """
     if data.get("version") != FORMAT_VERSION:
         return f"format version {data.get('version')!r} != {FORMAT_VERSION}"
+    why = []
     if list(data.get("classnames", [])) != list(classnames):
-        return (f"its {len(data.get('classnames', []))} classes differ from the run's {len(classnames)} "
-                "(another dataset or SUBSAMPLE_CLASSES?)")
+        why.append(f"its {len(data.get('classnames', []))} classes differ from the run's {len(classnames)} "
+                   "(another dataset or SUBSAMPLE_CLASSES?)")
     if data.get("backbone") != backbone:
-        return f"backbone {data.get('backbone')!r} != {backbone!r}"
+        why.append(f"backbone {data.get('backbone')!r} != {backbone!r}")
     if int(data.get("clusters", -1)) != clusters:
-        return f"ANCHOR_CLUSTERS {data.get('clusters')} != {clusters}"
-    return ""
+        why.append(f"ANCHOR_CLUSTERS {data.get('clusters')} != {clusters}")
+    for key, (cfg_key, norm) in _SETTINGS.items():
+        if settings is None or key not in settings or key not in data:
+            continue
+        if key == "kmeans_iters" and clusters == 1:
+            continue  # K = 1 is the exact mean: no iterations
+        if key == "seed" and clusters == 1 and _shots(settings.get("num_shots", 0)) == -1 \
+                and _shots(data.get("num_shots", 0)) == -1:
+            continue  # every image, exact mean: the seed draws nothing
+        if norm(data[key]) != norm(settings[key]):
+            why.append(f"{cfg_key} {data[key]!r} != {settings[key]!r}")
+    return "; ".join(why)
 
 
 def ensure_anchors(cfg: Any, clip_model: Any, classnames: Sequence[str], device: torch.device | str | None = None,
                    autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Load the cached anchors of this run, or compute and cache them (with a log line).
 
-    A cache at the default path that does not fit the run (other classes, backbone or cluster
-    count) is recomputed; one given explicitly in ``ANCHOR_PATH`` raises a ValueError instead.
+    A cache at the default path that does not fit the run (:func:`anchors_match`: other classes,
+    backbone, K, dataset, SUBSAMPLE_CLASSES, ANCHOR_NUM_SHOTS, ANCHOR_SEED, ANCHOR_TRANSFORM or
+    ANCHOR_KMEANS_ITERS; the log names each) is recomputed, the replaced file being kept as
+    ``<path>.stale``; one given explicitly in ``ANCHOR_PATH`` raises a ValueError instead.
     Under DDP rank 0 alone loads or computes (over all anchor images) and writes the file; the
     other ranks wait for it and load it, so every rank holds the same anchors.
     """
@@ -251,9 +301,11 @@ def ensure_anchors_here(cfg: Any, clip_model: Any, classnames: Sequence[str], de
     path = anchor_path(cfg)
     explicit = bool(node is not None and node.ANCHOR_PATH)
     backbone, clusters = str(cfg.MODEL.BACKBONE.NAME), int(node.ANCHOR_CLUSTERS)
+    settings = anchor_settings(cfg)
+    stale = False
     if osp.isfile(path):
         data = load_anchors(path)
-        why = anchors_match(data, classnames, backbone, clusters)
+        why = anchors_match(data, classnames, backbone, clusters, settings)
         if not why:
             print(f"Craft: loaded static image anchors {tuple(data['anchors'].shape)} from {path}", flush=True)
             return data
@@ -261,12 +313,16 @@ def ensure_anchors_here(cfg: Any, clip_model: Any, classnames: Sequence[str], de
             raise ValueError(f"TRAINER.CRAFT.ANCHOR_PATH {path} does not fit this run: {why}. Recompute it with "
                              "`python -m restore.craft.anchors` and the run's arguments, or clear ANCHOR_PATH.")
         print(f"Craft: cached anchors {path} do not fit this run ({why}); recomputing", flush=True)
+        stale = True
     else:
         print(f"Craft: static image anchors not found at {path}; computing them now", flush=True)
     data = compute_anchors(cfg, clip_model, device, autocast_dtype)
-    why = anchors_match(data, classnames, backbone, clusters)
+    why = anchors_match(data, classnames, backbone, clusters, settings)
     if why:
         raise ValueError(f"Craft anchors computed from {cfg.DATASET.NAME} do not match the trainer's classes: {why}")
+    if stale:  # keep the replaced file (one generation) rather than overwrite it
+        os.replace(path, path + STALE_SUFFIX)
+        print(f"Craft: kept the replaced anchors as {path + STALE_SUFFIX}", flush=True)
     save_anchors(data, path)
     print(f"Craft: saved static image anchors {tuple(data['anchors'].shape)} to {path}", flush=True)
     return data

@@ -28,7 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "TEMPERATURE": 0.0,
     # Stochastic text anchors: "template" (the dataset's hand-written template with the sample's class
     # name, encoded with the host's deep text prompts: the official code), "class" (the host's prompted
-    # class text features of the batch labels), "auto" (template when the host has deep text prompts or
+    # class text features of the batch labels; for CoCoOp the ones conditioned on each sample's own
+    # image), "auto" (template when the host has deep text prompts or
     # an ``encode_sentences`` hook, else class).
     "STOCHASTIC_TEXT": "auto",
     # Template for "template" mode ("" = the dataset's hand-written one, restore.data.templates).

@@ -1,9 +1,10 @@
 """Craft as a plug-in regularizer of every :class:`~restore.prompting.trainer.PromptTrainer`.
 
-Switched on by ``TRAINER.CRAFT.ENABLED True`` on any host trainer (CoOp, IVLP, VPT, MaPLe,
-PromptSRC, RESTORE, ...); the host needs no change. Per training step, with ``F`` the batch image
-features, ``W`` the prompted class text features (static text anchors), ``A`` the static image
-anchors, ``S`` the stochastic text anchors of the batch and ``s`` the logit scale:
+Switched on by ``TRAINER.CRAFT.ENABLED True`` on any host trainer (CoOp, CoCoOp, KgCoOp, IVLP,
+VPT, MaPLe, PromptSRC, MMRL, RESTORE, ...); the host needs no change. Per training step, with
+``F`` the batch image features, ``W`` the prompted class text features (static text anchors),
+``A`` the static image anchors, ``S`` the stochastic text anchors of the batch and ``s`` the logit
+scale (every loss computed in float32 with autocast off, :mod:`restore.craft.losses`):
 
 * ``WEIGHT_STATIC      * CE(s S A^T, y)``                       L_Aligned(Static), text -> image anchors
 * ``WEIGHT_STOCHASTIC  * CE(s F S^T, targets)``                 L_Aligned(Stochastic), image -> text
@@ -19,7 +20,10 @@ text prompts. The host's deep text prompts are found as, in this order: a model 
 ``DeepPromptModel``: IVLP, VPT, MaPLe, PromptSRC, RESTORE), followed by its
 ``adapt_text_features`` when it has one; the first learnable sub-module with a ``text_deep()``
 method (:mod:`restore.prompting.deep`). "class" mode uses ``W[y]`` instead (works for hosts whose
-only text prompt is the layer-0 context, e.g. CoOp).
+only text prompt is the layer-0 context, e.g. CoOp); on image-conditional hosts (CoCoOp, whose text
+features are per image, ``extras["text_features_per_image"]`` (B, C, D)) sample ``b``'s anchor is its
+class's text feature conditioned on its own image, ``W(x_b)[y_b]``, and the MMD uses the host's
+logits (the relative representation of each image w.r.t. its own conditioned class texts).
 
 Static anchors and the target loader are prepared on the first training step (an ``--eval-only``
 run computes nothing); the global RNG states are left unchanged by that preparation.
@@ -248,11 +252,19 @@ class CraftRegularizer:
         return feats.float()[inverse]
 
     def stochastic_text(self, model: Any, label: torch.Tensor, output: PromptOutput) -> torch.Tensor:
+        """Stochastic text anchors (B, D): "template" mode, or the prompted text feature of each sample's
+        class, ``W[y_b]``; for image-conditional hosts (CoCoOp: per-image text features (B, C, D) in
+        ``extras["text_features_per_image"]``) the one conditioned on the sample's own image, ``W(x_b)[y_b]``."""
         if self.text_mode == "template":
             return self.encode_sentences(model, label)
-        if output.text_features is None:
-            raise ValueError("Craft with STOCHASTIC_TEXT 'class' needs the host's PromptOutput.text_features")
-        return output.text_features.float()[label]
+        if output.text_features is not None:
+            return output.text_features.float()[label]
+        per_image = output.extras.get("text_features_per_image")
+        if per_image is not None:
+            return per_image.float()[torch.arange(label.shape[0], device=label.device), label]
+        raise ValueError(f"Craft with STOCHASTIC_TEXT 'class' needs the host's class text features: "
+                         f"{type(model).__name__}'s PromptOutput has neither text_features (C, D) nor "
+                         "extras['text_features_per_image'] (B, C, D); use STOCHASTIC_TEXT 'template'")
 
     def __call__(self, trainer: Any, image: torch.Tensor, label: torch.Tensor,
                  output: PromptOutput) -> tuple[torch.Tensor, dict[str, float]]:
