@@ -64,7 +64,8 @@ def reset_cfg(cfg, args) -> None:  # type: ignore[no-untyped-def]
 
 
 def setup_cfg(args):  # type: ignore[no-untyped-def]
-    """defaults -> trainers' nodes -> dataset yaml -> method yaml -> CLI args -> opts."""
+    """defaults -> trainers' nodes -> dataset yaml -> method yaml -> CLI args -> method's per-dataset
+    defaults (MMRL's published lambda / d_r, as its official train.py) -> opts (they win)."""
     cfg = get_cfg_default()
     extend_cfg(cfg)
     if args.dataset_config_file:
@@ -72,6 +73,13 @@ def setup_cfg(args):  # type: ignore[no-untyped-def]
     if args.config_file:
         merge_file(cfg, args.config_file)
     reset_cfg(cfg, args)
+    name = lookup_case_insensitive(TRAINER_REGISTRY, cfg.TRAINER.NAME)
+    trainer_cls = TRAINER_REGISTRY.get(name) if name in TRAINER_REGISTRY else None
+    defaults = list(getattr(trainer_cls, "dataset_defaults", lambda _cfg: [])(cfg))
+    if defaults:
+        print(f"{trainer_cls.__name__} per-dataset defaults for {cfg.DATASET.NAME}: {' '.join(defaults)} "
+              "(options on the command line override them)")
+        merge_opts(cfg, defaults)
     merge_opts(cfg, args.opts or [])
     cfg.TRAINER.NAME = lookup_case_insensitive(TRAINER_REGISTRY, cfg.TRAINER.NAME)
     check_availability(cfg.TRAINER.NAME, TRAINER_REGISTRY.registered_names(), "trainer")

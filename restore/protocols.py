@@ -80,8 +80,10 @@ class TrainerSpec:
     ``configs`` maps a protocol (``base2new``, ``xd``, ``dg``, ``fewshot``) — or ``protocol:dataset``
     for a dataset-specific file — to candidate configs ``"<folder>/<name>"`` under
     ``configs/trainers/``; the first that exists is used (``dg`` falls back to ``xd``, ``fewshot`` to
-    ``base2new``). ``opts`` adds fixed options per protocol. ``trains=False``: nothing to learn
-    (zero-shot CLIP), evaluation steps need no model folder.
+    ``base2new``). A key ``<config name>:<dataset>`` names the dataset's own file for a config that
+    ``CFG`` names (MMRL*'s ``vit_b16_base2new_light`` -> ``vit_b16_base2new_light_imagenet`` on
+    ImageNet); the run folder keeps the ``CFG`` name. ``opts`` adds fixed options per protocol.
+    ``trains=False``: nothing to learn (zero-shot CLIP), evaluation steps need no model folder.
     """
 
     key: str
@@ -109,6 +111,10 @@ TRAINERS: dict[str, TrainerSpec] = {s.key: s for s in [
         "dg": ("MMRL/vit_b16_domain_generalization",),
         "fewshot": ("MMRL/vit_b16_few_shot", "MMRL/vit_b16_fewshot"),
         "fewshot:imagenet": ("MMRL/vit_b16_few_shot_imagenet", "MMRL/vit_b16_imagenet"),
+        # CFG=<name> on ImageNet: its own file (batch 32, 5 epochs), as without CFG
+        "vit_b16_base2new:imagenet": ("MMRL/vit_b16_base2new_imagenet",),
+        "vit_b16_base2new_light:imagenet": ("MMRL/vit_b16_base2new_light_imagenet",),  # MMRL*
+        "vit_b16_few_shot:imagenet": ("MMRL/vit_b16_few_shot_imagenet",),
     }),
     # Craft = its plug-in switched on by the config over the MaPLe host. Cross-dataset / DG use the
     # OOD config (ImageNet source + unlabelled ImageNet-Sketch target, as the official code).
@@ -181,7 +187,10 @@ def _config_candidates(spec: TrainerSpec, protocol: str, dataset: str) -> list[s
 def resolve_config(spec: TrainerSpec, protocol: str, dataset: str, cfg: str = "", root: str = "") -> tuple[str, str]:
     """``(config file, config name)`` for a trainer/protocol/dataset; ``cfg`` (``CFG=``) overrides.
 
-    ``cfg`` is a path to a YAML file, or a name looked up in the folders of the trainer's defaults.
+    ``cfg`` is a path to a YAML file, or a name looked up in the folders of the trainer's defaults;
+    a name with a ``<name>:<dataset>`` entry in the trainer's table uses that dataset's own file.
+    The returned name (the run folder) is the grid's, not the dataset file's: ``cfg``, or the
+    protocol's general config, so every dataset of a grid lands in one results table.
     """
     root = root or repo_root()
     base = osp.join(root, "configs", "trainers")
@@ -192,6 +201,10 @@ def resolve_config(spec: TrainerSpec, protocol: str, dataset: str, cfg: str = ""
             if not osp.isfile(path):
                 raise ProtocolError(f"CFG={cfg!r}: no such config file")
             return osp.abspath(path), osp.splitext(osp.basename(path))[0]
+        for cand in spec.configs.get(f"{cfg}:{dataset}", ()):
+            path = osp.join(base, cand + ".yaml")
+            if osp.isfile(path):
+                return path, cfg
         folders = list(dict.fromkeys([c.split("/")[0] for c in candidates] + [spec.trainer]))
         for folder in folders:
             path = osp.join(base, folder, cfg + ".yaml")
@@ -202,7 +215,10 @@ def resolve_config(spec: TrainerSpec, protocol: str, dataset: str, cfg: str = ""
     for cand in candidates:
         path = osp.join(base, cand + ".yaml")
         if osp.isfile(path):
-            return path, osp.basename(cand)
+            # a dataset's own file (MMRL's ImageNet schedule) runs under the protocol's config name, so
+            # the results tables group every dataset of the grid together
+            general = [c for c in _config_candidates(spec, protocol, "") if osp.isfile(osp.join(base, c + ".yaml"))]
+            return path, osp.basename(general[0] if general else cand)
     folders = list(dict.fromkeys(c.split("/")[0] for c in candidates)) or [spec.trainer]
     raise ProtocolError(f"No config for {spec.key} ({protocol}, {dataset}): tried {candidates or 'none'}; "
                         f"available: {_available(base, folders)}. Pass CFG=<name or path>.")
@@ -248,12 +264,12 @@ def _find_hook(cls: Any) -> Optional[Callable[..., Sequence[str]]]:
     return None
 
 
-def dataset_opts(spec: TrainerSpec, dataset: str, protocol: str, root: str = "", cfg_name: str = "") -> list[str]:
+def dataset_opts(spec: TrainerSpec, dataset: str, protocol: str, root: str = "") -> list[str]:
     """The method's own per-dataset options (a ``dataset_opts(dataset[, protocol])`` hook), or ``[]``.
 
     The hook is a class attribute of the trainer or a module function ``dataset_opts`` /
     ``<trainer>_dataset_opts``; it receives the dataset key (``dtd``) and, if it accepts one, the
-    ``cfg.PROTOCOL`` value (and ``light`` = "light" in the config name, for MMRL*). For cross-dataset/DG evaluation pass the *training* dataset (ImageNet):
+    ``cfg.PROTOCOL`` value. For cross-dataset/DG evaluation pass the *training* dataset (ImageNet):
     the options describe the trained model.
     """
     hook = _find_hook(trainer_class(spec, root))
@@ -264,8 +280,6 @@ def dataset_opts(spec: TrainerSpec, dataset: str, protocol: str, root: str = "",
     except (TypeError, ValueError):
         params = {}
     kwargs: dict[str, Any] = {"protocol": PROTOCOL_DIRS[protocol]} if "protocol" in params else {}
-    if "light" in params:  # MMRL*: its config name says so (keeps REP_DIM 32)
-        kwargs["light"] = "light" in cfg_name
     return [str(x) for x in hook(dataset, **kwargs)]
 
 
@@ -383,7 +397,7 @@ def _argv(ctx: Context, spec: TrainerSpec, dataset: str, seed: int, cfg_path: st
     # The method's per-dataset options are looked up only when the step runs (importing the trainers
     # costs seconds; a finished grid is skipped without it).
     return argv + ["PROTOCOL", PROTOCOL_DIRS[protocol], *opts, *spec.opts.get(protocol, ()),
-                   _DATASET_OPTS, "|".join([spec.key, opts_dataset, protocol, cfg_path, ctx.root]), *ctx.opts]
+                   _DATASET_OPTS, "|".join([spec.key, opts_dataset, protocol, ctx.root]), *ctx.opts]
 
 
 _DATASET_OPTS = "<dataset-opts>"
@@ -393,8 +407,8 @@ def _expand_dataset_opts(argv: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(argv):
         if argv[i] == _DATASET_OPTS:
-            key, dataset, protocol, cfg_path, root = argv[i + 1].split("|", 4)
-            out += dataset_opts(get_spec(key), dataset, protocol, root, osp.splitext(osp.basename(cfg_path))[0])
+            key, dataset, protocol, root = argv[i + 1].split("|", 3)
+            out += dataset_opts(get_spec(key), dataset, protocol, root)
             i += 2
         else:
             out.append(argv[i])

@@ -282,7 +282,6 @@ def test_dataset_opts_from_yaml():
     assert mmrl_dataset_opts("dtd") == ["TRAINER.MMRL.REG_WEIGHT", "6.0"]
     assert mmrl_dataset_opts("DescribableTextures") == ["TRAINER.MMRL.REG_WEIGHT", "6.0"]
     assert mmrl_dataset_opts("EuroSAT") == ["TRAINER.MMRL.REG_WEIGHT", "0.01", "TRAINER.MMRL.REP_DIM", "2048"]
-    assert mmrl_dataset_opts("eurosat", light=True) == ["TRAINER.MMRL.REG_WEIGHT", "0.01"]
     assert mmrl_dataset_opts("imagenet", protocol="cross_dataset") == []
     assert mmrl_dataset_opts("imagenetv2") == []
     with pytest.raises(ValueError):
@@ -292,6 +291,111 @@ def test_dataset_opts_from_yaml():
                 "eurosat": 0.01}
     for name, lam in expected.items():
         assert float(mmrl_dataset_opts(name)[1]) == lam
+
+
+# --------------------------------------------------------------------------- MMRL* (d_r 32) under the protocols
+def _protocol_cfg(tmp_path, dataset, cfg="", opts=()):
+    """The config train.py builds for a protocol base2new training step (config file + opts)."""
+    from restore import protocols as P
+    from train import build_parser, setup_cfg
+
+    ctx = P.Context(data=str(tmp_path), output=str(tmp_path / "out"), cfg=cfg, opts=list(opts))
+    step = P.base2new_train(ctx, "mmrl", dataset, 1)
+    args = build_parser().parse_args(step.train_argv(resolve_epoch=False))
+    return setup_cfg(args), args.config_file, step.output_dir
+
+
+@pytest.mark.parametrize("dataset, rep_dim, reg_weight", [("eurosat", 2048, 0.01), ("dtd", 32, 6.0),
+                                                           ("caltech101", 32, 0.5)])
+def test_mmrl_star_keeps_eurosat_rep_dim_2048(tmp_path, dataset, rep_dim, reg_weight):
+    """Paper: "in the d_r ablation experiments we fix d_r for EuroSAT to 2048 while adjusting d_r on
+    the other datasets"; MMRL* (HM 80.84, Tab. 6) is its d_r = 32 row. So CFG=vit_b16_base2new_light
+    gives d_r 32 everywhere except EuroSAT (2048), with the per-dataset lambda as for MMRL."""
+    cfg, config_file, _ = _protocol_cfg(tmp_path, dataset, cfg="vit_b16_base2new_light")
+    assert osp.basename(config_file) == "vit_b16_base2new_light.yaml"
+    assert cfg.TRAINER.MMRL.REP_DIM == rep_dim
+    assert cfg.TRAINER.MMRL.REG_WEIGHT == pytest.approx(reg_weight)
+    # MMRL (default config) and MMRL* pass the same per-dataset opts
+    assert _protocol_cfg(tmp_path, dataset)[0].TRAINER.MMRL.REP_DIM == (2048 if dataset == "eurosat" else 512)
+    # the user's own opts still win over the per-dataset ones
+    mine = _protocol_cfg(tmp_path, dataset, cfg="vit_b16_base2new_light", opts=["TRAINER.MMRL.REP_DIM", "64"])[0]
+    assert mine.TRAINER.MMRL.REP_DIM == 64
+
+
+@pytest.mark.parametrize("dataset, reg_weight, rep_dim", [("eurosat", 0.01, 2048), ("dtd", 6.0, 512)])
+def test_train_py_applies_published_per_dataset_values_before_user_opts(dataset, reg_weight, rep_dim, capsys):
+    """A plain train.py run (no protocol runner) gets the official per-dataset lambda / d_r; explicit opts win."""
+    from train import build_parser, setup_cfg
+
+    def cfg_for(*opts):
+        args = build_parser().parse_args([
+            "--trainer", "MMRL", "--dataset-config-file", osp.join(ROOT, f"configs/datasets/{dataset}.yaml"),
+            "--config-file", osp.join(ROOT, "configs/trainers/MMRL/vit_b16_base2new.yaml"), *opts])
+        return setup_cfg(args).TRAINER.MMRL
+
+    node = cfg_for()
+    assert (node.REG_WEIGHT, node.REP_DIM) == (pytest.approx(reg_weight), rep_dim)
+    assert "MMRL per-dataset defaults for" in capsys.readouterr().out
+    node = cfg_for("TRAINER.MMRL.REG_WEIGHT", "3.0", "TRAINER.MMRL.REP_DIM", "64")
+    assert (node.REG_WEIGHT, node.REP_DIM) == (3.0, 64)
+
+
+def test_mmrl_dataset_opts_cli_has_no_light_switch(capsys):
+    from trainers.mmrl import _main
+
+    assert _main(["eurosat"]) == 0
+    assert capsys.readouterr().out.split() == ["TRAINER.MMRL.REG_WEIGHT", "0.01", "TRAINER.MMRL.REP_DIM", "2048"]
+    with pytest.raises(SystemExit):  # MMRL* needs no switch: EuroSAT keeps d_r 2048 under it too
+        _main(["eurosat", "--light"])
+    with pytest.raises(TypeError):
+        mmrl_dataset_opts("eurosat", "base2new", True)  # config_dir is keyword-only: no silent old call
+
+
+def test_light_config_has_an_imagenet_variant_picked_by_resolve_config():
+    """CFG=vit_b16_base2new_light must not train ImageNet at batch 4 / 10 epochs: the paper (and
+    MMRL's own ImageNet config) uses batch 32 / 5 epochs there."""
+    import yaml
+
+    from restore import protocols as P
+
+    spec = P.get_spec("mmrl")
+    path, name = P.resolve_config(spec, "base2new", "imagenet", cfg="vit_b16_base2new_light")
+    assert osp.basename(path) == "vit_b16_base2new_light_imagenet.yaml" and osp.isfile(path)
+    assert name == "vit_b16_base2new_light"  # one run-folder name for the whole grid
+    path_dtd, name_dtd = P.resolve_config(spec, "base2new", "dtd", cfg="vit_b16_base2new_light")
+    assert osp.basename(path_dtd) == "vit_b16_base2new_light.yaml" and name_dtd == name
+    # naming the MMRL default config explicitly keeps ImageNet's own file as well
+    assert osp.basename(P.resolve_config(spec, "base2new", "imagenet", cfg="vit_b16_base2new")[0]) == \
+        "vit_b16_base2new_imagenet.yaml"
+    assert osp.basename(P.resolve_config(spec, "fewshot", "imagenet", cfg="vit_b16_few_shot")[0]) == \
+        "vit_b16_few_shot_imagenet.yaml"
+    # a path is used as given
+    assert P.resolve_config(spec, "base2new", "imagenet", cfg=path_dtd)[0] == path_dtd
+
+    def load(fname):
+        with open(osp.join(ROOT, "configs", "trainers", "MMRL", fname)) as f:
+            return yaml.safe_load(f)
+
+    light_imagenet, imagenet = load("vit_b16_base2new_light_imagenet.yaml"), load("vit_b16_base2new_imagenet.yaml")
+    assert light_imagenet["DATALOADER"]["TRAIN_X"]["BATCH_SIZE"] == 32 and light_imagenet["OPTIM"]["MAX_EPOCH"] == 5
+    assert light_imagenet["TRAINER"]["MMRL"]["REP_DIM"] == 32
+    imagenet["TRAINER"]["MMRL"]["REP_DIM"] = 32
+    assert light_imagenet == imagenet  # MMRL on ImageNet but d_r 32
+    light, full = load("vit_b16_base2new_light.yaml"), load("vit_b16_base2new.yaml")
+    full["TRAINER"]["MMRL"]["REP_DIM"] = 32
+    assert light == full
+
+
+def test_protocol_runs_mmrl_star_imagenet_at_batch_32_for_5_epochs(tmp_path):
+    cfg, config_file, out = _protocol_cfg(tmp_path, "imagenet", cfg="vit_b16_base2new_light")
+    assert osp.basename(config_file) == "vit_b16_base2new_light_imagenet.yaml"
+    assert cfg.DATALOADER.TRAIN_X.BATCH_SIZE == 32 and cfg.OPTIM.MAX_EPOCH == 5
+    assert cfg.TRAINER.MMRL.REP_DIM == 32 and cfg.TRAINER.MMRL.REG_WEIGHT == pytest.approx(0.5)
+    assert out.endswith(osp.join("MMRL", "vit_b16_base2new_light", "seed1"))
+    # the other datasets of the grid share that folder name, with MMRL*'s batch 4 / 10 epochs
+    cfg_dtd, _, out_dtd = _protocol_cfg(tmp_path, "dtd", cfg="vit_b16_base2new_light")
+    assert cfg_dtd.DATALOADER.TRAIN_X.BATCH_SIZE == 4 and cfg_dtd.OPTIM.MAX_EPOCH == 10
+    assert out_dtd.endswith(osp.join("MMRL", "vit_b16_base2new_light", "seed1"))
 
 
 # --------------------------------------------------------------------------- end to end

@@ -71,7 +71,10 @@ def test_trainer_mapping_and_config_resolution(tmp_path):
         for protocol in ("base2new", "xd", "fewshot"):
             path, name = P.resolve_config(spec, protocol, "dtd")
             assert osp.isfile(path) and path.endswith(name + ".yaml"), (key, protocol)
-    assert P.resolve_config(P.get_spec("mmrl"), "base2new", "imagenet")[1] == "vit_b16_base2new_imagenet"
+    # ImageNet's own schedule, under the grid's run-folder name (one results table for all datasets)
+    path, name = P.resolve_config(P.get_spec("mmrl"), "base2new", "imagenet")
+    assert osp.basename(path) == "vit_b16_base2new_imagenet.yaml" and name == "vit_b16_base2new"
+    assert P.resolve_config(P.get_spec("mmrl"), "base2new", "dtd")[1] == name
     assert P.resolve_config(P.get_spec("mmrl"), "dg", "imagenet")[1] == "vit_b16_domain_generalization"
     # CFG override: a name in the trainer's folder, or a path
     assert P.resolve_config(P.get_spec("coop"), "base2new", "dtd", cfg="vit_b16")[1] == "vit_b16"

@@ -22,7 +22,10 @@ Method (see shared/reference/mmrl.md for the full specification):
   ``z_c`` only. The rule is :func:`resolve_inference` (PROTOCOL x SUBSAMPLE_CLASSES x INFERENCE).
 
 Per-dataset lambda / d_r live in ``configs/trainers/MMRL/datasets/<dataset>.yaml``;
-:func:`mmrl_dataset_opts` turns one into ``opts`` for ``train.py``.
+:func:`mmrl_dataset_opts` turns one into ``opts``; ``train.py`` merges them (:meth:`MMRL.dataset_defaults`)
+after the config files and before the command-line opts, as the official train.py, so an explicit
+option still wins. MMRL* (d_r 32) uses the same opts: EuroSAT keeps d_r 2048, as in the paper's d_r
+ablation.
 """
 
 from __future__ import annotations
@@ -281,29 +284,29 @@ class MMRLModel(PromptModel):
 # --------------------------------------------------------------------------------------------
 # Per-dataset overrides (YAML) -> opts
 # --------------------------------------------------------------------------------------------
-
-
-
-
-def mmrl_dataset_opts(dataset: str, protocol: str = "base2new", light: bool = False,
-                      config_dir: str | None = None) -> list[str]:
+def mmrl_dataset_opts(dataset: str, protocol: str = "base2new", *, config_dir: str | None = None) -> list[str]:
     """Per-dataset MMRL overrides as ``train.py`` opts, e.g. ``["TRAINER.MMRL.REG_WEIGHT", "6.0"]``.
 
     ``dataset``: a configs/datasets stem ("dtd") or a DATASET.NAME ("DescribableTextures").
     Read from ``configs/trainers/MMRL/datasets/<stem>.yaml`` (published lambda per dataset, d_r 2048
     for EuroSAT); a known dataset without such a file gives ``[]``. For ``cross_dataset`` and
     ``domain_generalization`` nothing is returned: the protocol's yaml fixes lambda (0.2) and d_r
-    (512, so that every target loads the ImageNet weights). ``light=True`` (MMRL*) drops REP_DIM.
-    Pass these opts *before* your own opts so that yours win.
+    (512, so that every target loads the ImageNet weights).
+
+    The same opts serve MMRL and MMRL* (``vit_b16_base2new_light``, d_r 32): EuroSAT keeps d_r 2048
+    under both, as in the paper ("in the d_r ablation experiments we fix d_r for EuroSAT to 2048
+    while adjusting d_r on the other datasets"; MMRL* is the d_r = 32 row of that ablation), and
+    every other dataset keeps the config's d_r. Pass these opts *after* the config file and
+    *before* your own opts so that yours win.
+
+    ``train.py`` applies them itself (:meth:`MMRL.dataset_defaults`); ``python -m trainers.mmrl
+    <dataset>`` prints them, for a CoOp-style codebase whose train.py does not.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    stem, opts = per_dataset_opts(config_dir or DATASET_CONFIG_DIR, dataset, "MMRL")
+    _, opts = per_dataset_opts(config_dir or DATASET_CONFIG_DIR, dataset, "MMRL")
     if protocol in ("cross_dataset", "domain_generalization"):
         return []
-    if light:
-        pairs = [(k, v) for k, v in zip(opts[0::2], opts[1::2]) if not k.endswith(".REP_DIM")]
-        opts = [item for pair in pairs for item in pair]
     return opts
 
 
@@ -313,7 +316,8 @@ def mmrl_dataset_opts(dataset: str, protocol: str = "base2new", light: bool = Fa
 class MMRL(PromptTrainer):
     """Multi-Modal Representation Learning (node ``TRAINER.MMRL``).
 
-    Keys: ALPHA (0.7), REG_WEIGHT (lambda), REP_LAYERS (1-based, [6..12]), REP_DIM (d_r, 512; MMRL*: 32),
+    Keys: ALPHA (0.7), REG_WEIGHT (lambda), REP_LAYERS (1-based, [6..12]), REP_DIM (d_r, 512; MMRL*: 32;
+    EuroSAT 2048 under both, from its per-dataset yaml),
     N_REP_TOKENS (K, 5), PREC, TEMPLATE ("" = the dataset's hand-written template),
     INFERENCE ("auto" | "class" | "mixed", see :func:`resolve_inference`) and MIX ("logits" | "probs").
     """
@@ -330,6 +334,15 @@ class MMRL(PromptTrainer):
         "INFERENCE": "auto",
         "MIX": "logits",
     }
+
+    @classmethod
+    def dataset_defaults(cls, cfg: Any) -> list[str]:
+        """The published per-dataset lambda / d_r (:func:`mmrl_dataset_opts`), which ``train.py`` merges
+        before the command-line opts, as the official train.py does; ``[]`` for other datasets."""
+        try:
+            return mmrl_dataset_opts(str(cfg.DATASET.NAME), str(cfg.PROTOCOL))
+        except ValueError:  # a dataset or protocol without published values
+            return []
 
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)
@@ -398,15 +411,16 @@ if __name__ != "__main__":  # ``python -m trainers.mmrl`` runs this file a secon
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trainers.mmrl dtd [--protocol base2new] [--light]`` prints the per-dataset opts."""
+    """``python -m trainers.mmrl dtd [--protocol base2new]`` prints the per-dataset opts (MMRL and MMRL*)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Print MMRL's per-dataset config opts for train.py")
+    parser = argparse.ArgumentParser(
+        description="Print MMRL's per-dataset config opts for train.py (the same for MMRL and MMRL*: "
+                    "EuroSAT keeps d_r 2048, as in the paper's d_r ablation)")
     parser.add_argument("dataset")
     parser.add_argument("--protocol", default="base2new", choices=PROTOCOLS)
-    parser.add_argument("--light", action="store_true", help="MMRL* (keep REP_DIM 32)")
     args = parser.parse_args(argv)
-    print(" ".join(mmrl_dataset_opts(args.dataset, args.protocol, args.light)))
+    print(" ".join(mmrl_dataset_opts(args.dataset, args.protocol)))
     return 0
 
 
