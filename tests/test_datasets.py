@@ -20,7 +20,7 @@ from restore.data.prepare import ChecksumError, prepare
 from restore.data.synthetic import make_synthetic, split_sizes
 from restore.data.templates import CUSTOM_TEMPLATES
 from restore.engine.config import get_cfg_default
-from restore.engine.data import DataManager, DatasetNotFoundError, load_datum_cache
+from restore.engine.data import DataManager, DatasetNotFoundError, dumps_datum_cache, load_datum_cache
 from restore.engine.registry import DATASET_REGISTRY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,6 +165,22 @@ def test_cache_dir_redirect_leaves_dataset_folder_untouched(tmp_path):
     random.seed(777)
     again = DataManager(make_cfg(tmp_path / "data", "dtd", shots=2, cache_dir=cache)).dataset
     assert [d.impath for d in again.train_x] == picks["dtd"]
+    assert snapshot(tmp_path / "data") == before
+
+
+def test_existing_fewshot_pickle_in_dataset_folder_wins_over_cache_dir(tmp_path):
+    """A split_fewshot pickle shipped with the data (CoOp's / Dassl's) is read even with CACHE_DIR set."""
+    make_synthetic("dtd", tmp_path / "data", num_classes=C, images_per_class=N)
+    first = load(make_cfg(tmp_path / "data", "dtd", shots=2)).dataset  # writes data/dtd/split_fewshot/...
+    shipped = tmp_path / "data" / "dtd" / "split_fewshot" / "shot_2-seed_1.pkl"
+    data = load_datum_cache(str(shipped))
+    data["train"] = data["train"][::-1]  # a recognisably different (but valid) pick order
+    shipped.write_bytes(dumps_datum_cache(data))
+    before = snapshot(tmp_path / "data")
+    random.seed(99)
+    ds = DataManager(make_cfg(tmp_path / "data", "dtd", shots=2, cache_dir=tmp_path / "cache")).dataset
+    assert [d.impath for d in ds.train_x] == [d.impath for d in first.train_x][::-1]
+    assert not os.path.exists(tmp_path / "cache" / "dtd" / "split_fewshot")
     assert snapshot(tmp_path / "data") == before
 
 

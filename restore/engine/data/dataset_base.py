@@ -309,8 +309,14 @@ def cache_root(cfg: Any, dataset_dir: str) -> str:
 
 
 def fewshot_cache_path(cfg: Any, dataset_dir: str, num_shots: int, seed: int) -> str:
-    """``<cache root>/split_fewshot/shot_{K}-seed_{S}.pkl`` (CoOp's name; the key is only K and seed)."""
-    return osp.join(cache_root(cfg, dataset_dir), "split_fewshot", f"shot_{num_shots}-seed_{seed}.pkl")
+    """``split_fewshot/shot_{K}-seed_{S}.pkl`` (CoOp's name; the key is only K and seed).
+
+    An existing file in the dataset folder wins (one written by CoOp / Dassl or shared with other
+    repos: the same few-shot images), as for the split JSON; otherwise the path under the cache root.
+    """
+    name = osp.join("split_fewshot", f"shot_{num_shots}-seed_{seed}.pkl")
+    in_dataset = osp.join(dataset_dir, name)
+    return in_dataset if osp.exists(in_dataset) else osp.join(cache_root(cfg, dataset_dir), name)
 
 
 def load_or_create_fewshot(cfg: Any, dataset_dir: str, train: list[Datum], val: list[Datum] | None,
