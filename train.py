@@ -107,13 +107,15 @@ def main(args) -> int:  # type: ignore[no-untyped-def]
         print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
         return 2
     results = osp.join(cfg.OUTPUT_DIR, RESULTS_FILE)
-    if osp.exists(results) and not args.overwrite and not args.no_train:
+    training = not args.eval_only and not args.no_train
+    if osp.exists(results) and not args.overwrite and training:  # --eval-only always evaluates, as CoOp
         print(f"{results} exists: this run is finished, skipping it (pass --overwrite to redo it).")
         return 0
     if cfg.SEED >= 0:
         print(f"Setting fixed seed: {cfg.SEED}")
         set_random_seed(cfg.SEED, deterministic=cfg.DETERMINISTIC)
-    setup_logger(cfg.OUTPUT_DIR)
+    # an unfinished run (killed, then resumed) continues its log.txt, where CoOp's parse_test_res.py looks
+    setup_logger(cfg.OUTPUT_DIR, append=training and not osp.exists(results))
     if torch.cuda.is_available() and cfg.USE_CUDA and not cfg.DETERMINISTIC:
         torch.backends.cudnn.benchmark = True
     print_args(args, cfg)

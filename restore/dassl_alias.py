@@ -5,8 +5,14 @@ Opt in once per environment (the one-liner)::
     python -m restore.dassl_alias install      # writes restore_dassl_alias.pth into site-packages
     python -m restore.dassl_alias uninstall
 
+or for one process only, nothing written (``torchrun ... -m restore.dassl_alias run train.py ...`` too)::
+
+    python -m restore.dassl_alias run train.py --root DATA ...   # or: run -m package.module args...
+
 or in code, before the first ``import dassl``: ``import restore.dassl_alias as a; a.activate()``.
-If a real ``dassl`` package is importable, nothing is shadowed.
+If a real ``dassl`` package is importable, nothing is shadowed. (``run`` covers the process and its
+forked children, e.g. Linux DataLoader workers; a child started with the ``spawn`` method re-imports
+the script without the alias, for that use ``install``.)
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
+import runpy
 import sys
 import sysconfig
 import types
@@ -75,6 +82,19 @@ class _AliasLoader(importlib.abc.Loader):
                 setattr(module, name, getattr(src, name))
                 exported.append(name)
         module.__all__ = exported
+        if "Datum" in exported:
+            _adopt_dassl_datum_path(module)
+
+
+def _adopt_dassl_datum_path(module: types.ModuleType) -> None:
+    """Give Datum Dassl's class path, so a plain ``pickle.dump`` (CoOp's few-shot cache) writes
+    ``dassl.data.datasets.base_dataset.Datum``, which the real Dassl loads (restore's own caches do
+    this explicitly). Pickle resolves the path through this alias, so it round-trips here too."""
+    from restore.engine.data.datum import DASSL_DATUM_MODULE, Datum
+
+    if module.__name__ != DASSL_DATUM_MODULE:
+        importlib.import_module(DASSL_DATUM_MODULE)  # in sys.modules before pickle looks the path up
+    Datum.__module__ = DASSL_DATUM_MODULE
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder):
@@ -127,9 +147,33 @@ def uninstall(site_dir: str | None = None) -> bool:
     return False
 
 
+def run(argv: list[str]) -> int:
+    """Activate the alias in this process and run ``script.py args...`` (or ``-m module args...``) as
+    ``__main__``, as ``python script.py args...`` would."""
+    if not argv or argv[0] in ("-h", "--help") or (argv[0] == "-m" and len(argv) < 2):
+        print("usage: python -m restore.dassl_alias run (script.py | -m module) [args ...]")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from restore import dassl_alias  # the importable module, not this __main__ copy (one finder class)
+
+    if not dassl_alias.activate():
+        print("A real Dassl is installed: running with it, not with the alias.", file=sys.stderr)
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # as `python script.py` does
+        runpy.run_path(argv[0], run_name="__main__")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "run":
+        return run(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["install", "uninstall", "status"])
+    parser.add_argument("action", choices=["install", "uninstall", "status"],
+                        help="or: run script.py args... (see above)")
     parser.add_argument("--site-dir", default=None, help="where to write the .pth file (default: site-packages)")
     args = parser.parse_args(argv)
     if args.action == "install":

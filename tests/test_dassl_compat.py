@@ -185,3 +185,84 @@ def test_alias_is_inactive_when_real_dassl_exists(tmp_path, monkeypatch):
             "print(a.activate()); import dassl; print(getattr(dassl, 'REAL', False))") % str(tmp_path)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.stdout.split() == ["False", "True"], proc.stderr
+
+
+_PICKLE_DATUM = '''
+import io, pickle, sys
+{activate}
+from {module} import Datum
+from restore.engine.data.datum import dumps_datum_cache, load_datum_cache
+d = Datum(impath=sys.argv[1], label=3, classname="cat")
+blobs = [pickle.dumps({{"train": [d, d], "val": [d]}}, protocol=p) for p in (0, 2, pickle.HIGHEST_PROTOCOL)]
+for blob in blobs:  # plain pickle (CoOp's own code) and restore's reader both load it back here
+    assert pickle.loads(blob)["train"][0] == d and load_datum_cache(io.BytesIO(blob))["train"][1] == d
+assert load_datum_cache(io.BytesIO(dumps_datum_cache({{"train": [d]}})))["train"] == [d]
+with open(sys.argv[2], "wb") as f:
+    pickle.dump(blobs, f)
+'''
+
+
+def _pickle_datum_in_subprocess(tmp_path, alias: bool):
+    from PIL import Image
+
+    img, out = tmp_path / "a.jpg", tmp_path / f"blobs_{alias}.pkl"
+    Image.new("RGB", (4, 4)).save(img)
+    code = _PICKLE_DATUM.format(
+        activate="import restore.dassl_alias as a; assert a.activate()" if alias else "",
+        module="dassl.data.datasets" if alias else "restore.engine.data")
+    proc = subprocess.run([sys.executable, "-c", code, str(img), str(out)], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import pickle
+
+    with open(out, "rb") as f:
+        return pickle.load(f), str(img)
+
+
+def test_plain_pickle_of_datum_under_alias_names_dassls_class(tmp_path):
+    """CoOp's datasets write their few-shot cache with plain pickle.dump: under the alias it must carry
+    Dassl's class path (the real Dassl loads nothing else); without the alias nothing changes."""
+    import io
+
+    from restore.engine.data.datum import DASSL_DATUM_MODULE, Datum, load_datum_cache
+    from test_data_engine import _install_fake_dassl, _remove_fake_dassl
+
+    blobs, img = _pickle_datum_in_subprocess(tmp_path, alias=True)
+    for blob in blobs:
+        assert DASSL_DATUM_MODULE.encode() in blob and b"restore.engine" not in blob
+        got = load_datum_cache(io.BytesIO(blob))["train"][0]
+        assert type(got) is Datum and (got.impath, got.label, got.classname) == (img, 3, "cat")
+    import pickle
+
+    saved, FakeDatum = _install_fake_dassl()  # what the real Dassl does with such a file
+    try:
+        data = pickle.loads(blobs[-1])
+    finally:
+        _remove_fake_dassl(saved)
+    assert type(data["train"][0]) is FakeDatum and data["train"][0]._label == 3
+
+    plain, _ = _pickle_datum_in_subprocess(tmp_path, alias=False)
+    for blob in plain:  # no alias: our own class path, as before
+        assert b"restore.engine.data.datum" in blob and DASSL_DATUM_MODULE.encode() not in blob
+        assert pickle.loads(blob)["val"][0].label == 3
+
+
+def test_run_launcher_activates_the_alias_for_one_process(mini_codebase):
+    """``python -m restore.dassl_alias run train.py ...``: nothing written into site-packages."""
+    code, data, _ = mini_codebase
+    (code / "train.py").write_text(MINI_TRAIN.format(extra_import="", extra_extend=""))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(code), ROOT]))
+    args = ["train.py", "--root", str(data), "--output-dir", str(code / "out"), "--trainer", "Linear",
+            "OPTIM.MAX_EPOCH", "1"]
+    if subprocess.run([sys.executable, "-c", "import dassl"], cwd=code, env=env, capture_output=True).returncode:
+        # (unless this environment has the .pth installed or a real Dassl) plain python cannot run it
+        plain = subprocess.run([sys.executable, *args], cwd=code, env=env, capture_output=True, text=True, timeout=120)
+        assert plain.returncode != 0 and "No module named 'dassl'" in plain.stderr
+    proc = subprocess.run([sys.executable, "-m", "restore.dassl_alias", "run", *args], cwd=code, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch [1/1]" in (code / "out" / "log.txt").read_text()
+    assert json.load(open(code / "out" / "results.json"))["accuracy"] == 100.0
+    failing = subprocess.run([sys.executable, "-m", "restore.dassl_alias", "run", "-m", "train", "--bad-flag"],
+                             cwd=code, env=env, capture_output=True, text=True, timeout=120)
+    assert failing.returncode == 2 and "--bad-flag" in failing.stderr  # -m form; the script's exit status

@@ -20,7 +20,12 @@ How it works (all of it lives here; the engine calls these helpers at a handful 
   up to float round-off. We do not wrap the model in ``DistributedDataParallel``: prompt methods
   call their model several times per step and read its attributes (MaPLe/PromptSRC under
   DataParallel break on exactly that), and the learnable parameters are tiny, so overlapping
-  communication with the backward pass would gain nothing.
+  communication with the backward pass would gain nothing. Trainers that call ``loss.backward()``
+  and ``optim.step()`` themselves (the official MaPLe / IVLP / PromptSRC code, CoOp's amp branch)
+  are covered too: every registered optimizer gets a step pre-hook, and every ``GradScaler`` on the
+  trainer a pre-``unscale_`` step, that average whatever :func:`average_gradients` has not already
+  averaged (:func:`sync_gradients`), so each gradient is averaged exactly once per step and every
+  rank skips an inf/NaN step together.
 * A loss that is not a mean over samples (a contrastive loss over the batch, an MMD between two
   batches, per-column batch statistics) is computed on the global batch: :func:`all_gather_rows`
   concatenates every rank's rows and carries gradients back to each rank's own rows, summed over
@@ -46,6 +51,7 @@ import atexit
 import datetime
 import os
 import sys
+import weakref
 from collections import defaultdict
 from typing import Any, Iterable, Iterator, Sized
 
@@ -57,7 +63,8 @@ from torch.utils.data import Sampler
 __all__ = [
     "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process", "barrier",
     "all_reduce_sum", "all_gather_rows", "broadcast_object", "ShardedSampler", "shard_sampler", "average_gradients",
-    "average_summary", "broadcast_parameters", "evaluate", "check_same",
+    "average_summary", "broadcast_parameters", "evaluate", "check_same", "sync_gradients",
+    "install_gradient_sync", "install_scaler_sync",
 ]
 
 
@@ -322,6 +329,11 @@ def average_gradients(models: nn.Module | Iterable[nn.Module | nn.Parameter | to
     params = _params(models)
     if not params:
         return
+    _average(params)
+    _mark_synced(params)
+
+
+def _average(params: list[torch.Tensor]) -> None:
     device = _device()
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
     dist.all_reduce(has, op=dist.ReduceOp.MAX)
@@ -343,6 +355,77 @@ def average_gradients(models: nn.Module | Iterable[nn.Module | nn.Parameter | to
             n = p.grad.numel()
             p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
             offset += n
+
+
+# Gradients already averaged, so that the safety nets below average each gradient exactly once:
+# id(param) -> (weakref to param, weakref to its grad tensor or None, the grad's version counter).
+# A new backward pass makes a new grad tensor or bumps the version of the old one in place.
+_synced: dict[int, tuple[Any, Any, int]] = {}
+
+
+def _mark_synced(params: list[torch.Tensor]) -> None:
+    for p in params:
+        g = p.grad
+        _synced[id(p)] = (weakref.ref(p), weakref.ref(g) if g is not None else None, g._version if g is not None else 0)
+
+
+def _is_synced(p: torch.Tensor) -> bool:
+    entry = _synced.get(id(p))
+    if entry is None or entry[0]() is not p:
+        return False
+    if p.grad is None:
+        return entry[1] is None
+    return entry[1] is not None and entry[1]() is p.grad and entry[2] == p.grad._version
+
+
+def sync_gradients(params: Iterable[nn.Parameter | torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over ranks unless :func:`average_gradients` already did since
+    they last changed (decided jointly by all ranks, so the collectives always match)."""
+    if not is_distributed():
+        return
+    params = _params(params)
+    if not params:
+        return
+    need = torch.tensor([not _is_synced(p) for p in params], dtype=torch.float32, device=_device())
+    dist.all_reduce(need, op=dist.ReduceOp.MAX)
+    todo = [p for p, n in zip(params, need.tolist()) if n > 0]
+    if todo:
+        average_gradients(todo)
+
+
+def _optimizer_params(optimizer: Any) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def install_gradient_sync(optimizer: Any) -> None:
+    """DDP safety net for trainers that call ``loss.backward()`` and ``optim.step()`` themselves (the
+    official MaPLe / IVLP / PromptSRC code; CoOp's amp branch) instead of ``model_backward``: a step
+    pre-hook averages the optimizer's gradients over ranks unless that already happened. Idempotent;
+    a no-op when single-process or for an object without ``register_step_pre_hook``."""
+    if not is_distributed() or optimizer is None or getattr(optimizer, "_restore_grad_sync", False):
+        return
+    register = getattr(optimizer, "register_step_pre_hook", None)
+    if register is None:
+        return
+    register(lambda opt, args, kwargs: sync_gradients(_optimizer_params(opt)))
+    optimizer._restore_grad_sync = True
+
+
+def install_scaler_sync(scaler: Any) -> None:
+    """The same for a ``GradScaler``: average before ``unscale_`` looks for inf/NaN, so every rank
+    skips or takes the step together (a per-rank check would leave one rank stepping alone)."""
+    if not is_distributed() or getattr(scaler, "_restore_grad_sync", False) or not hasattr(scaler, "unscale_"):
+        return
+    original = scaler.unscale_
+
+    def unscale_(optimizer: Any) -> None:
+        params = _optimizer_params(optimizer)
+        sync_gradients(params)
+        original(optimizer)
+        _mark_synced(_params(params))  # unscaled in place: still averaged
+
+    scaler.unscale_ = unscale_
+    scaler._restore_grad_sync = True
 
 
 def average_summary(summary: dict[str, Any]) -> dict[str, Any]:

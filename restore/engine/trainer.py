@@ -75,6 +75,19 @@ class TrainerBase:
         self._models[name] = model
         self._optims[name] = optim
         self._scheds[name] = sched
+        # DDP: trainers that call loss.backward() / optim.step() themselves (official MaPLe, IVLP,
+        # PromptSRC; CoOp's amp branch) still get averaged gradients, exactly once per step
+        distributed.install_gradient_sync(optim)
+
+    def install_scaler_sync(self) -> None:
+        """DDP: every ``GradScaler`` attribute of the trainer averages gradients before its inf/NaN check."""
+        if not distributed.is_distributed():
+            return
+        kinds = tuple(k for k in (getattr(torch.amp, "GradScaler", None), getattr(torch.cuda.amp, "GradScaler", None))
+                      if isinstance(k, type))  # torch.amp.GradScaler is torch >= 2.3
+        for value in list(vars(self).values()):
+            if kinds and isinstance(value, kinds):
+                distributed.install_scaler_sync(value)
 
     def get_model_names(self, names: str | list[str] | None = None) -> list[str]:
         names_real = list(self._models.keys())
@@ -314,6 +327,7 @@ class SimpleTrainer(TrainerBase):
         self.build_data_loader()
         self.build_model()
         distributed.broadcast_parameters(self._models.values())  # DDP: same start on every rank
+        self.install_scaler_sync()  # DDP
         self.evaluator = build_evaluator(cfg, lab2cname=self.lab2cname)
         self.best_result = -np.inf
 
@@ -343,6 +357,8 @@ class SimpleTrainer(TrainerBase):
         directory = self.cfg.RESUME or self.output_dir
         self.start_epoch = self.resume_model_if_exist(directory)
         distributed.check_same(self.start_epoch, "the resumed epoch")  # DDP
+        self._resume_only_paths = self.resumed_resume_only_paths(directory)
+        self.install_scaler_sync()  # DDP: a scaler built after build_model
         if self.start_epoch < self.max_epoch and distributed.is_main_process():  # DDP: rank 0 logs
             writer_dir = osp.join(self.output_dir, "tensorboard")
             mkdir_if_missing(writer_dir)
@@ -361,13 +377,31 @@ class SimpleTrainer(TrainerBase):
                 self.save_model(self.epoch, self.output_dir, val_result=curr_result, model_name="model-best.pth.tar")
         self.save_epoch_checkpoint(keep=meet_checkpoint_freq or last_epoch)
 
+    def keeps_checkpoint(self, epoch: int) -> bool:
+        """Whether ``model.pth.tar-<epoch>`` stays for good: the last epoch and every CHECKPOINT_FREQ-th."""
+        freq = self.cfg.TRAIN.CHECKPOINT_FREQ
+        return epoch == self.max_epoch or (freq > 0 and epoch % freq == 0)
+
+    def resumed_resume_only_paths(self, directory: str) -> list[str]:
+        """After resuming in OUTPUT_DIR from epoch N: N's files if they were kept only for resuming (the
+        killed run would have removed them after epoch N + 1), so the next save removes them."""
+        epoch = self.start_epoch
+        if (epoch <= 0 or self.keeps_checkpoint(epoch) or not distributed.is_main_process()
+                or osp.realpath(directory) != osp.realpath(self.output_dir)):  # never delete in another run's folder
+            return []
+        return [osp.join(self.output_dir, name, f"model.pth.tar-{epoch}") for name in self.get_model_names()]
+
     def save_epoch_checkpoint(self, keep: bool) -> None:
         """Save this epoch (a killed run resumes here). Files saved only for resuming are removed
-        once a newer checkpoint exists, so by default only ``model.pth.tar-MAX_EPOCH`` remains, as in Dassl."""
+        once a newer checkpoint exists (also those of a killed run this one resumed), so by default
+        only ``model.pth.tar-MAX_EPOCH`` remains, as in Dassl."""
         paths = self.save_model(self.epoch, self.output_dir)
         for path in getattr(self, "_resume_only_paths", []):
             if path not in paths and osp.exists(path):
-                os.remove(path)
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
         self._resume_only_paths = [] if keep else paths
 
     def after_train(self) -> None:

@@ -169,12 +169,12 @@ def tolist_if_not(x: Any) -> list:
 class Logger:
     """Tee of stdout into a file; ``flush`` fsyncs the file (Dassl semantics)."""
 
-    def __init__(self, fpath: str | None = None) -> None:
+    def __init__(self, fpath: str | None = None, mode: str = "w") -> None:
         self.console = sys.stdout
         self.file = None
         if fpath is not None:
             mkdir_if_missing(osp.dirname(osp.abspath(fpath)))
-            self.file = open(fpath, "w")
+            self.file = open(fpath, mode)
 
     def __del__(self) -> None:
         self.close()
@@ -198,23 +198,36 @@ class Logger:
             self.file.close()
 
 
-def setup_logger(output: str | None = None) -> str | None:
+RESUMED_MARKER = "=== resumed {} ==="
+
+
+def setup_logger(output: str | None = None, append: bool = False) -> str | None:
     """Tee stdout to ``output/log.txt`` (or ``output`` if it ends in .txt/.log).
 
-    An existing log gets a new sibling named with a ``-%Y-%m-%d-%H-%M-%S`` suffix, as Dassl does.
-    Returns the log file path.
+    An existing log gets a new sibling named with a ``-%Y-%m-%d-%H-%M-%S`` suffix, as Dassl does;
+    with ``append`` (train.py resuming an unfinished run) the existing log is continued after a line
+    ``=== resumed <time> ===``, so the final ``* accuracy`` lines land in ``log.txt``, the only file
+    CoOp's ``parse_test_res.py`` reads. Returns the log file path.
     """
     if output is None:
         return None
     if int(os.environ.get("RANK", "0") or 0) != 0:  # DDP (torchrun): only rank 0 writes the log
         return None
     fpath = output if output.endswith((".txt", ".log")) else osp.join(output, "log.txt")
-    if osp.exists(fpath):
+    resumed = append and osp.isfile(fpath)
+    if osp.exists(fpath) and not resumed:
         fpath += time.strftime("-%Y-%m-%d-%H-%M-%S")
     if isinstance(sys.stdout, Logger):
         sys.stdout.close()
         sys.stdout = sys.stdout.console
-    sys.stdout = Logger(fpath)
+    newline = ""
+    if resumed and os.path.getsize(fpath):
+        with open(fpath, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            newline = "" if f.read(1) == b"\n" else "\n"  # the killed run may have stopped mid-line
+    sys.stdout = Logger(fpath, mode="a" if resumed else "w")
+    if resumed:
+        print(newline + RESUMED_MARKER.format(time.strftime("%Y-%m-%d %H:%M:%S")))
     return fpath
 
 

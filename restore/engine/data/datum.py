@@ -68,7 +68,8 @@ class Datum:
 
 # Globals a cache pickle may reference. Datum under Dassl's path or ours; a few inert builtins that
 # old protocols use to rebuild containers and plain objects.
-_DATUM_PATHS = {(DASSL_DATUM_MODULE, "Datum"), (Datum.__module__, "Datum")}
+# (Under restore.dassl_alias, Datum.__module__ becomes Dassl's path, so plain pickles carry it too.)
+_DATUM_PATHS = {(DASSL_DATUM_MODULE, "Datum"), (__name__, "Datum")}
 # Protocols 0-2 name some of them the Python 2 way (``__builtin__``, ``copy_reg``).
 _SAFE_GLOBALS = {
     (module, name)
