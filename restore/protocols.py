@@ -17,10 +17,16 @@ arguments (trainer class, config file, per-dataset options, output folder, check
 YAML file), ``SHOTS`` (training shots, default 16), ``OUTPUT`` (output root, default ``output``),
 ``SUB`` (class split of ``base2new-test``). Output folders: see :mod:`restore.evaluation.results`.
 
-Runs are idempotent: a step whose ``results.json`` exists is skipped (``--overwrite`` redoes it), a
-crashed training resumes from its last checkpoint (``train.py`` does that), and an evaluation whose
-model was retrained since is redone. Evaluation steps load the last epoch written by the training
-run, read from its ``checkpoint`` file (no hard-coded ``--load-epoch``).
+Runs are idempotent: a step whose ``results.json`` exists is skipped, a crashed training resumes
+from its last checkpoint (``train.py`` does that), and an evaluation whose model was retrained since
+is redone. Evaluation steps load the last epoch written by the training run, read from its
+``checkpoint`` file (no hard-coded ``--load-epoch``).
+
+Each step records the user's trailing opts in ``<run folder>/protocol_opts.json`` when it runs; a
+finished (or partly trained) step asked again with other opts is refused with one line that says
+what differs, instead of being skipped as if it were the run asked for. ``--overwrite`` redoes a
+step: a training step's old folder is first moved aside to ``<folder>.old-<YYYYmmdd-HHMMSS>`` (kept,
+ignored by the tables) and the model is trained from scratch; its evaluations then see the new model.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -44,9 +51,9 @@ from restore.evaluation.results import PROTOCOL_DIRS, RESULTS_FILE, run_dir
 
 __all__ = [
     "TRAINERS", "TrainerSpec", "Step", "ProtocolError", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS",
-    "FEWSHOT_SHOTS", "repo_root", "get_spec", "resolve_config", "dataset_opts", "last_epoch",
+    "FEWSHOT_SHOTS", "OPTS_FILE", "repo_root", "get_spec", "resolve_config", "dataset_opts", "last_epoch",
     "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_test", "fewshot_train", "build_jobs",
-    "run_steps", "run_jobs", "main",
+    "run_steps", "run_jobs", "move_aside", "check_steps", "main",
 ]
 
 BASE2NEW_DATASETS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -284,28 +291,141 @@ def dataset_opts(spec: TrainerSpec, dataset: str, protocol: str, root: str = "")
 
 
 # --------------------------------------------------------------------------- steps
+#: What a step was run with, written in its run folder when it starts: the user's trailing opts (not the
+#: per-dataset ones the runner adds), an id of the run and, for an evaluation, the id of the model's run.
+OPTS_FILE = "protocol_opts.json"
+#: Opts that do not change what a run computes: a finished run asked again with other values of these
+#: is still skipped.
+NEUTRAL_OPTS = frozenset({"DATALOADER.NUM_WORKERS", "DATALOADER.TEST.BATCH_SIZE", "TRAIN.PRINT_FREQ"})
+
+
+def _read_json(path: str) -> Optional[dict[str, Any]]:
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _opts_dict(opts: Sequence[str]) -> dict[str, str]:
+    """``KEY VALUE ...`` as a dict (the last value of a key wins, as in yacs), neutral keys left out."""
+    out: dict[str, str] = {}
+    for key, value in zip(opts[0::2], opts[1::2]):
+        out[str(key)] = str(value)
+    if len(opts) % 2:
+        out[str(opts[-1])] = "<no value>"
+    return {k: v for k, v in out.items() if k not in NEUTRAL_OPTS}
+
+
+def _opts_text(opts: dict[str, str]) -> str:
+    return " ".join(f"{k} {v}" for k, v in opts.items()) or "none"
+
+
 @dataclass
 class Step:
-    """One ``train.py`` call; ``model_dir`` set = evaluation of that training run's last checkpoint."""
+    """One ``train.py`` call; ``model_dir`` set = evaluation of that training run's last checkpoint.
+
+    ``user_opts`` are the user's trailing config opts (recorded in :data:`OPTS_FILE`, compared before
+    a finished step is skipped); ``None`` = not known (no record, no check).
+    """
 
     name: str
     output_dir: str
     argv: list[str]
     model_dir: Optional[str] = None
     eval_only: bool = False
+    user_opts: Optional[list[str]] = None
 
     def results_path(self) -> str:
         return osp.join(self.output_dir, RESULTS_FILE)
 
+    def record_path(self) -> str:
+        return osp.join(self.output_dir, OPTS_FILE)
+
     def is_stale(self) -> bool:
-        """Finished, but its model was retrained afterwards."""
+        """Finished, but its model was retrained afterwards (or is being retrained)."""
         if not (self.model_dir and osp.isfile(self.results_path())):
             return False
+        evaluated = (_read_json(self.record_path()) or {}).get("model_run_id")
+        current = (_read_json(osp.join(self.model_dir, OPTS_FILE)) or {}).get("run_id")
+        if evaluated and current and evaluated != current:
+            return True
         trained = osp.join(self.model_dir, RESULTS_FILE)
         return osp.isfile(trained) and osp.getmtime(trained) > osp.getmtime(self.results_path())
 
     def is_done(self) -> bool:
         return osp.isfile(self.results_path()) and not self.is_stale()
+
+    def has_started_training(self) -> bool:
+        """A training step with a checkpoint in its folder (``train.py`` would resume it)."""
+        if self.eval_only or not osp.isdir(self.output_dir):
+            return False
+        return any(osp.isfile(osp.join(self.output_dir, d, "checkpoint")) for d in os.listdir(self.output_dir))
+
+    def mismatch(self) -> Optional[str]:
+        """One sentence if the finished (or resumable) run in ``output_dir`` was run with other opts."""
+        # only a run that would be skipped (finished) or resumed (partly trained); a stale evaluation is redone
+        finished = self.is_done()
+        if self.user_opts is None or not (finished or self.has_started_training()):
+            return None
+        what = "finished" if finished else "partly trained"
+        record = _read_json(self.record_path())
+        kept = "" if self.eval_only else " (the old folder is kept as <folder>.old-<time>)"
+        advice = f"pass --overwrite to redo it{kept}, or set OUTPUT=<another folder> for this one"
+        if record is not None and isinstance(record.get("opts"), list):
+            before, now = _opts_dict(record["opts"]), _opts_dict(self.user_opts)
+            if before == now:
+                return None
+            diff = [f"{k} {before.get(k, '<not set>')} -> {now.get(k, '<not set>')}"
+                    for k in list(before) + [k for k in now if k not in before] if before.get(k) != now.get(k)]
+            return (f"{self.output_dir} holds a {what} run with other options ({'; '.join(diff)}; was: "
+                    f"{_opts_text(before)}; now: {_opts_text(now)}): {advice}")
+        # A run from before the record existed: compare the backbone its results.json names.
+        results = _read_json(self.results_path()) or {}
+        ran, asked = results.get("backbone"), self._asked_backbone()
+        if ran and asked and str(ran) != asked:
+            return (f"{self.output_dir} holds a {what} run with backbone {ran!r}, not the {asked!r} asked for: "
+                    f"{advice}")
+        return None
+
+    def _asked_backbone(self) -> Optional[str]:
+        asked = _opts_dict(self.user_opts or []).get("MODEL.BACKBONE.NAME")
+        if asked is not None:
+            return asked
+        if "--config-file" not in self.argv:
+            return None
+        path = self.argv[self.argv.index("--config-file") + 1]
+        try:
+            import yaml
+
+            with open(path) as f:
+                name = ((yaml.safe_load(f) or {}).get("MODEL") or {}).get("BACKBONE", {}).get("NAME")
+        except Exception:  # noqa: BLE001 - unreadable config: nothing to compare
+            return None
+        return str(name) if name else None
+
+    def write_record(self) -> None:
+        """Write :data:`OPTS_FILE` (called when the step starts; ``output_dir`` is created)."""
+        import datetime
+        import json
+
+        os.makedirs(self.output_dir, exist_ok=True)
+        record: dict[str, Any] = {
+            "opts": list(self.user_opts or []),
+            "run_id": f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}",
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "step": self.name,
+        }
+        if self.model_dir:
+            record["model_dir"] = self.model_dir
+            record["model_run_id"] = (_read_json(osp.join(self.model_dir, OPTS_FILE)) or {}).get("run_id")
+        tmp = self.record_path() + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, self.record_path())
 
     def train_argv(self, overwrite: bool = False, resolve_epoch: bool = True) -> list[str]:
         """The full argument list for ``train.py`` (resolves the checkpoint epoch now)."""
@@ -426,7 +546,7 @@ def base2new_train(ctx: Context, trainer: str, dataset: str, seed: int) -> Step:
     out = run_dir(ctx.output, "base2new", "train_base", dataset, ctx.shots, spec.label, cfg, seed)
     opts = ["DATASET.NUM_SHOTS", str(ctx.shots), "DATASET.SUBSAMPLE_CLASSES", "base"]
     return Step(f"base2new train_base {spec.label} {dataset} seed{seed}", out,
-                _argv(ctx, spec, dataset, seed, cfg_path, out, "base2new", opts, dataset))
+                _argv(ctx, spec, dataset, seed, cfg_path, out, "base2new", opts, dataset), user_opts=list(ctx.opts))
 
 
 def base2new_test(ctx: Context, trainer: str, dataset: str, seed: int, sub: str = "new") -> Step:
@@ -439,7 +559,7 @@ def base2new_test(ctx: Context, trainer: str, dataset: str, seed: int, sub: str 
     opts = ["DATASET.NUM_SHOTS", str(ctx.shots), "DATASET.SUBSAMPLE_CLASSES", sub]
     return Step(f"base2new test_{sub} {spec.label} {dataset} seed{seed}", out,
                 _argv(ctx, spec, dataset, seed, cfg_path, out, "base2new", opts, dataset),
-                model_dir=model_dir if spec.trains else None, eval_only=True)
+                model_dir=model_dir if spec.trains else None, eval_only=True, user_opts=list(ctx.opts))
 
 
 def xd_train(ctx: Context, trainer: str, seed: int) -> Step:
@@ -448,11 +568,12 @@ def xd_train(ctx: Context, trainer: str, seed: int) -> Step:
     out = run_dir(ctx.output, "xd", "train", XD_SOURCE, ctx.shots, spec.label, cfg, seed)
     opts = ["DATASET.NUM_SHOTS", str(ctx.shots)]
     return Step(f"xd train {spec.label} {XD_SOURCE} seed{seed}", out,
-                _argv(ctx, spec, XD_SOURCE, seed, cfg_path, out, "xd", opts, XD_SOURCE))
+                _argv(ctx, spec, XD_SOURCE, seed, cfg_path, out, "xd", opts, XD_SOURCE), user_opts=list(ctx.opts))
 
 
 def _transfer_test(ctx: Context, protocol: str, trainer: str, dataset: str, seed: int) -> Step:
     spec, dataset = get_spec(trainer), dataset_key(dataset)
+    check_target(protocol, dataset)
     # Folders are named by the *training* config; the evaluation may use a protocol-specific file (MMRL's
     # domain_generalization yaml), else the training one.
     train_path, cfg = _train_cfg(ctx, spec, "xd", XD_SOURCE)
@@ -461,7 +582,20 @@ def _transfer_test(ctx: Context, protocol: str, trainer: str, dataset: str, seed
     out = run_dir(ctx.output, protocol, "test", dataset, ctx.shots, spec.label, cfg, seed)
     return Step(f"{protocol} test {spec.label} {dataset} seed{seed}", out,
                 _argv(ctx, spec, dataset, seed, cfg_path, out, protocol, [], XD_SOURCE),
-                model_dir=model_dir if spec.trains else None, eval_only=True)
+                model_dir=model_dir if spec.trains else None, eval_only=True, user_opts=list(ctx.opts))
+
+
+def check_target(protocol: str, dataset: str) -> None:
+    """Only the protocol's own targets: the 10 non-ImageNet datasets (xd), ImageNet's 4 variants (dg)."""
+    targets, other, script = ((XD_TARGETS, DG_TARGETS, "scripts/xd/test_dg.sh (dg-test)") if protocol == "xd"
+                              else (DG_TARGETS, XD_TARGETS, "scripts/xd/test_xd.sh (xd-test)"))
+    if dataset in targets:
+        return
+    title = "cross-dataset" if protocol == "xd" else "domain-generalization"
+    hint = f"; {dataset} is a {'domain-generalization' if protocol == 'xd' else 'cross-dataset'} target: use {script}" \
+        if dataset in other else (f"; {dataset} is the training (source) dataset, evaluated by the training step itself"
+                                  if dataset == XD_SOURCE else "")
+    raise ProtocolError(f"{dataset} is not a {title} target; choose from {', '.join(targets)} (or all){hint}")
 
 
 def xd_test(ctx: Context, trainer: str, dataset: str, seed: int) -> Step:
@@ -478,7 +612,7 @@ def fewshot_train(ctx: Context, trainer: str, dataset: str, shots: int, seed: in
     out = run_dir(ctx.output, "fewshot", "train", dataset, shots, spec.label, cfg, seed)
     opts = ["DATASET.NUM_SHOTS", str(shots)]
     return Step(f"fewshot train {spec.label} {dataset} {shots}-shot seed{seed}", out,
-                _argv(ctx, spec, dataset, seed, cfg_path, out, "fewshot", opts, dataset))
+                _argv(ctx, spec, dataset, seed, cfg_path, out, "fewshot", opts, dataset), user_opts=list(ctx.opts))
 
 
 def _dataset_list(value: str, default: Sequence[str]) -> list[str]:
@@ -574,15 +708,58 @@ class Outcome:
     message: str = ""
 
 
+_OLD_SUFFIX = ".old-"
+
+
+def move_aside(folder: str) -> str:
+    """Rename ``folder`` to ``<folder>.old-<YYYYmmdd-HHMMSS>`` (``-2``, ... if taken); the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = f"{folder}{_OLD_SUFFIX}{stamp}", 1
+    while osp.exists(target):
+        n += 1
+        target = f"{folder}{_OLD_SUFFIX}{stamp}-{n}"
+    os.rename(folder, target)
+    return target
+
+
+def check_steps(steps: Sequence[Step], overwrite: bool = False) -> None:
+    """Raise :class:`ProtocolError` (one sentence) for the first step whose existing run has other opts."""
+    if overwrite:
+        return
+    for step in steps:
+        problem = step.mismatch()
+        if problem:
+            raise ProtocolError(problem)
+
+
+def _failure_hint(step: Step, log: Optional[str]) -> str:
+    """Where to read why a step failed: its log.txt if train.py got that far, else its console output."""
+    places = [p for p in (log, osp.join(step.output_dir, "log.txt")) if p and osp.isfile(p)]
+    if places:
+        return "see " + " and ".join(places)
+    return "see the error printed above" if not log else "train.py wrote no log"
+
+
 def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_process: bool = True,
               env: Optional[dict[str, str]] = None, log_dir: Optional[str] = None,
               report: Callable[[str], None] = print) -> list[Outcome]:
-    """Run steps in order; after a failed step the later steps of the list are not run."""
+    """Run steps in order; after a failed step the later steps of the list are not run.
+
+    A finished step is skipped, unless it was run with other opts (then it fails with one sentence).
+    ``overwrite``: every step is redone; a training step's existing folder is moved aside first, so
+    that ``train.py`` trains from scratch instead of resuming from the final checkpoint.
+    """
     outcomes: list[Outcome] = []
     failed = False
     for step in steps:
         if failed:
             outcomes.append(Outcome(step, "not-run", message="an earlier step of this job failed"))
+            continue
+        problem = None if overwrite else step.mismatch()
+        if problem:
+            report(f"FAILED {step.name}: {problem}")
+            outcomes.append(Outcome(step, "failed", 2, message=problem))
+            failed = True
             continue
         if step.is_done() and not overwrite:
             report(f"skip (finished: {step.results_path()}) {step.name}")
@@ -595,8 +772,14 @@ def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_proc
             outcomes.append(Outcome(step, "failed", 1, message=str(err)))
             failed = True
             continue
+        if overwrite and not step.eval_only and osp.isdir(step.output_dir):
+            old = move_aside(step.output_dir)
+            report(f"--overwrite: moved the previous run {step.output_dir} aside to {old}; training from scratch")
+        if step.user_opts is not None:
+            step.write_record()
         report(f"run {step.name}\n  {shlex.join(['python', 'train.py'] + argv)}")
         start = time.time()
+        log = None
         if in_process:
             rc = _run_in_process(argv, root)
         else:
@@ -604,11 +787,12 @@ def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_proc
             rc = _run_subprocess(argv, root, env, log)
         seconds = time.time() - start
         ok = rc == 0 and osp.isfile(step.results_path())
+        message = ""
         if not ok:
             failed = True
-            where = osp.join(step.output_dir, "log.txt")
-            report(f"FAILED {step.name} (exit {rc}, {seconds:.1f} s); see {where}")
-        outcomes.append(Outcome(step, "done" if ok else "failed", rc, seconds))
+            message = f"exit {rc}, {seconds:.1f} s; {_failure_hint(step, log)}"
+            report(f"FAILED {step.name} ({message})")
+        outcomes.append(Outcome(step, "done" if ok else "failed", rc, seconds, message))
     return outcomes
 
 
@@ -653,6 +837,10 @@ def run_jobs(jobs: Sequence[Sequence[Step]], root: str, gpus: Sequence[str] = ()
                 quiet: list[str] = []
                 res = run_steps(job, root, overwrite, in_process=False, env={"CUDA_VISIBLE_DEVICES": gpu},
                                 log_dir=log_dir, report=quiet.append)
+                moved = [line for line in quiet if line.startswith("--overwrite:")]
+                if moved:
+                    with lock:
+                        print("\n".join(moved), flush=True)
                 report_job(i, res, gpu)
 
         threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
@@ -664,7 +852,7 @@ def run_jobs(jobs: Sequence[Sequence[Step]], root: str, gpus: Sequence[str] = ()
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed", "not-run")}
     print(f"Finished {total} jobs in {time.time() - start:.0f} s: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     for o in failed:
-        print(f"  FAILED {o.step.name}: {o.message or f'exit {o.rc}, log: ' + osp.join(o.step.output_dir, 'log.txt')}")
+        print(f"  FAILED {o.step.name}: {o.message or f'exit {o.rc}; ' + _failure_hint(o.step, None)}")
     return outcomes
 
 
@@ -678,10 +866,29 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=os.environ.get("DATA", ""), help="dataset root (env DATA)")
     parser.add_argument("--output", default=os.environ.get("OUTPUT", "output"), help="output root (env OUTPUT)")
     parser.add_argument("--cfg", default=os.environ.get("CFG", ""), help="config name or YAML path (env CFG)")
-    parser.add_argument("--shots", type=int, default=int(os.environ.get("SHOTS", "16")),
-                        help="training shots (env SHOTS, default 16)")
-    parser.add_argument("--overwrite", action="store_true", help="redo finished steps")
+    parser.add_argument("--shots", type=_shots, default=_env_shots(), help="training shots (env SHOTS, default 16)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo finished steps; a training step is retrained from scratch, its old folder kept as "
+                             "<folder>.old-<YYYYmmdd-HHMMSS>")
     parser.add_argument("--dry-run", action="store_true", help="print the train.py commands only")
+
+
+def _shots(text: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"SHOTS must be an integer (training shots per class, e.g. 16), "
+                                         f"got {text!r}") from None
+
+
+def _env_shots() -> int:
+    """``SHOTS`` from the environment (default 16); :class:`ProtocolError` if it is not an integer."""
+    text = os.environ.get("SHOTS", "").strip() or "16"
+    try:
+        return int(text)
+    except ValueError:
+        raise ProtocolError(f"SHOTS must be an integer (training shots per class, e.g. SHOTS=16), "
+                            f"got SHOTS={os.environ['SHOTS']!r}") from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -761,7 +968,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(command)
     except ProtocolError as err:
-        print(f"error: {err}\n\n{_usage()}", file=sys.stderr)
+        usage = "" if command in _COMMANDS else f"\n\n{_usage()}"
+        print(f"error: {err}{usage}", file=sys.stderr)
         return 2
     args = parser.parse_intermixed_args(argv[1:])
     args.command = command
@@ -801,6 +1009,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for step in steps:
                 print(step.command(args.overwrite, resolve_epoch=False))
             return 0
+        check_steps(steps, args.overwrite)
         outcomes = run_steps(steps, ctx.root, args.overwrite, in_process=True)
     except ProtocolError as err:
         print(f"error: {err}", file=sys.stderr)

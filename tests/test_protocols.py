@@ -3,6 +3,10 @@
 Covers: trainer/config mapping and per-dataset opts, the bash scripts (base2new, xd, dg) through
 subprocess with DATA set, run-all over trainers x datasets x seeds, skip of finished runs, resume of a
 killed run, the aggregate tables (HM, std, published column, cost columns) and the CoOp log parser.
+Also: --overwrite retrains from scratch (old folder moved aside), a finished run with other opts is
+refused, xd / dg targets only, averages over the protocol's own targets (partial k/N), the published
+row chosen by config (MMRL*, RESTORE-on-IVLP, MaPLe 5 / 10 epochs), the paper HM recomputed from base
+and new, SHOTS validation, and failure messages that point to a log only if it exists.
 """
 
 from __future__ import annotations
@@ -186,8 +190,10 @@ def test_aggregate_reads_coop_style_logs(tmp_path):
     markdown, files = aggregate(str(tmp_path / "output"), plot=False)
     row = next(r for r in csv.DictReader(open(files["base2new.csv"])) if r["dataset"] == "dtd")
     assert float(row["hm"]) == pytest.approx(harmonic_mean(80.0, 60.0), abs=1e-3)
-    assert float(row["paper_hm"]) == 68.40  # MaPLe DTD in the RESTORE paper's Table 1
-    assert "| DTD | 1 | 80.00 ± 0.00 | 60.00 ± 0.00 | 68.57 | 81.36 / 59.02 / 68.40 | 0.17 |" in markdown
+    # MaPLe DTD in the RESTORE paper's Table 1: 81.36 / 59.02, printed HM 68.40; compared: HM(81.36, 59.02)
+    assert float(row["paper_hm"]) == pytest.approx(harmonic_mean(81.36, 59.02), abs=1e-3)
+    assert float(row["paper_hm_printed"]) == 68.40
+    assert "| DTD | 1 | 80.00 ± 0.00 | 60.00 ± 0.00 | 68.57 | 81.36 / 59.02 / 68.41 | -1.36 | 0.98 | 0.16 |" in markdown
 
 
 # --------------------------------------------------------------------------- end to end
@@ -271,14 +277,15 @@ def test_killed_run_resumes_and_finished_run_is_skipped(tmp_path):
 
     proc = _bash("base2new/train.sh", ["coop", "dtd", "1", *opts], env)
     logs = sorted(glob.glob(osp.join(run, "log.txt*")))
-    assert len(logs) == 2  # Dassl keeps the first log and writes log.txt-<timestamp>
-    resumed = open(max(logs, key=os.path.getmtime)).read()
+    # the resumed run continues log.txt after a "=== resumed" line (CoOp's parser reads only log.txt)
+    assert [osp.basename(p) for p in logs] == ["log.txt"]
+    resumed = open(logs[0]).read().split("=== resumed ", 1)[1]
     assert "Found checkpoint" in resumed and "Previous epoch: 1" in resumed
     assert "epoch [2/2]" in resumed and "epoch [1/2]" not in resumed
     assert _results(run)["epoch"] == 2 and osp.isfile(osp.join(run, "prompt_learner", "model.pth.tar-2"))
 
     proc = _bash("base2new/train.sh", ["coop", "dtd", "1", *opts], env)
-    assert "skip (finished" in proc.stdout and len(glob.glob(osp.join(run, "log.txt*"))) == 2
+    assert "skip (finished" in proc.stdout and len(glob.glob(osp.join(run, "log.txt*"))) == len(logs)
     # the test step finds epoch 2 by itself; SUB=base re-tests the model on the base classes
     proc = _bash("base2new/test.sh", ["coop", "dtd", "1", *opts], {**env, "SUB": "base"})
     assert "--load-epoch 2" in proc.stdout
@@ -369,3 +376,278 @@ def test_fewshot_step_in_process_and_table(data_root, tmp_path, capsys):
     rows = list(csv.DictReader(open(files["few_shot.csv"])))
     assert len(rows) == 1 and rows[0]["n_seeds"] == "2" and rows[0]["shots"] == "1"
     assert "Few-shot: ZeroshotCLIP" in md and "| DTD |" in md
+
+
+# --------------------------------------------------------------------------- audit fixes
+def _fake_run(root, protocol_dir, phase, dataset, method, cfg, seed, accuracy, shots=16, **info) -> str:
+    """A finished run in the output layout (results.json only), as the tables read it."""
+    from restore.evaluation.results import run_dir
+
+    folder = run_dir(root, protocol_dir, phase, dataset, shots, method, cfg, seed)
+    os.makedirs(folder, exist_ok=True)
+    with open(osp.join(folder, "results.json"), "w") as f:
+        json.dump({"accuracy": accuracy, "backbone": "ViT-B/16", **info}, f)
+    return folder
+
+
+def _main(*argv: str) -> int:
+    from restore import protocols as P
+
+    return P.main(list(argv))
+
+
+def test_overwrite_retrains_from_scratch_keeps_old_run_and_retests(data_root, tmp_path, capsys):
+    """--overwrite of a training step: old folder moved aside, a real training (not a re-test of the final
+    checkpoint), the evaluation then sees the new model, and the tables ignore the moved-aside run."""
+    from restore.evaluation.results import collect_runs
+
+    out = str(tmp_path / "output")
+    common = ["--data", data_root, "--output", out, "--shots", "2", *OPTS]
+    assert _main("base2new-train", "coop", "dtd", "1", *common) == 0
+    assert _main("base2new-test", "coop", "dtd", "1", *common) == 0
+    train = glob.glob(osp.join(out, "base2new", "train_base", "dtd", "shots_2", "CoOp", "*", "seed1"))[0]
+    test = train.replace("train_base", "test_new")
+    first = _results(train)
+    assert first["epoch"] == 1 and first["train_images_per_s"]
+    capsys.readouterr()
+
+    assert _main("base2new-train", "coop", "dtd", "1", "--overwrite", *common) == 0
+    printed = capsys.readouterr().out
+    again = _results(train)
+    assert again["epoch"] == 1 and again["train_images_per_s"], again  # trained, not a re-test (epoch 0, null)
+    old = glob.glob(train + ".old-*")
+    assert len(old) == 1 and f"moved the previous run {train} aside to {old[0]}" in printed
+    assert _results(old[0]) == first and osp.isfile(osp.join(old[0], "log.txt"))  # kept as it was
+    assert "Found checkpoint" not in open(osp.join(train, "log.txt")).read()
+    assert again["wall_time_s"] > 0 and sorted(glob.glob(osp.join(train, "log.txt*"))) == [osp.join(train, "log.txt")]
+
+    # the evaluation is redone on the new model (not skipped as finished)
+    assert _main("base2new-test", "coop", "dtd", "1", *common) == 0
+    printed = capsys.readouterr().out
+    assert "skip (finished" not in printed and "run base2new test_new" in printed
+    record = json.load(open(osp.join(test, "protocol_opts.json")))
+    assert record["model_run_id"] == json.load(open(osp.join(train, "protocol_opts.json")))["run_id"]
+    # moved-aside folders are not runs of the tables
+    assert sorted(r.path for r in collect_runs(out)) == sorted([test, train])
+
+
+def test_evaluation_of_a_retraining_model_is_not_skipped(tmp_path):
+    """A training redone (new run id) makes its finished evaluations stale even before it finishes."""
+    from restore import protocols as P
+
+    ctx = P.Context(data=str(tmp_path), output=str(tmp_path / "out"), shots=2, check_data=False)
+    train, test = P.base2new_train(ctx, "coop", "dtd", 1), P.base2new_test(ctx, "coop", "dtd", 1)
+    train.write_record()
+    test.write_record()
+    os.makedirs(test.output_dir, exist_ok=True)
+    with open(test.results_path(), "w") as f:
+        json.dump({"accuracy": 1.0}, f)
+    assert test.is_done()
+    assert P.move_aside(train.output_dir).startswith(train.output_dir + ".old-")  # what --overwrite does first
+    train.write_record()  # the new training has started (new run id), it has no results yet
+    assert not test.is_done()
+
+
+def test_finished_run_with_other_opts_is_refused(data_root, tmp_path, capsys):
+    """A quick try (tiny backbone, 1 epoch) is not skipped as 'finished' for a command with other opts."""
+    from restore import protocols as P
+
+    out = str(tmp_path / "output")
+    common = ["--data", data_root, "--output", out, "--shots", "2"]
+    assert _main("base2new-train", "coop", "dtd", "1", *common, *OPTS) == 0
+    run = glob.glob(osp.join(out, "base2new", "train_base", "dtd", "shots_2", "CoOp", "*", "seed1"))[0]
+    record = json.load(open(osp.join(run, "protocol_opts.json")))
+    assert record["opts"] == OPTS
+    capsys.readouterr()
+    # the same opts (also with another worker count): skipped
+    same = [*OPTS[:-6], "DATALOADER.NUM_WORKERS", "2", *OPTS[-4:]]
+    assert _main("base2new-train", "coop", "dtd", "1", *common, *same) == 0
+    assert "skip (finished" in capsys.readouterr().out
+    # the real command (no opts: the config's ViT-B/16, full schedule): one line, what differs, what to do
+    assert _main("base2new-train", "coop", "dtd", "1", *common) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "skip (finished" not in captured.out and len(err.splitlines()) == 1, captured
+    assert err.startswith(f"error: {run} holds a finished run with other options")
+    assert "MODEL.BACKBONE.NAME tiny -> <not set>" in err and "OPTIM.MAX_EPOCH 1 -> <not set>" in err
+    assert "--overwrite" in err and "OUTPUT=" in err
+    # another value: named as such; the evaluation step checks its own record the same way
+    changed = [*OPTS[:3], "2", *OPTS[4:]]
+    assert _main("base2new-train", "coop", "dtd", "1", *common, *changed) == 2
+    assert "OPTIM.MAX_EPOCH 1 -> 2" in capsys.readouterr().err
+    assert _main("base2new-test", "coop", "dtd", "1", *common, *OPTS) == 0
+    assert _main("base2new-test", "coop", "dtd", "1", *common, *changed) == 2
+    assert "test_new" in capsys.readouterr().err
+    # run-all: the job fails with the sentence, nothing is run
+    ctx = P.Context(data=data_root, output=out, shots=2, opts=changed)
+    outcomes = P.run_jobs(P.build_jobs(ctx, "base2new", "coop", [1], "dtd"), ctx.root)
+    assert [o.status for o in outcomes] == ["failed", "not-run"] and "OPTIM.MAX_EPOCH 1 -> 2" in outcomes[0].message
+    # a run from before the record existed: its results.json's backbone is compared with the config's
+    os.remove(osp.join(run, "protocol_opts.json"))
+    assert _main("base2new-train", "coop", "dtd", "1", *common) == 2
+    assert "backbone 'tiny', not the 'ViT-B/16' asked for" in capsys.readouterr().err
+    # --overwrite redoes it (the opts of the new run are recorded)
+    assert _main("base2new-train", "coop", "dtd", "1", *common, "--overwrite", *changed) == 0
+    assert json.load(open(osp.join(run, "protocol_opts.json")))["opts"] == changed and _results(run)["epoch"] == 2
+
+
+def test_partly_trained_run_with_other_opts_is_not_resumed(tmp_path):
+    from restore import protocols as P
+
+    ctx = P.Context(data=str(tmp_path), output=str(tmp_path / "out"), shots=2, opts=["OPTIM.MAX_EPOCH", "1"])
+    step = P.base2new_train(ctx, "coop", "dtd", 1)
+    step.write_record()
+    assert step.mismatch() is None  # nothing trained yet (e.g. train.py failed on a config error): no check
+    os.makedirs(osp.join(step.output_dir, "prompt_learner"))
+    open(osp.join(step.output_dir, "prompt_learner", "checkpoint"), "w").write("model.pth.tar-1\n")
+    other = P.base2new_train(P.Context(data=str(tmp_path), output=str(tmp_path / "out"), shots=2), "coop", "dtd", 1)
+    assert "partly trained run" in other.mismatch() and step.mismatch() is None
+
+
+def test_transfer_targets_are_restricted(tmp_path, capsys):
+    from restore import protocols as P
+
+    ctx = P.Context(data=str(tmp_path), output="out")
+    with pytest.raises(P.ProtocolError, match="imagenet_a is not a cross-dataset target.*use scripts/xd/test_dg.sh"):
+        P.xd_test(ctx, "coop", "imagenet_a", 1)
+    with pytest.raises(P.ProtocolError, match="dtd is not a domain-generalization target.*imagenetv2"):
+        P.dg_test(ctx, "coop", "dtd", 1)
+    with pytest.raises(P.ProtocolError, match="imagenet is not a cross-dataset target"):
+        P.xd_test(ctx, "coop", "imagenet", 1)
+    with pytest.raises(P.ProtocolError, match="not a domain-generalization target"):
+        P.build_jobs(ctx, "dg", "coop", [1], "imagenet_a,eurosat")
+    assert len(P.build_jobs(ctx, "xd", "coop", [1])[0]) == 1 + 10 + 4
+    assert _main("xd-test", "coop", "imagenet_r,dtd", "1", "--data", str(tmp_path), "--dry-run") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "imagenet_r is not a cross-dataset target" in err
+
+
+def test_transfer_and_base2new_averages_over_own_targets_only(tmp_path):
+    from restore.evaluation.aggregate import aggregate
+
+    out = str(tmp_path / "output")
+    cfg = "vit_b16_c2_ep5_batch4_2ctx_cross_datasets"
+    _fake_run(out, "xd", "train", "imagenet", "MaPLe", cfg, 1, 70.0)
+    for ds, acc in (("imagenetv2", 60.0), ("imagenet_a", 50.0), ("dtd", 10.0), ("eurosat", 20.0)):
+        _fake_run(out, "dg", "test", ds, "MaPLe", cfg, 1, acc)  # dtd, eurosat: written by an old runner
+    for ds, acc in (("dtd", 40.0), ("imagenet_sketch", 99.0)):
+        _fake_run(out, "xd", "test", ds, "MaPLe", cfg, 1, acc)
+    md, files = aggregate(out, plot=False)
+    dg = {r["dataset"]: r for r in csv.DictReader(open(files["domain_generalization.csv"]))}
+    assert dg["dtd"]["role"] == "other" and dg["eurosat"]["role"] == "other" and dg["imagenetv2"]["role"] == "target"
+    assert float(dg["average"]["mean"]) == pytest.approx(55.0)  # imagenetv2 and imagenet_a only
+    avg = dg["average"]
+    assert avg["n_datasets"] == "2" and avg["n_targets"] == "4" and avg["partial"] == "True"
+    assert dg["average"]["paper"] == "" and dg["dtd"]["paper"] == ""
+    xd = {r["dataset"]: r for r in csv.DictReader(open(files["cross_dataset.csv"]))}
+    assert float(xd["average"]["mean"]) == pytest.approx(40.0) and xd["imagenet_sketch"]["role"] == "other"
+    assert "| **Average (targets)** | partial 2/4 datasets | 55.00 | – | – |" in md
+    assert "| **Average (targets)** | partial 1/10 datasets | 40.00 | – | – |" in md
+    assert "4/4 datasets" not in md and "| DTD (not a target, not averaged) |" in md
+    # all four targets: complete, compared with the paper's average
+    for ds, acc in (("imagenet_sketch", 40.0), ("imagenet_r", 70.0)):
+        _fake_run(out, "dg", "test", ds, "MaPLe", cfg, 1, acc)
+    md, files = aggregate(out, plot=False)
+    dg = {r["dataset"]: r for r in csv.DictReader(open(files["domain_generalization.csv"]))}
+    assert float(dg["average"]["mean"]) == pytest.approx(55.0) and dg["average"]["partial"] == "False"
+    assert float(dg["average"]["paper"]) == 59.97  # MaPLe in the RESTORE paper's Table 3
+    assert "| **Average (targets)** | 4/4 datasets | 55.00 | 59.97 | -4.97 |" in md
+    # base-to-novel: a dataset outside the 11 is listed but not averaged; 2 of 11 is partial
+    for ds, (b, n) in (("dtd", (80.0, 60.0)), ("eurosat", (90.0, 70.0)), ("imagenet_a", (10.0, 10.0))):
+        _fake_run(out, "base2new", "train_base", ds, "CoOp", "c", 1, b)
+        _fake_run(out, "base2new", "test_new", ds, "CoOp", "c", 1, n)
+    md, files = aggregate(out, plot=False)
+    b2n = {r["dataset"]: r for r in csv.DictReader(open(files["base2new.csv"]))}
+    assert float(b2n["average"]["base_mean"]) == pytest.approx(85.0) and b2n["average"]["partial"] == "True"
+    assert b2n["imagenet_a"]["role"] == "other" and "partial 2/11 datasets" in md
+
+
+def test_published_row_follows_the_config(tmp_path):
+    from restore.evaluation import aggregate as A
+
+    assert A.published_method("MMRL", "vit_b16_base2new_light") == "MMRL*"
+    assert A.published_method("MMRL", "vit_b16_base2new") == "MMRL"
+    assert A.published_method("RESTORE", "vit_b16_c2_ep10_batch4_2+2ctx_ivlp") is None
+    assert A.published_method("RESTORE", "vit_b16_c2_ep10_batch4_2ctx") == "MaPLe+RESTORE"
+    assert A.published_method("RESTORE", "vit_b16_c2_ep10_batch4_4+4ctx_promptsrc") == "PromptSRC+RESTORE"
+    assert A.published_method("MaPLe", "vit_b16_c2_ep10_batch4_2ctx") == "MaPLe"  # RESTORE's 10-epoch re-run
+    assert A.published_method("MaPLe", "vit_b16_c2_ep5_batch4_2ctx") == "MaPLe (MaPLe paper)"
+    published = A.load_published()["base2new"]
+    assert {k: published[("MMRL*", "average")][k] for k in ("base", "new", "hm")} == \
+        {"base": 85.27, "new": 76.85, "hm": 80.84}
+    assert ("MMRL*", "eurosat") not in published  # only the average is published
+    assert published[("MaPLe (MaPLe paper)", "average")]["hm"] == 78.55
+
+    out = str(tmp_path / "output")
+    for ds in A.BASE2NEW_DATASETS:
+        _fake_run(out, "base2new", "train_base", ds, "MMRL", "vit_b16_base2new_light", 1, 85.0)
+        _fake_run(out, "base2new", "test_new", ds, "MMRL", "vit_b16_base2new_light", 1, 77.0)
+    for cfg in ("vit_b16_c2_ep10_batch4_2ctx", "vit_b16_c2_ep5_batch4_2ctx"):
+        _fake_run(out, "base2new", "train_base", "dtd", "MaPLe", cfg, 1, 80.0)
+        _fake_run(out, "base2new", "test_new", "dtd", "MaPLe", cfg, 1, 60.0)
+    _fake_run(out, "base2new", "train_base", "dtd", "RESTORE", "vit_b16_c2_ep10_batch4_2+2ctx_ivlp", 1, 80.0)
+    _fake_run(out, "base2new", "test_new", "dtd", "RESTORE", "vit_b16_c2_ep10_batch4_2+2ctx_ivlp", 1, 60.0)
+    md, files = A.aggregate(out, plot=False)
+    rows = {(r["method"], r["cfg"], r["dataset"]): r for r in csv.DictReader(open(files["base2new.csv"]))}
+    light = rows[("MMRL", "vit_b16_base2new_light", "average")]
+    paper = tuple(float(light[k]) for k in ("paper_base", "paper_new", "paper_hm_printed"))
+    assert paper == (85.27, 76.85, 80.84)
+    assert rows[("MMRL", "vit_b16_base2new_light", "eurosat")]["paper_hm"] == ""  # not full MMRL's 87.21
+    assert "Paper: `MMRL*`." in md
+    ivlp = rows[("RESTORE", "vit_b16_c2_ep10_batch4_2+2ctx_ivlp", "dtd")]
+    assert ivlp["paper_base"] == "" and ivlp["paper_hm"] == ""  # not MaPLe+RESTORE's 82.79 / 61.83
+    assert "Paper: none (no published row for config `vit_b16_c2_ep10_batch4_2+2ctx_ivlp`)." in md
+    assert float(rows[("MaPLe", "vit_b16_c2_ep10_batch4_2ctx", "dtd")]["paper_base"]) == 81.36  # RESTORE Table 1
+    assert float(rows[("MaPLe", "vit_b16_c2_ep5_batch4_2ctx", "dtd")]["paper_base"]) == 80.36  # MaPLe's own
+
+
+def test_paper_hm_is_recomputed_from_base_and_new(tmp_path):
+    """PromptSRC FGVCAircraft: printed HM 31.27, but HM(37.66, 28.27) = 32.30 (restore.md §2.8)."""
+    from restore.evaluation import aggregate as A
+
+    out = str(tmp_path / "output")
+    _fake_run(out, "base2new", "train_base", "fgvc_aircraft", "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", 1, 40.0)
+    _fake_run(out, "base2new", "test_new", "fgvc_aircraft", "PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", 1, 30.0)
+    md, files = A.aggregate(out, plot=False)
+    row = next(r for r in csv.DictReader(open(files["base2new.csv"])) if r["dataset"] == "fgvc_aircraft")
+    paper_hm = harmonic_mean(37.66, 28.27)
+    assert float(row["paper_hm"]) == pytest.approx(paper_hm, abs=1e-3) and round(paper_hm, 2) == 32.30
+    assert float(row["paper_hm_printed"]) == 31.27
+    assert float(row["delta_hm"]) == pytest.approx(harmonic_mean(40.0, 30.0) - paper_hm, abs=1e-3)  # 1.99, not 3.02
+    assert float(row["delta_base"]) == pytest.approx(2.34) and float(row["delta_new"]) == pytest.approx(1.73)
+    assert ("| FGVCAircraft | 1 | 40.00 ± 0.00 | 30.00 ± 0.00 | 34.29 | 37.66 / 28.27 / 32.30 | 2.34 | 1.73 | 1.99 |"
+            in md)
+    # the printed HM stays only where base / new are not published
+    assert A.paper_numbers({"hm": 81.2})["hm"] == 81.2
+
+
+def test_shots_must_be_an_integer(tmp_path):
+    proc = _bash("base2new/train.sh", ["coop", "dtd", "1"], _env(str(tmp_path), str(tmp_path / "out"), SHOTS="abc"),
+                 check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: SHOTS must be an integer (training shots per class, "
+                                                "e.g. SHOTS=16), got SHOTS='abc'"]
+
+
+def test_failure_message_points_to_a_log_that_exists(data_root, tmp_path, capsys, monkeypatch):
+    from restore import protocols as P
+
+    out = str(tmp_path / "output")
+    # train.py stops on the config before it creates log.txt: no pointer to a missing file
+    assert _main("base2new-train", "coop", "dtd", "1", "--data", data_root, "--output", out, "OPTIM.LRR", "0.1") == 1
+    captured = capsys.readouterr()
+    failed = [line for line in captured.out.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and "log.txt" not in failed[0] and "see the error printed above" in failed[0], failed
+    assert "Unknown config key 'OPTIM.LRR'" in captured.err
+    # a failure after train.py started its log: the message names it
+    ctx = P.Context(data=data_root, output=out, shots=2)
+    step = P.base2new_train(ctx, "coop", "eurosat", 1)
+
+    def fails_after_logging(argv, root):
+        os.makedirs(step.output_dir, exist_ok=True)
+        open(osp.join(step.output_dir, "log.txt"), "w").write("boom\n")
+        return 1
+
+    monkeypatch.setattr(P, "_run_in_process", fails_after_logging)
+    [outcome] = P.run_steps([step], ctx.root)
+    assert outcome.status == "failed" and outcome.message.endswith(f"see {osp.join(step.output_dir, 'log.txt')}")

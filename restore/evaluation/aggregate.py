@@ -14,10 +14,18 @@ see :mod:`restore.evaluation.results`) and writes to ``DIR`` (default ``<folder>
 * ``base2new_<method>.png``: base / new / HM bars per dataset.
 
 Conventions (see :mod:`restore.evaluation.metrics`): mean ± population std over seeds; HM of the
-seed-averaged base and new accuracy; Average rows = mean over datasets of the per-dataset means (HM of
-the two averages), given only as "k/11" when datasets are missing. Published numbers are in
-``restore/evaluation/published/*.csv`` (RESTORE paper Tables 1–3 for RESTORE and the baselines it
-lists; MMRL's EuroSAT row and average HM). Baseline rows there are the RESTORE paper's own numbers.
+seed-averaged base and new accuracy; Average rows = mean over the protocol's own datasets only (the 11
+base-to-novel datasets; the 10 cross-dataset targets; the 4 domain-generalization targets) of the
+per-dataset means (HM of the two averages), marked "partial k/N" unless all N are present (then no
+paper average is compared). Runs on other datasets are listed as "not a target" and never averaged.
+
+Published numbers are in ``restore/evaluation/published/*.csv`` (RESTORE paper Tables 1–3 for RESTORE
+and the baselines it lists — the RESTORE paper's own re-runs; MMRL's EuroSAT row and average; MMRL*'s
+average; MaPLe's own numbers). Which row a run is compared with depends on its method *and* config
+(:func:`published_method`): e.g. MMRL* (``vit_b16_base2new_light``) is compared with MMRL*, not with
+full MMRL; RESTORE's IVLP analysis config has no paper row. The paper's per-dataset HM is recomputed
+from its base and new accuracy (several printed HMs are not HM(base, new)); the printed value is kept
+in the CSV (``paper_hm_printed``) and used only where base / new are not published.
 """
 
 from __future__ import annotations
@@ -51,6 +59,18 @@ DISPLAY_NAMES = {
 PUBLISHED_DIR = osp.join(osp.dirname(osp.abspath(__file__)), "published")
 # method label (output folder) -> method name in the published tables
 _PUBLISHED_NAMES = {"ZeroshotCLIP": "CLIP", "RESTORE": "MaPLe+RESTORE"}
+#: (method label, config name) -> the published row that config reproduces; None: no published row.
+PUBLISHED_BY_CONFIG: dict[tuple[str, str], Optional[str]] = {
+    # MMRL* (d_r 32): MMRL paper Tab. 4 (d_r = 32) / Tab. 6, not full MMRL's numbers
+    ("MMRL", "vit_b16_base2new_light"): "MMRL*",
+    # the paper's "IVLP + L_fs" analysis variant (Fig. 4): no table row
+    ("RESTORE", "vit_b16_c2_ep10_batch4_2+2ctx_ivlp"): None,
+    ("RESTORE", "vit_b16_c2_ep10_batch4_4+4ctx_promptsrc"): "PromptSRC+RESTORE",
+    # MaPLe at RESTORE's schedule (10 epochs): like-for-like with the RESTORE paper's re-run MaPLe row
+    ("MaPLe", "vit_b16_c2_ep10_batch4_2ctx"): "MaPLe",
+    # MaPLe's official schedule (5 epochs): MaPLe's own published numbers
+    ("MaPLe", "vit_b16_c2_ep5_batch4_2ctx"): "MaPLe (MaPLe paper)",
+}
 RANDOM_BACKBONES = {"tiny"}
 #: The published tables are 16-shot runs; other shot counts get no paper column.
 PUBLISHED_SHOTS = 16
@@ -60,11 +80,31 @@ def display(dataset: str) -> str:
     return DISPLAY_NAMES.get(dataset, dataset)
 
 
-def published_method(method: str, cfg: str = "") -> str:
-    """The row name in the published tables for an output label (RESTORE on PromptSRC by its config)."""
+def published_method(method: str, cfg: str = "") -> Optional[str]:
+    """The row name in the published tables for an output label and config; None: no published row.
+
+    By config first (:data:`PUBLISHED_BY_CONFIG`: MMRL*, RESTORE on PromptSRC or on IVLP, MaPLe at 5 or 10
+    epochs), then by label (RESTORE -> MaPLe+RESTORE, ZeroshotCLIP -> CLIP, others as they are).
+    """
+    if (method, cfg) in PUBLISHED_BY_CONFIG:
+        return PUBLISHED_BY_CONFIG[(method, cfg)]
+    if method == "RESTORE" and "ivlp" in cfg.lower():
+        return None
     if method == "RESTORE" and "promptsrc" in cfg.lower():
         return "PromptSRC+RESTORE"
     return _PUBLISHED_NAMES.get(method, method)
+
+
+def paper_numbers(row: dict[str, Any]) -> dict[str, Optional[float]]:
+    """Base / new / HM of a published row, HM recomputed from base and new where both are published.
+
+    The papers' per-dataset HMs are not always HM(base, new) (RESTORE Table 1: EuroSAT in every method,
+    PromptSRC FGVCAircraft 31.27 vs 32.30, ...; restore.md §2.8), so the comparison uses the recomputed
+    value; ``hm_printed`` keeps the printed one.
+    """
+    base, new, printed = row.get("base"), row.get("new"), row.get("hm")
+    hm = harmonic_mean(base, new) if base is not None and new is not None else printed
+    return {"base": base, "new": new, "hm": hm, "hm_printed": printed}
 
 
 def _float(text: str) -> Optional[float]:
@@ -135,12 +175,22 @@ class Base2NewRow:
     cost: dict[str, Optional[float]] = field(default_factory=dict)
     is_average: bool = False
     n_datasets: int = 0
+    n_targets: int = len(BASE2NEW_DATASETS)
+    other: bool = False  # a dataset outside the protocol's 11: listed, never averaged
+
+    @property
+    def partial(self) -> bool:
+        return self.is_average and self.n_datasets < self.n_targets
 
     def seeds_text(self) -> str:
         if self.is_average:
-            return f"{self.n_datasets}/{len(BASE2NEW_DATASETS)} datasets"
+            return _coverage(self.n_datasets, self.n_targets)
         nb, nn = self.base.n, self.new.n
         return str(nb) if nb == nn else f"{nb} / {nn}"
+
+
+def _coverage(n: int, total: int) -> str:
+    return f"{n}/{total} datasets" if n >= total else f"partial {n}/{total} datasets"
 
 
 def base2new_tables(records: Sequence[RunRecord], published: Optional[dict] = None,
@@ -164,7 +214,7 @@ def base2new_tables(records: Sequence[RunRecord], published: Optional[dict] = No
             base_runs = {**runs["test_base"], **runs["base"]}  # the training run's own test wins
             base = seed_stats({s: r.accuracy for s, r in base_runs.items()})
             new = seed_stats({s: r.accuracy for s, r in runs["new"].items()})
-            paper = paper_table.get((pname, dataset), {})
+            paper = paper_numbers(paper_table.get((pname, dataset), {}))
             trained = list(runs["base"].values())
             evals = list(runs["new"].values())
             cost = {
@@ -173,16 +223,17 @@ def base2new_tables(records: Sequence[RunRecord], published: Optional[dict] = No
                 "eval_images_per_s": _cost(evals or trained, "eval_images_per_s"),
                 "peak_memory_mb": _cost(trained + evals, "peak_memory_mb", "max"),
             }
-            rows.append(Base2NewRow(dataset, base, new, harmonic_mean(base.mean, new.mean),
-                                    {k: paper.get(k) for k in ("base", "new", "hm")}, cost))
-        complete = [r for r in rows if r.base.mean is not None and r.new.mean is not None]
+            rows.append(Base2NewRow(dataset, base, new, harmonic_mean(base.mean, new.mean), paper, cost,
+                                    other=dataset not in BASE2NEW_DATASETS))
+        # the Average is over the protocol's 11 datasets only; with fewer it is partial and has no paper value
+        complete = [r for r in rows if not r.other and r.base.mean is not None and r.new.mean is not None]
         if complete:
             avg_base = _mean(r.base.mean for r in complete)
             avg_new = _mean(r.new.mean for r in complete)
             paper = paper_table.get((pname, "average"), {}) if len(complete) == len(BASE2NEW_DATASETS) else {}
             rows.append(Base2NewRow(
                 "average", SeedStats(avg_base, None, (), ()), SeedStats(avg_new, None, (), ()),
-                harmonic_mean(avg_base, avg_new), {k: paper.get(k) for k in ("base", "new", "hm")},
+                harmonic_mean(avg_base, avg_new), paper_numbers(paper),
                 {"train_wall_time_s": _mean(r.cost["train_wall_time_s"] for r in complete),
                  "peak_memory_mb": _max(r.cost["peak_memory_mb"] for r in complete)},
                 is_average=True, n_datasets=len(complete)))
@@ -201,16 +252,29 @@ def _stat_text(s: SeedStats) -> str:
     return f"{s.mean:.2f}" if s.std is None else f"{s.mean:.2f} ± {s.std:.2f}"
 
 
+def _paper_note(key: GroupKey, protocol_dir: str) -> str:
+    """Which published row the Paper column shows for this group (or why there is none)."""
+    if key[2] != PUBLISHED_SHOTS:
+        return f"Paper: none ({key[2]}-shot runs; the published tables are {PUBLISHED_SHOTS}-shot).\n"
+    name = published_method(key[0], key[1])
+    if name is None:
+        return f"Paper: none (no published row for config `{key[1]}`).\n"
+    return f"Paper: `{name}`.\n"
+
+
 def base2new_markdown(key: GroupKey, rows: Sequence[Base2NewRow]) -> str:
-    lines = [f"### Base-to-novel: {_group_title(key, 'base2new')}", _random_note(key[3]),
-             "| Dataset | Seeds | Base | New | HM | Paper Base / New / HM | Δ HM | Train time (s) | Peak mem (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"### Base-to-novel: {_group_title(key, 'base2new')}", _random_note(key[3]), _paper_note(key, "base2new"),
+             "| Dataset | Seeds | Base | New | HM | Paper Base / New / HM | Δ Base | Δ New | Δ HM | Train time (s) "
+             "| Peak mem (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = "**Average**" if r.is_average else display(r.dataset)
+        name = "**Average**" if r.is_average else display(r.dataset) + (" (not a benchmark dataset)" if r.other else "")
         paper = " / ".join(_fmt(r.paper.get(k)) for k in ("base", "new", "hm")) if any(
             r.paper.get(k) is not None for k in ("base", "new", "hm")) else "–"
+        deltas = " | ".join(_fmt(_delta(ours, r.paper.get(k))) for ours, k in
+                            ((r.base.mean, "base"), (r.new.mean, "new"), (r.hm, "hm")))
         lines.append(f"| {name} | {r.seeds_text()} | {_stat_text(r.base)} | {_stat_text(r.new)} | {_fmt(r.hm)} | "
-                     f"{paper} | {_fmt(_delta(r.hm, r.paper.get('hm')), 2)} | "
+                     f"{paper} | {deltas} | "
                      f"{_fmt(r.cost.get('train_wall_time_s'), 1)} | {_fmt(r.cost.get('peak_memory_mb'), 0)} |")
     return "\n".join(lines) + "\n"
 
@@ -222,10 +286,13 @@ def base2new_csv_rows(key: GroupKey, rows: Sequence[Base2NewRow]) -> list[dict[s
             "method": key[0], "cfg": key[1], "shots": key[2], "backbone": key[3],
             "dataset": "average" if r.is_average else r.dataset,
             "n_seeds_base": r.base.n, "n_seeds_new": r.new.n, "n_datasets": r.n_datasets if r.is_average else "",
+            "n_targets": r.n_targets if r.is_average else "", "partial": r.partial if r.is_average else "",
+            "role": "average" if r.is_average else ("other" if r.other else "target"),
             "base_mean": r.base.mean, "base_std": r.base.std, "new_mean": r.new.mean, "new_std": r.new.std,
             "hm": r.hm, "base_values": " ".join(f"{v:g}" for v in r.base.values),
             "new_values": " ".join(f"{v:g}" for v in r.new.values),
             "paper_base": r.paper.get("base"), "paper_new": r.paper.get("new"), "paper_hm": r.paper.get("hm"),
+            "paper_hm_printed": r.paper.get("hm_printed"),
             "delta_base": _delta(r.base.mean, r.paper.get("base")), "delta_new": _delta(r.new.mean, r.paper.get("new")),
             "delta_hm": _delta(r.hm, r.paper.get("hm")), **r.cost,
         })
@@ -238,9 +305,14 @@ class TransferRow:
     dataset: str
     stats: SeedStats
     paper: Optional[float]
-    role: str  # source, target, average
+    role: str  # source, target, other (a dataset outside the protocol's targets: never averaged), average
     cost: dict[str, Optional[float]] = field(default_factory=dict)
     n_datasets: int = 0
+    n_targets: int = 0
+
+    @property
+    def partial(self) -> bool:
+        return self.role == "average" and self.n_datasets < self.n_targets
 
 
 def transfer_tables(records: Sequence[RunRecord], protocol_dir: str, published: Optional[dict] = None,
@@ -271,16 +343,19 @@ def transfer_tables(records: Sequence[RunRecord], protocol_dir: str, published: 
         present = _ordered(by_dataset, targets)
         for dataset in present:
             runs = by_dataset[dataset]
+            role = "target" if dataset in targets else "other"
             rows.append(TransferRow(dataset, seed_stats({s: r.accuracy for s, r in runs.items()}),
-                                    paper_table.get((pname, dataset), {}).get("accuracy"), "target",
+                                    paper_table.get((pname, dataset), {}).get("accuracy") if role == "target" else None,
+                                    role,
                                     {"eval_images_per_s": _cost(list(runs.values()), "eval_images_per_s"),
                                      "peak_memory_mb": _cost(list(runs.values()), "peak_memory_mb", "max")}))
+        # the average is over the protocol's own targets only; with fewer it is partial, without a paper value
         target_rows = [r for r in rows if r.role == "target"]
         if target_rows:
             complete = len(target_rows) == len(targets)
             rows.append(TransferRow("average", SeedStats(_mean(r.stats.mean for r in target_rows), None, (), ()),
                                     paper_table.get((pname, "average"), {}).get("accuracy") if complete else None,
-                                    "average", n_datasets=len(target_rows)))
+                                    "average", n_datasets=len(target_rows), n_targets=len(targets)))
         tables[key] = rows
     return dict(sorted(tables.items()))
 
@@ -288,13 +363,14 @@ def transfer_tables(records: Sequence[RunRecord], protocol_dir: str, published: 
 def transfer_markdown(key: GroupKey, rows: Sequence[TransferRow], protocol_dir: str) -> str:
     title = "Cross-dataset transfer" if protocol_dir == "xd" else "Domain generalization"
     n_targets = len(XD_TARGETS if protocol_dir == "xd" else DG_TARGETS)
-    lines = [f"### {title}: {_group_title(key, protocol_dir)}", _random_note(key[3]),
+    lines = [f"### {title}: {_group_title(key, protocol_dir)}", _random_note(key[3]), _paper_note(key, protocol_dir),
              "| Dataset | Seeds | Accuracy | Paper | Δ |", "|---|---|---|---|---|"]
     for r in rows:
         if r.role == "average":
-            name, seeds = "**Average (targets)**", f"{r.n_datasets}/{n_targets} datasets"
+            name, seeds = "**Average (targets)**", _coverage(r.n_datasets, r.n_targets or n_targets)
         else:
-            name = display(r.dataset) + (" (source)" if r.role == "source" else "")
+            suffix = {"source": " (source)", "other": " (not a target, not averaged)"}.get(r.role, "")
+            name = display(r.dataset) + suffix
             seeds = str(r.stats.n)
         lines.append(f"| {name} | {seeds} | {_stat_text(r.stats)} | {_fmt(r.paper)} | "
                      f"{_fmt(_delta(r.stats.mean, r.paper))} |")
@@ -303,7 +379,8 @@ def transfer_markdown(key: GroupKey, rows: Sequence[TransferRow], protocol_dir: 
 
 def transfer_csv_rows(key: GroupKey, rows: Sequence[TransferRow]) -> list[dict[str, Any]]:
     return [{"method": key[0], "cfg": key[1], "shots": key[2], "backbone": key[3], "dataset": r.dataset,
-             "role": r.role, "n_seeds": r.stats.n, "n_datasets": r.n_datasets or "", "mean": r.stats.mean,
+             "role": r.role, "n_seeds": r.stats.n, "n_datasets": r.n_datasets or "",
+             "n_targets": r.n_targets or "", "partial": r.partial if r.role == "average" else "", "mean": r.stats.mean,
              "std": r.stats.std, "values": " ".join(f"{v:g}" for v in r.stats.values), "paper": r.paper,
              "delta": _delta(r.stats.mean, r.paper), **r.cost} for r in rows]
 
@@ -402,9 +479,12 @@ def runs_csv_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
 
 
 CONVENTIONS = ("Conventions: mean ± population std (ddof 0, as CoOp's parse_test_res.py) over seeds; HM = "
-               "2·B·N/(B+N) of the seed-averaged base (B) and new (N) accuracy; Average = mean over datasets of "
-               "the per-dataset means, HM of those two averages (as the papers compute it). Paper = published "
-               "number (restore/evaluation/published/, 16-shot runs only); Δ = ours − paper.")
+               "2·B·N/(B+N) of the seed-averaged base (B) and new (N) accuracy; Average = mean over the protocol's "
+               "own datasets (11 base-to-novel, 10 cross-dataset targets, 4 domain-generalization targets) of the "
+               "per-dataset means, HM of those two averages (as the papers compute it); \"partial k/N\" = only k "
+               "of them, no paper average compared. Paper = published number for the method and config "
+               "(restore/evaluation/published/, 16-shot runs only), paper HM recomputed from its base and new "
+               "(some printed per-dataset HMs are not HM(base, new)); Δ = ours − paper.")
 
 
 def aggregate(root: str, out: Optional[str] = None, plot: bool = True) -> tuple[str, dict[str, str]]:

@@ -21,7 +21,8 @@ protocol dir   phases                          meaning
 A run's accuracy comes from its ``results.json`` (written by every evaluation of this library); runs
 of other CoOp-family code bases, which have only ``log.txt``, are read like ``parse_test_res.py`` does
 (see :func:`parse_log`). ``python -m restore.evaluation.results DIR [--test-log] [--ci95] [--multi-exp]``
-is a drop-in for ``parse_test_res.py``.
+is a drop-in for ``parse_test_res.py``. Folders that ``--overwrite`` moved aside
+(``seed<S>.old-<YYYYmmdd-HHMMSS>``) are not read.
 """
 
 from __future__ import annotations
@@ -195,13 +196,20 @@ def _record_from(folder: str, data: Optional[dict[str, Any]], accuracy: float, s
                      info=data, **fields)
 
 
+#: A run folder that ``restore.protocols --overwrite`` moved aside before redoing the run.
+OLD_RUN_RE = re.compile(r"\.old-\d{8}-\d{6}(-\d+)?$")
+
+
 def collect_runs(root: str) -> list[RunRecord]:
-    """Every run below ``root``: from ``results.json`` when present, else from a ``log.txt``."""
+    """Every run below ``root``: from ``results.json`` when present, else from a ``log.txt``.
+
+    Folders moved aside by ``--overwrite`` (``<run>.old-<time>``) are skipped: they are replaced runs.
+    """
     if not osp.isdir(root):
         raise FileNotFoundError(f"{root!r} is not a folder; pass the output folder of the scripts (e.g. output/)")
     records = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "tensorboard")
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "tensorboard" and not OLD_RUN_RE.search(d))
         if RESULTS_FILE in files:
             data = read_results_json(osp.join(folder, RESULTS_FILE))
             if data is not None:

@@ -8,7 +8,9 @@
 # Environment: DATA (required), CFG (config name or .yaml path; default per trainer and protocol),
 # SHOTS (training shots, default 16), OUTPUT (output root, default output), PYTHON (default python).
 # Trailing opts (KEY VALUE ...) go to train.py after everything else. A finished run (results.json)
-# is skipped; a crashed one resumes from its last checkpoint. Logic: restore/protocols.py.
+# is skipped (refused, with what differs, if it ran with other opts); a crashed one resumes from its
+# last checkpoint; --overwrite redoes it (a training's old folder is kept as <folder>.old-<time>).
+# Logic: restore/protocols.py.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
