@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -155,6 +156,20 @@ def test_resnet_checkpoints_give_clear_errors(tmp_path):
         load_clip(str(path))
 
 
+def test_non_clip_state_dicts_say_what_the_backbone_must_be(tmp_path, tiny_clip):
+    """A plain module or a trained prompt checkpoint given as the backbone; a CLIP dict missing keys."""
+    cases = {"linear": torch.nn.Linear(4, 2).state_dict(),
+             "prompt": {"prompt_learner.ctx": torch.zeros(4, 64), "prompt_learner.token_prefix": torch.zeros(3, 1, 64)},
+             "partial": {k: v for k, v in tiny_clip.state_dict().items() if k != "ln_final.weight"}}
+    for name, state in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path)
+        with pytest.raises(ValueError, match="Not an OpenAI-layout CLIP state dict") as err:
+            load_clip(str(path))
+        assert "ResNet" not in str(err.value) and "--model-dir" in str(err.value)
+    assert "'ln_final.weight'" in str(err.value)
+
+
 # --- OpenAI names: cache folder, SHA256, missing files, in-memory cache ----------------------
 
 
@@ -254,6 +269,16 @@ def test_tiny_is_random_loud_and_deterministic(tiny_clip, capsys):
     again = load_clip("tiny", precision="bf16")
     assert again.model.dtype == torch.bfloat16
     assert "RANDOM weights" in capsys.readouterr().out
+    # logit_scale stays fp32 in a bf16 / fp16 model: log(100) rounded to bf16 gives exp = 98.86
+    for dtype in (torch.bfloat16, torch.float16):
+        model = CLIP(TINY_CONFIG)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(100.0))
+        model.cast(dtype)
+        assert model.visual.conv1.weight.dtype == dtype and model.text_projection.dtype == dtype
+        assert model.logit_scale.dtype == torch.float32
+        assert model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-6)
+    assert load_clip("tiny", precision="bf16").model.logit_scale.dtype == torch.float32
 
 
 # --- open_clip ---------------------------------------------------------------------------------

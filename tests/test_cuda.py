@@ -52,7 +52,8 @@ def test_cuda_steps_and_evaluation_in_every_precision(name, precision, tiny_cuda
     resolved = resolve_precision(precision, device)
     assert trainer.precision == resolved
     clip_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolved, torch.float32)
-    assert {p.dtype for p in trainer.model.clip.parameters()} == {clip_dtype}
+    assert {p.dtype for n, p in trainer.model.clip.named_parameters() if n != "logit_scale"} == {clip_dtype}
+    assert trainer.model.clip.logit_scale.dtype == torch.float32
     assert (trainer.scaler is not None) == (resolved in ("fp16", "amp"))
     resolution = tiny_cuda_clip.visual.input_resolution
     learnable = [p for p in trainer.model.parameters() if p.requires_grad]

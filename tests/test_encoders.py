@@ -54,6 +54,29 @@ def test_text_insertion_matches_manual_computation(tiny_clip):
 
 
 @torch.no_grad()
+def test_two_text_insertions_at_one_layer_shift_eot_by_both(tiny_clip):
+    """2 tokens after BOT and 3 appended at the end, same layer: the EOT moves by 2 only (it sits
+    before the appended ones) and the features equal a hand-written loop."""
+    ids = token_ids([6, 4])
+    width = tiny_clip.transformer.width
+    gen = torch.Generator().manual_seed(3)
+    front, back = torch.randn(2, width, generator=gen), torch.randn(3, width, generator=gen)
+    groups = [DeepTokens([front], first_layer=2, position=1, insert=True, name="front"),
+              DeepTokens([back], first_layer=2, position=None, insert=True, name="back")]
+    for order in (groups, groups[::-1]):
+        out = PromptedTextEncoder(tiny_clip).encode_token_ids(ids, deep=order, truncate=False)
+        x = tiny_clip.token_embedding(ids) + tiny_clip.positional_embedding
+        for layer, block in enumerate(tiny_clip.transformer.resblocks):
+            if layer == 2:
+                x = torch.cat([x[:, :1], front.expand(2, -1, -1), x[:, 1:], back.expand(2, -1, -1)], dim=1)
+            x = block(x, causal_mask(x.shape[1]))
+        x = tiny_clip.ln_final(x)
+        expected = x[torch.arange(2), torch.tensor([8, 6])] @ tiny_clip.text_projection
+        assert out.pooled_index.tolist() == [8, 6]
+        assert torch.allclose(out.features, expected, atol=1e-5)
+
+
+@torch.no_grad()
 def test_text_replacement_keeps_length_and_causality(tiny_clip):
     """MaPLe-style deep text prompts overwrite positions 1..n; tokens before them are unaffected."""
     ids = token_ids([7, 8])

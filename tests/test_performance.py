@@ -194,7 +194,10 @@ def test_bench_trainer_emulates_the_gpu_working_precision_on_cpu(tiny_clip):
     bf16 = build_bench_trainer("CoOp", tiny_clip, names, torch.device("cpu"), "bf16")
     assert fp32.autocast_dtype is None and next(fp32.model.clip.parameters()).dtype == torch.float32
     assert bf16.autocast_dtype == torch.bfloat16 and bf16.precision == "bf16"
-    assert {p.dtype for p in bf16.model.clip.parameters()} == {torch.bfloat16}
+    assert {p.dtype for n, p in bf16.model.clip.named_parameters() if n != "logit_scale"} == {torch.bfloat16}
+    # logit_scale stays fp32: CLIP's log(100) in bf16 would give a scale of 98.9
+    assert bf16.model.clip.logit_scale.dtype == torch.float32
+    assert bf16.model.logit_scale.item() == pytest.approx(float(bf16.model.clip.logit_scale.detach().exp()), rel=1e-7)
     learnable = [p for p in bf16.model.parameters() if p.requires_grad]
     assert learnable and all(p.dtype == torch.float32 for p in learnable)
     before = [p.detach().clone() for p in learnable]

@@ -352,7 +352,7 @@ def load_clip(name: str | os.PathLike[str], device: str | torch.device = "cpu",
     if entry.random_weights:
         print(f"WARNING: backbone {name!r} has RANDOM weights: numbers are meaningless", flush=True)
     model = copy.deepcopy(entry.model)
-    model = model.to(device=device, dtype=_PRECISIONS[precision]).eval()
+    model = model.to(device=device).cast(_PRECISIONS[precision]).eval()
     return LoadedCLIP(model=model, name=name, mean=entry.mean, std=entry.std,
                       input_resolution=model.config.image_resolution, random_weights=entry.random_weights,
                       source=entry.source, interpolation=entry.interpolation)

@@ -169,6 +169,14 @@ class CLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
+    def cast(self, dtype: torch.dtype) -> "CLIP":
+        """Weights in ``dtype`` (the frozen working precision), ``logit_scale`` kept in fp32: in bf16
+        CLIP's 4.6052 would round to 4.5938, a logit scale of 98.9 instead of 100."""
+        scale = self.logit_scale.detach().float().clone()
+        self.to(dtype)
+        self.logit_scale.data = scale.to(self.logit_scale.device)
+        return self
+
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.visual(image.to(self.dtype))
 
@@ -194,10 +202,18 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
     activation is QuickGELU, as in OpenAI's ViTs. Some open_clip models differ (ViT-H-14 uses head
     width 80, LAION models GELU): load those with ``load_clip("open_clip:<MODEL>/<FILE>")``.
     """
-    if "visual.proj" not in state_dict:
+    if "visual.proj" not in state_dict and any(k.startswith(("visual.attnpool.", "visual.layer1.")) for k in state_dict):
         raise ValueError(
             "This checkpoint is a ResNet CLIP (no 'visual.proj'); only ViT backbones are supported "
             "by the prompted encoders. Use ViT-B/16, ViT-B/32, ViT-L/14 or an open_clip ViT.")
+    required = ("visual.proj", "visual.conv1.weight", "visual.positional_embedding", "ln_final.weight",
+                "text_projection", "positional_embedding", "token_embedding.weight")
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"Not an OpenAI-layout CLIP state dict: missing {missing} (it has e.g. {sorted(state_dict)[:5]}). "
+            "MODEL.BACKBONE.NAME must name CLIP weights (an OpenAI .pt file, or 'open_clip:<MODEL>/<FILE>' for "
+            "open_clip files); a trained prompt checkpoint is loaded with --model-dir, not as the backbone.")
     vision_width = state_dict["visual.conv1.weight"].shape[0]
     vision_layers = len({k.split(".")[3] for k in state_dict
                          if k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")})
@@ -230,8 +246,8 @@ def build_model(state_dict: dict[str, torch.Tensor], config: CLIPConfig | None =
 
 
 def convert_weights_to_fp16(model: nn.Module) -> nn.Module:
-    """Cast CLIP's matmul weights to fp16 as OpenAI does (LayerNorms keep working via fp32 compute)."""
-    return model.half()
+    """Cast CLIP's weights to fp16 as OpenAI does (LayerNorms compute in fp32; logit_scale stays fp32)."""
+    return model.cast(torch.float16) if isinstance(model, CLIP) else model.half()
 
 
 # A small CLIP with the real architecture (12+12 layers, 224 px input, real vocabulary) but narrow

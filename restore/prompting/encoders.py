@@ -88,9 +88,11 @@ class _Slots:
         self.starts: dict[int, int] = {}
         self.sizes: dict[int, int] = {}
 
-    def apply(self, x: torch.Tensor, layer: int, groups: Sequence[DeepTokens]) -> tuple[torch.Tensor, int, int]:
-        """Insert or overwrite every group acting at ``layer``; returns x and (insert position, count)."""
-        inserted_at, inserted = -1, 0
+    def apply(self, x: torch.Tensor, layer: int,
+              groups: Sequence[DeepTokens]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Insert or overwrite every group acting at ``layer``; returns x and the insertions made, in
+        order, as (position in the sequence at that moment, count)."""
+        insertions: list[tuple[int, int]] = []
         for gid, group in enumerate(groups):
             k = layer - group.first_layer
             if k < 0 or k >= len(group.tokens):
@@ -105,14 +107,14 @@ class _Slots:
                         if s >= start:
                             self.starts[other] = s + n
                     x = torch.cat([x[:, :start], tok, x[:, start:]], dim=1)
-                    inserted_at, inserted = start, inserted + n
+                    insertions.append((start, n))
                 else:
                     x = torch.cat([x[:, :start], tok, x[:, start + n:]], dim=1)
                 self.starts[gid], self.sizes[gid] = start, n
             else:
                 start = self.starts[gid]
                 x = torch.cat([x[:, :start], tok, x[:, start + n:]], dim=1)
-        return x, inserted_at, inserted
+        return x, insertions
 
     def mask(self, length: int, device: torch.device) -> torch.Tensor:
         mask = torch.zeros(length, dtype=torch.bool, device=device)
@@ -157,12 +159,12 @@ class PromptedVisionEncoder(nn.Module):
         visual = self.visual
         x = visual.embed(image.to(self.dtype))
         slots = _Slots()
-        x, _, _ = slots.apply(x, 0, deep)
+        x, _ = slots.apply(x, 0, deep)
         x = visual.ln_pre(x)
         hidden, masks = [], []
         for layer, block in enumerate(visual.transformer.resblocks):
             if layer > 0:
-                x, _, _ = slots.apply(x, layer, deep)
+                x, _ = slots.apply(x, layer, deep)
             x_in = x
             x = block(x)
             if return_hidden or observer is not None:
@@ -220,8 +222,8 @@ class PromptedTextEncoder(nn.Module):
         hidden, masks = [], []
         mask_cache: dict[int, torch.Tensor] = {}
         for layer, block in enumerate(self.transformer.resblocks):
-            x, at, n = slots.apply(x, layer, deep)
-            if n:
+            x, insertions = slots.apply(x, layer, deep)
+            for at, n in insertions:
                 eot = torch.where(eot >= at, eot + n, eot)
             L = x.shape[1]
             if L not in mask_cache:

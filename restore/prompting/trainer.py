@@ -248,10 +248,11 @@ class PromptTrainer(TrainerX):
 
     def apply_precision(self, precision: str, dtype: torch.dtype | None) -> None:
         """Run under autocast to ``dtype`` (None: fp32), with frozen CLIP stored in ``dtype`` for
-        ``fp16``/``bf16`` (``amp`` keeps fp32 weights); learnable tensors stay fp32 either way."""
+        ``fp16``/``bf16`` (``amp`` keeps fp32 weights; ``logit_scale`` stays fp32, see CLIP.cast);
+        learnable tensors stay fp32 either way."""
         self.precision, self.autocast_dtype = precision, dtype
         if dtype is not None and precision in ("fp16", "bf16"):
-            self.model.clip.to(dtype)
+            self.model.clip.cast(dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
