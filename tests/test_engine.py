@@ -135,6 +135,25 @@ def test_logger_renames_existing_log(tmp_path):
     assert "hello" in open(first).read()
 
 
+def test_log_lines_reach_the_file_without_flush_and_written_files_follow_the_umask(tmp_path):
+    """A killed run keeps every printed line; checkpoints / results are readable by the group as umask says."""
+    import stat
+
+    from restore.engine.utils import Logger, atomic_write_json
+
+    log = Logger(str(tmp_path / "log.txt"))
+    log.console = open(os.devnull, "w")
+    log.write("epoch [63/300] loss 1.0\n")  # no flush(), as before a SIGKILL
+    assert open(tmp_path / "log.txt").read() == "epoch [63/300] loss 1.0\n"
+    log.close()
+    old = os.umask(0o022)
+    try:
+        atomic_write_json({"accuracy": 1.0}, str(tmp_path / "results.json"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "results.json").st_mode) == 0o644
+
+
 # ---------------------------------------------------------------- DDP: trainers stepping their optimizers themselves
 
 _DDP_STEPS = 3

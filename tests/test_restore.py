@@ -387,6 +387,21 @@ def test_trainable_parameter_count_vit_b16():
     assert restore_num_params(surgery=False) == 3_555_072
 
 
+def test_train_py_applies_per_dataset_settings_before_user_opts():
+    """A direct train.py run gets the official run list's DTD values; explicit opts still win."""
+    from train import build_parser, setup_cfg
+
+    def node_for(*opts):
+        args = build_parser().parse_args([
+            "--trainer", "RESTORE", "--dataset-config-file", os.path.join(ROOT, "configs/datasets/dtd.yaml"),
+            "--config-file", os.path.join(ROOT, "configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml"), *opts])
+        return setup_cfg(args).TRAINER.RESTORE
+
+    n = node_for()
+    assert (n.FS_WEIGHT, n.TEXT_RATIO, n.VISION_RATIO) == (0.5, 0.1, 0.15)
+    assert node_for("TRAINER.RESTORE.FS_WEIGHT", "1.0").FS_WEIGHT == 1.0
+
+
 def test_dataset_opts():
     assert restore_dataset_opts("dtd") == ["TRAINER.RESTORE.VISION_RATIO", "0.15", "TRAINER.RESTORE.TEXT_RATIO", "0.1",
                                            "TRAINER.RESTORE.FS_WEIGHT", "0.5"]

@@ -22,7 +22,7 @@ Method (see shared/reference/mmrl.md for the full specification):
   ``z_c`` only. The rule is :func:`resolve_inference` (PROTOCOL x SUBSAMPLE_CLASSES x INFERENCE).
 
 Per-dataset lambda / d_r live in ``configs/trainers/MMRL/datasets/<dataset>.yaml``;
-:func:`mmrl_dataset_opts` turns one into ``opts``; ``train.py`` merges them (:meth:`MMRL.dataset_defaults`)
+:func:`mmrl_dataset_opts` turns one into ``opts``; ``train.py`` merges them (``MMRL.dataset_defaults``)
 after the config files and before the command-line opts, as the official train.py, so an explicit
 option still wins. MMRL* (d_r 32) uses the same opts: EuroSAT keeps d_r 2048, as in the paper's d_r
 ablation.
@@ -299,7 +299,7 @@ def mmrl_dataset_opts(dataset: str, protocol: str = "base2new", *, config_dir: s
     every other dataset keeps the config's d_r. Pass these opts *after* the config file and
     *before* your own opts so that yours win.
 
-    ``train.py`` applies them itself (:meth:`MMRL.dataset_defaults`); ``python -m trainers.mmrl
+    ``train.py`` applies them itself (``MMRL.dataset_defaults``); ``python -m trainers.mmrl
     <dataset>`` prints them, for a CoOp-style codebase whose train.py does not.
     """
     if protocol not in PROTOCOLS:
@@ -335,14 +335,8 @@ class MMRL(PromptTrainer):
         "MIX": "logits",
     }
 
-    @classmethod
-    def dataset_defaults(cls, cfg: Any) -> list[str]:
-        """The published per-dataset lambda / d_r (:func:`mmrl_dataset_opts`), which ``train.py`` merges
-        before the command-line opts, as the official train.py does; ``[]`` for other datasets."""
-        try:
-            return mmrl_dataset_opts(str(cfg.DATASET.NAME), str(cfg.PROTOCOL))
-        except ValueError:  # a dataset or protocol without published values
-            return []
+    # the published per-dataset lambda / d_r, merged by train.py as the official train.py does
+    dataset_opts_hook = staticmethod(mmrl_dataset_opts)
 
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)

@@ -500,6 +500,10 @@ def restore_dataset_opts(dataset: str, protocol: str = "base2new", config_dir: s
     return opts
 
 
+# train.py merges the per-dataset settings before the command-line opts, as the protocol scripts pass them
+RESTORE.dataset_opts_hook = staticmethod(restore_dataset_opts)
+
+
 def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size: int = 4, steps: int = 5,
                           warmup: int = 2, device: str = "cpu", precision: str = "fp32",
                           modes: Sequence[str] = ("prompt", "feature")) -> dict[str, float]:

@@ -71,12 +71,19 @@ def _fsync_dir(dirname: str) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(fpath: str, write: "Callable[[Any], None]") -> None:
     """Call ``write(f)`` on a temporary file beside ``fpath``, fsync it, then rename it over ``fpath``."""
     dirname = osp.dirname(osp.abspath(fpath))
     mkdir_if_missing(dirname)
     fd, tmp = tempfile.mkstemp(prefix="." + osp.basename(fpath) + ".", suffix=".tmp", dir=dirname)
     try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; others sharing the folder must read it
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -174,7 +181,7 @@ class Logger:
         self.file = None
         if fpath is not None:
             mkdir_if_missing(osp.dirname(osp.abspath(fpath)))
-            self.file = open(fpath, mode)
+            self.file = open(fpath, mode, buffering=1)  # line-buffered: a killed run keeps its last lines
 
     def __del__(self) -> None:
         self.close()
