@@ -15,6 +15,8 @@ setup(
         "open_clip_torch>=2.20",
         "yacs>=0.1.8",
         "numpy",
+        "scipy",  # Stanford Cars' and Flowers' .mat annotations
+        "PyYAML",
         "Pillow",
         "tqdm",
         "matplotlib",

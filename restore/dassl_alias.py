@@ -98,6 +98,10 @@ def _adopt_dassl_datum_path(module: types.ModuleType) -> None:
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder):
+    # a marker, not isinstance: `python -m restore.dassl_alias` runs this file a second time as
+    # __main__, whose _AliasFinder class is not the one the .pth file installed
+    _restore_dassl_alias = True
+
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
         if fullname not in _MODULES:
             return None
@@ -107,9 +111,13 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _is_alias_finder(finder: object) -> bool:
+    return bool(getattr(type(finder), "_restore_dassl_alias", False))
+
+
 def real_dassl_installed() -> bool:
     """True if a ``dassl`` other than this alias can be imported."""
-    finders = [f for f in sys.meta_path if not isinstance(f, _AliasFinder)]
+    finders = [f for f in sys.meta_path if not _is_alias_finder(f)]
     for finder in finders:
         find_spec = getattr(finder, "find_spec", None)
         if find_spec is not None and find_spec("dassl", None) is not None:
@@ -119,7 +127,7 @@ def real_dassl_installed() -> bool:
 
 def activate() -> bool:
     """Install the alias finder unless a real Dassl is importable; returns True if the alias is active."""
-    if any(isinstance(f, _AliasFinder) for f in sys.meta_path):
+    if any(_is_alias_finder(f) for f in sys.meta_path):
         return True
     if real_dassl_installed():
         return False
@@ -184,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "uninstall":
         print("Removed." if uninstall(args.site_dir) else "Nothing to remove.")
     else:
-        print("real Dassl installed" if real_dassl_installed() else "no real Dassl; alias available")
+        pth = os.path.join(args.site_dir or default_site_dir(), PTH_NAME)
+        if real_dassl_installed():
+            print("real Dassl installed: `import dassl` uses it (the alias stays inactive)")
+        elif os.path.exists(pth):
+            print(f"alias installed ({pth}): `import dassl` uses restore's engine")
+        else:
+            print("no real Dassl; alias not installed (`install`, or `run script.py` for one process)")
     return 0
 
 

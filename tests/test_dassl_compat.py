@@ -266,3 +266,19 @@ def test_run_launcher_activates_the_alias_for_one_process(mini_codebase):
     failing = subprocess.run([sys.executable, "-m", "restore.dassl_alias", "run", "-m", "train", "--bad-flag"],
                              cwd=code, env=env, capture_output=True, text=True, timeout=120)
     assert failing.returncode == 2 and "--bad-flag" in failing.stderr  # -m form; the script's exit status
+
+
+def test_status_and_reinstall_with_the_alias_installed(mini_codebase):
+    """`python -m restore.dassl_alias status` in an interpreter where the .pth already activated the alias."""
+    _, _, site = mini_codebase
+
+    def cli(*args):
+        cmd = [sys.executable, "-c", f"import site, runpy, sys; site.addsitedir({str(site)!r}); "
+               f"sys.argv = ['x'] + {list(args)!r}; runpy.run_module('restore.dassl_alias', run_name='__main__')"]
+        return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                              timeout=120)
+
+    status = cli("status", "--site-dir", str(site))
+    assert status.returncode == 0 and "alias installed" in status.stdout and "real Dassl" not in status.stdout
+    again = cli("install", "--site-dir", str(site))
+    assert again.returncode == 0 and "Wrote" in again.stdout
