@@ -391,6 +391,24 @@ class Step:
                     f"{advice}")
         return None
 
+    def model_mismatch(self) -> Optional[str]:
+        """For an evaluation: one sentence if the model was trained with other model-defining opts
+        (backbone, TRAINER.*, DATASET.*; the schedule does not matter here) than the ones asked now."""
+        if not self.model_dir or self.user_opts is None:
+            return None
+        record = _read_json(osp.join(self.model_dir, OPTS_FILE))
+        if record is None or not isinstance(record.get("opts"), list):
+            return None
+
+        def defining(opts: Sequence[str]) -> dict[str, str]:
+            return {k: v for k, v in _opts_dict(opts).items() if not k.startswith(("OPTIM.", "TRAIN."))}
+
+        trained, now = defining(record["opts"]), defining(self.user_opts)
+        if trained == now:
+            return None
+        return (f"the model in {self.model_dir} was trained with {_opts_text(trained)}, but this evaluation "
+                f"asks for {_opts_text(now)}: pass the training step's trailing options to this step too")
+
     def _asked_backbone(self) -> Optional[str]:
         asked = _opts_dict(self.user_opts or []).get("MODEL.BACKBONE.NAME")
         if asked is not None:
@@ -727,7 +745,7 @@ def check_steps(steps: Sequence[Step], overwrite: bool = False) -> None:
     if overwrite:
         return
     for step in steps:
-        problem = step.mismatch()
+        problem = step.mismatch() or step.model_mismatch()
         if problem:
             raise ProtocolError(problem)
 

@@ -5,7 +5,8 @@
 #
 #   bash scripts/demo.sh [TRAINER]          # e.g. bash scripts/demo.sh coop
 #
-# DEMO_DIR (default output/demo) receives data/, output/ and output/aggregate/. Re-running skips
+# DEMO_DIR (default demo_output, outside output/ so that `aggregate output/` never mixes the demo into
+# real tables) receives data/, output/ and output/aggregate/. Re-running skips
 # finished runs. The backbone has RANDOM weights: the numbers are meaningless, only the machinery
 # (scripts, checkpoints, resume, aggregation) is real.
 set -euo pipefail
@@ -14,7 +15,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # the tiny model gains nothing from threads
 TRAINER="${1:-restore}"
-DEMO_DIR="${DEMO_DIR:-output/demo}"
+DEMO_DIR="${DEMO_DIR:-demo_output}"
 export DATA="$DEMO_DIR/data" OUTPUT="$DEMO_DIR/output" SHOTS="${SHOTS:-16}"
 unset CFG SUB
 

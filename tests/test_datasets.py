@@ -293,3 +293,20 @@ def test_prepare_bad_checksum_removes_partial_and_extracts_nothing(tmp_path, ser
         prepare("dtd", str(root), sha256={"dtd-r1.0.1.tar.gz": "0" * 64})
     assert not (root / "dtd").exists()
     assert os.listdir(root / ".downloads") == []
+
+
+def test_prepare_offline_gives_one_line_and_reuses_an_archive_put_by_hand(tmp_path, served, capsys):
+    """No network: a one-line error naming where to put the archive; once it is there, it is used."""
+    from restore.data.prepare import main as prepare_main
+
+    url, sha = served
+    root = tmp_path / "root"
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port
+    assert prepare_main(["dtd", "--root", str(root), "--mirror", dead, "--sha256", f"dtd-r1.0.1.tar.gz={sha}"]) == 2
+    err = capsys.readouterr().err.strip()
+    dest = root / ".downloads" / "dtd-r1.0.1.tar.gz"
+    assert len(err.splitlines()) == 1 and err.startswith("error: Could not download") and str(dest) in err
+    shutil.copy(tmp_path / "www" / "dtd-r1.0.1.tar.gz", dest)  # fetched elsewhere, put where it said
+    assert prepare_main(["dtd", "--root", str(root), "--mirror", dead, "--sha256", f"dtd-r1.0.1.tar.gz={sha}"]) == 0
+    assert "Reusing" in capsys.readouterr().out
+    assert sorted(os.listdir(root / "dtd" / "images")) == ["banded", "blotchy"]

@@ -170,6 +170,9 @@ def test_coop_log_parser(tmp_path, capsys):
     assert R.parse_log(log, "Finished training") is None  # MaPLe's signal never appears in current logs
     assert R.parse_log(log, "=> result") == 66.7  # --test-log
     assert R.read_log_accuracy(str(tmp_path / "exp" / "seed2")) == 70.1
+    moved = tmp_path / "exp" / "seed1.old-20260101-000000"  # what --overwrite moved aside: never a seed
+    moved.mkdir()
+    (moved / "log.txt").write_text(DASSL_LOG.format(acc="5.0"))
     eval_only = tmp_path / "eval.txt"
     eval_only.write_text("Loading weights\n=> result\n* total: 3\n* accuracy: 33.3%\n")
     assert R.parse_log(str(eval_only)) is None and R.parse_log(str(eval_only), "=> result") == 33.3
@@ -489,6 +492,21 @@ def test_finished_run_with_other_opts_is_refused(data_root, tmp_path, capsys):
     # --overwrite redoes it (the opts of the new run are recorded)
     assert _main("base2new-train", "coop", "dtd", "1", *common, "--overwrite", *changed) == 0
     assert json.load(open(osp.join(run, "protocol_opts.json")))["opts"] == changed and _results(run)["epoch"] == 2
+
+
+def test_evaluation_without_the_training_opts_is_refused(data_root, tmp_path, capsys):
+    """README's quick try: train.sh with the tiny options, then test.sh without them -> one sentence, not a
+    ViT-B/16 load error; the schedule (OPTIM.*) may differ, the backbone may not."""
+    out = str(tmp_path / "output")
+    common = ["--data", data_root, "--output", out, "--shots", "2"]
+    assert _main("base2new-train", "coop", "dtd", "1", *common, *OPTS) == 0
+    capsys.readouterr()
+    assert _main("base2new-test", "coop", "dtd", "1", *common) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was trained with" in err and "MODEL.BACKBONE.NAME tiny" in err
+    assert "pass the training step's trailing options" in err
+    schedule_only = [o for k, v in zip(OPTS[0::2], OPTS[1::2]) if not k.startswith("OPTIM.") for o in (k, v)]
+    assert _main("base2new-test", "coop", "dtd", "1", *common, *schedule_only) == 0
 
 
 def test_partly_trained_run_with_other_opts_is_not_resumed(tmp_path):

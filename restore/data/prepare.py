@@ -17,15 +17,19 @@ import hashlib
 import os
 import os.path as osp
 import shutil
+import sys
 import tarfile
+import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from restore.clip.loader import sha256_file
+
 from .benchmarks import BENCHMARKS, resolve
 
-__all__ = ["Source", "Recipe", "RECIPES", "ChecksumError", "download", "extract", "prepare", "main"]
+__all__ = ["Source", "Recipe", "RECIPES", "ChecksumError", "DownloadError", "download", "extract", "prepare", "main"]
 
 MIRROR_ENV = "RESTORE_DATA_MIRROR"
 _VGG = "https://www.robots.ox.ac.uk/~vgg/data"
@@ -114,9 +118,23 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+class DownloadError(OSError):
+    """A download that could not be fetched (no network, bad URL); the message says how to do it by hand."""
+
+
 def download(url: str, dest: str, sha256: str | None = None) -> str:
-    """Stream ``url`` to ``dest`` through ``dest.part``; a SHA256 mismatch deletes it and raises ChecksumError."""
+    """Stream ``url`` to ``dest`` through ``dest.part``; a SHA256 mismatch deletes it and raises ChecksumError.
+
+    An archive already at ``dest`` (fetched by hand, or kept by ``--keep-archives``) is reused when
+    its SHA256 matches the recorded one (or when none is recorded).
+    """
     os.makedirs(osp.dirname(osp.abspath(dest)), exist_ok=True)
+    if osp.isfile(dest):
+        got = sha256_file(dest)
+        if sha256 is None or got.lower() == sha256.lower():
+            print(f"Reusing {dest} (SHA256 {got}" + (" verified)" if sha256 else ", unverified: no recorded hash)"))
+            return dest
+        print(f"{dest} has SHA256 {got}, expected {sha256}: downloading it again")
     part = dest + ".part"
     digest = hashlib.sha256()
     print(f"Downloading {url}")
@@ -127,9 +145,13 @@ def download(url: str, dest: str, sha256: str | None = None) -> str:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as err:
         if osp.exists(part):
             os.remove(part)
+        if isinstance(err, (urllib.error.URLError, TimeoutError, ConnectionError)):
+            raise DownloadError(
+                f"Could not download {url} ({getattr(err, 'reason', err)}). Without network here: fetch it "
+                f"elsewhere and put it at {dest} (it is then reused), or serve the archives and pass --mirror.") from err
         raise
     got = digest.hexdigest()
     if sha256 is not None and got.lower() != sha256.lower():
@@ -205,7 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-archives", action="store_true")
     args = parser.parse_args(argv)
     hashes = dict(item.split("=", 1) for item in args.sha256)
-    prepare(args.name, args.root, mirror=args.mirror, sha256=hashes, keep_archives=args.keep_archives)
+    try:
+        prepare(args.name, args.root, mirror=args.mirror, sha256=hashes, keep_archives=args.keep_archives)
+    except (DownloadError, ChecksumError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

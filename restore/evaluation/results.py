@@ -230,7 +230,7 @@ def collect_runs(root: str) -> list[RunRecord]:
 def _iter_subdirs(directory: str) -> Iterator[str]:
     for name in sorted(os.listdir(directory)):
         path = osp.join(directory, name)
-        if not name.startswith(".") and osp.isdir(path):
+        if not name.startswith(".") and not OLD_RUN_RE.search(name) and osp.isdir(path):
             yield path
 
 
