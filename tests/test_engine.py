@@ -219,6 +219,8 @@ def _ddp_worker(rank, world, port, out):
         result[style] = {"weight": [p.detach().clone() for p in trainer.model.parameters()], "counts": counts,
                          "scale": trainer.scaler.get_scale()}
     torch.save(result, f"{out}.{rank}.pt")
+    dist.all_reduce = all_reduce
+    dist.barrier()  # both ranks done before either tears down its Gloo pairs (else: abort at exit)
     dist.destroy_process_group()
 
 
@@ -326,8 +328,18 @@ def test_crash_then_resume_keeps_log_and_only_the_final_checkpoint(tmp_path, mon
     crashed, resumed = log.split("\n=== resumed ", 1)
     assert "epoch [2/4]" in crashed and "Finish training" not in crashed
     assert "Previous epoch: 2" in resumed and "epoch [3/4]" in resumed and "epoch [1/4]" not in resumed
-    accuracy = json.load(open(out / "results.json"))["accuracy"]
+    record = json.load(open(out / "results.json"))
+    accuracy = record["accuracy"]
     assert _coop_parse(log) == round(accuracy, 1)
+    # what the number was computed with: versions, precision, and the whole config (yacs-loadable)
+    assert record["versions"]["torch"] == torch.__version__ and record["precision"] == "fp32"
+    from restore.engine.config import get_cfg_default as fresh_cfg
+    from restore.engine.config import extend_cfg as fresh_extend
+
+    saved = fresh_cfg()
+    fresh_extend(saved)
+    saved.merge_from_file(str(out / "config.yaml"))
+    assert (saved.TRAINER.NAME, saved.OPTIM.MAX_EPOCH, saved.OUTPUT_DIR) == ("CoOp", 4, str(out))
 
     # a finished run re-run with --overwrite starts a new log file, as Dassl does
     assert run_train_py(_train_args(data, out, "--overwrite", "OPTIM.MAX_EPOCH", "1")) == 0

@@ -24,10 +24,36 @@ from tqdm import tqdm
 from . import distributed  # DDP (torchrun) hooks, marked '# DDP' below
 from .evaluator import build_evaluator
 from .registry import TRAINER_REGISTRY, check_availability, lookup_case_insensitive
-from .utils import (AverageMeter, CheckpointError, MetricMeter, atomic_write_json, load_checkpoint,
-                    mkdir_if_missing, save_checkpoint)
+from .utils import (AverageMeter, CheckpointError, MetricMeter, atomic_write_bytes, atomic_write_json,
+                    load_checkpoint, mkdir_if_missing, save_checkpoint)
 
 RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.yaml"
+
+
+def software_versions() -> dict[str, Any]:
+    """Versions a result depends on: python, torch (+ CUDA), torchvision, open_clip, this library and
+    its git commit when run from a checkout (None otherwise)."""
+    import platform
+    import subprocess
+
+    import restore
+
+    def version(module: str) -> str | None:
+        try:
+            return str(__import__(module).__version__)
+        except Exception:  # noqa: BLE001 - optional or versionless package
+            return None
+
+    try:
+        repo = osp.dirname(osp.dirname(osp.abspath(restore.__file__)))
+        commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - no git, not a checkout
+        commit = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "torchvision": version("torchvision"), "open_clip": version("open_clip"),
+            "restore": restore.__version__, "git_commit": commit}
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -494,11 +520,15 @@ class SimpleTrainer(TrainerBase):
             "train_images_per_s": round(self.train_images / self.train_seconds, 2) if self.train_seconds else None,
             "peak_memory_mb": round(peak, 1) if peak is not None else None,
             "device": str(self.device),
+            "precision": str(getattr(self, "precision", "")) or None,
+            "versions": software_versions(),
             **self.results_metadata(),
         }
         if "perclass_accuracy" in results:
             record["perclass_accuracy"] = results["perclass_accuracy"]
         path = osp.join(self.output_dir, RESULTS_FILE)
+        # the whole config beside the numbers: what a table row was computed with, loadable by yacs
+        atomic_write_bytes(cfg.dump().encode(), osp.join(self.output_dir, CONFIG_FILE))
         atomic_write_json(record, path)
         print(f"Results written to {path}")
         return path
