@@ -424,7 +424,7 @@ def _load_openai(name: str, cache_dir: str | os.PathLike[str] | None) -> _Entry:
             f"CLIP checkpoint for {name!r} not found: expected the file {path}\n"
             f"Nothing is downloaded automatically. Download it from\n  {url}\n"
             f"and save it as that file, e.g.\n  mkdir -p {os.path.dirname(path)} && curl -L -o {path} {url}\n"
-            "or point cache_dir / $CLIP_CACHE at the folder that already holds it "
+            "or point MODEL.BACKBONE.CACHE_DIR (or $CLIP_CACHE) at the folder that already holds it "
             "(a copy in ~/.cache/clip from OpenAI's clip package works).")
 
     def build() -> _Entry:
@@ -471,8 +471,9 @@ def _load_open_clip(spec: str, cache_dir: str | os.PathLike[str] | None) -> _Ent
             if tag_cfg.get("quick_gelu"):
                 kwargs["force_quick_gelu"] = True
             source = tag_cfg.get("url") or tag_cfg.get("hf_hub") or "?"
-            hint = (f" Without network access, download the weights ({source}) elsewhere and use "
-                    f"'open_clip:{model_name}/<path to the file>'.")
+            hint = (f" Without network access, download the weights ({source}; on the Hugging Face Hub the "
+                    f"file is open_clip_pytorch_model.bin or open_clip_model.safetensors) elsewhere and use "
+                    f"'open_clip:{model_name}/<path to the file>'; HF_HUB_OFFLINE=1 skips the retries.")
         try:
             oc_model = open_clip.create_model(
                 model_name, pretrained=pretrained, device="cpu", precision="fp32",
