@@ -65,7 +65,8 @@ def reset_cfg(cfg, args) -> None:  # type: ignore[no-untyped-def]
 
 def setup_cfg(args):  # type: ignore[no-untyped-def]
     """defaults -> trainers' nodes -> dataset yaml -> method yaml -> CLI args -> method's per-dataset
-    defaults (MMRL's published lambda / d_r, as its official train.py) -> opts (they win)."""
+    defaults (MMRL's published lambda / d_r, as its official train.py; RESTORE's ratios / lambda)
+    -> opts (they win)."""
     cfg = get_cfg_default()
     extend_cfg(cfg)
     if args.dataset_config_file:

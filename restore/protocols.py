@@ -765,7 +765,9 @@ def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_proc
 
     A finished step is skipped, unless it was run with other opts (then it fails with one sentence).
     ``overwrite``: every step is redone; a training step's existing folder is moved aside first, so
-    that ``train.py`` trains from scratch instead of resuming from the final checkpoint.
+    that ``train.py`` trains from scratch instead of resuming from the final checkpoint. An
+    evaluation that runs again (overwrite, retrained model, failed before) also moves its old folder
+    aside, so that its ``log.txt`` holds the new result.
     """
     outcomes: list[Outcome] = []
     failed = False
@@ -790,9 +792,12 @@ def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_proc
             outcomes.append(Outcome(step, "failed", 1, message=str(err)))
             failed = True
             continue
-        if overwrite and not step.eval_only and osp.isdir(step.output_dir):
+        if osp.isdir(step.output_dir) and (overwrite or step.eval_only):
+            # training: from scratch, not resumed from the final checkpoint; evaluation: a fresh
+            # log.txt, which CoOp's parse_test_res.py (and --test-log) read, not a log.txt-<time>
             old = move_aside(step.output_dir)
-            report(f"--overwrite: moved the previous run {step.output_dir} aside to {old}; training from scratch")
+            what = "training from scratch" if not step.eval_only else "evaluating again"
+            report(f"moved the previous run {step.output_dir} aside to {old}; {what}")
         if step.user_opts is not None:
             step.write_record()
         report(f"run {step.name}\n  {shlex.join(['python', 'train.py'] + argv)}")

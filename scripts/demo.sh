@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end demo of the base-to-novel protocol on synthetic data with the tiny random CLIP (CPU, minutes):
+# End-to-end demo of the base-to-novel protocol on synthetic data with the tiny random CLIP (CPU, seconds):
 # writes synthetic DTD and EuroSAT, trains TRAINER (default restore) on their base classes for 2 seeds,
 # evaluates on the new classes, and prints the aggregate table.
 #

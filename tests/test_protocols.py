@@ -430,6 +430,11 @@ def test_overwrite_retrains_from_scratch_keeps_old_run_and_retests(data_root, tm
     assert "skip (finished" not in printed and "run base2new test_new" in printed
     record = json.load(open(osp.join(test, "protocol_opts.json")))
     assert record["model_run_id"] == json.load(open(osp.join(train, "protocol_opts.json")))["run_id"]
+    # the old evaluation was moved aside: log.txt (what CoOp's parse_test_res.py reads) holds the new result
+    assert f"moved the previous run {test} aside" in printed and len(glob.glob(test + ".old-*")) == 1
+    assert sorted(glob.glob(osp.join(test, "log.txt*"))) == [osp.join(test, "log.txt")]
+    from restore.evaluation.results import parse_log
+    assert parse_log(osp.join(test, "log.txt"), "=> result") == round(_results(test)["accuracy"], 1)
     # moved-aside folders are not runs of the tables
     assert sorted(r.path for r in collect_runs(out)) == sorted([test, train])
 

@@ -47,7 +47,9 @@ skips one.
 
 Per-dataset settings (official run lists, restore.md §3.9) live in
 ``configs/trainers/RESTORE/datasets/<dataset>.yaml``; :func:`restore_dataset_opts` turns one into
-``train.py`` opts (``python -m trainers.restore_trainer dtd`` prints them).
+``train.py`` opts, which ``train.py`` merges itself before the command-line opts
+(``RESTORE.dataset_opts_hook``; ``python -m trainers.restore_trainer dtd`` prints them). The folder
+is found two levels above this file: a copy of the trainer elsewhere needs ``configs/`` there too.
 """
 
 from __future__ import annotations
