@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from restore.data.benchmarks import resolve
-from restore.evaluation.results import PROTOCOL_DIRS, RESULTS_FILE, run_dir
+from restore.evaluation.results import OLD_RUN_SUFFIX, PROTOCOL_DIRS, RESULTS_FILE, run_dir
 
 __all__ = [
     "TRAINERS", "TrainerSpec", "Step", "ProtocolError", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS",
@@ -409,6 +409,10 @@ class Step:
         return (f"the model in {self.model_dir} was trained with {_opts_text(trained)}, but this evaluation "
                 f"asks for {_opts_text(now)}: pass the training step's trailing options to this step too")
 
+    def conflict(self) -> Optional[str]:
+        """:meth:`mismatch` or :meth:`model_mismatch`: why this step must not run (or be skipped) as asked."""
+        return self.mismatch() or self.model_mismatch()
+
     def _asked_backbone(self) -> Optional[str]:
         asked = _opts_dict(self.user_opts or []).get("MODEL.BACKBONE.NAME")
         if asked is not None:
@@ -726,16 +730,15 @@ class Outcome:
     message: str = ""
 
 
-_OLD_SUFFIX = ".old-"
-
-
 def move_aside(folder: str) -> str:
-    """Rename ``folder`` to ``<folder>.old-<YYYYmmdd-HHMMSS>`` (``-2``, ... if taken); the new path."""
+    """Rename ``folder`` to ``<folder>.old-<YYYYmmdd-HHMMSS>`` (``-2``, ... if taken); the new path.
+
+    The name matches :data:`restore.evaluation.results.OLD_RUN_RE`, so the tables skip it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, n = f"{folder}{_OLD_SUFFIX}{stamp}", 1
+    target, n = f"{folder}{OLD_RUN_SUFFIX}{stamp}", 1
     while osp.exists(target):
         n += 1
-        target = f"{folder}{_OLD_SUFFIX}{stamp}-{n}"
+        target = f"{folder}{OLD_RUN_SUFFIX}{stamp}-{n}"
     os.rename(folder, target)
     return target
 
@@ -745,7 +748,7 @@ def check_steps(steps: Sequence[Step], overwrite: bool = False) -> None:
     if overwrite:
         return
     for step in steps:
-        problem = step.mismatch() or step.model_mismatch()
+        problem = step.conflict()
         if problem:
             raise ProtocolError(problem)
 
@@ -775,7 +778,7 @@ def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_proc
         if failed:
             outcomes.append(Outcome(step, "not-run", message="an earlier step of this job failed"))
             continue
-        problem = None if overwrite else step.mismatch()
+        problem = None if overwrite else step.conflict()
         if problem:
             report(f"FAILED {step.name}: {problem}")
             outcomes.append(Outcome(step, "failed", 2, message=problem))

@@ -22,6 +22,7 @@ or let the regularizer compute them the first time it is used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import os.path as osp
 import random
@@ -215,29 +216,25 @@ def _shots(value: Any) -> int:
     return int(value) if int(value) >= 1 else -1
 
 
-# Recorded settings that determine the anchors besides classes / backbone / K: file key -> (config key, normaliser).
-_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "dataset": ("DATASET.NAME", str),
-    "subsample": ("DATASET.SUBSAMPLE_CLASSES", str),
-    "num_shots": ("TRAINER.CRAFT.ANCHOR_NUM_SHOTS", _shots),
-    "seed": ("TRAINER.CRAFT.ANCHOR_SEED", int),
-    "transform": ("TRAINER.CRAFT.ANCHOR_TRANSFORM", str),
-    "kmeans_iters": ("TRAINER.CRAFT.ANCHOR_KMEANS_ITERS", int),
+# Recorded settings that determine the anchors besides classes / backbone / K:
+# file key -> (config key, type stored in the file, normaliser for the comparison).
+_SETTINGS: dict[str, tuple[str, Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "dataset": ("DATASET.NAME", str, str),
+    "subsample": ("DATASET.SUBSAMPLE_CLASSES", str, str),
+    "num_shots": ("TRAINER.CRAFT.ANCHOR_NUM_SHOTS", int, _shots),
+    "seed": ("TRAINER.CRAFT.ANCHOR_SEED", int, int),
+    "transform": ("TRAINER.CRAFT.ANCHOR_TRANSFORM", str, str),
+    "kmeans_iters": ("TRAINER.CRAFT.ANCHOR_KMEANS_ITERS", int, int),
 }
 
 
 def anchor_settings(cfg: Any) -> dict[str, Any]:
     """The settings of ``cfg`` that determine its anchors, as recorded in an anchor file (with the backbone)."""
-    node = craft_node(cfg)
-    return {
-        "backbone": str(cfg.MODEL.BACKBONE.NAME),
-        "dataset": str(cfg.DATASET.NAME),
-        "subsample": str(cfg.DATASET.SUBSAMPLE_CLASSES),
-        "num_shots": int(node.ANCHOR_NUM_SHOTS),
-        "seed": int(node.ANCHOR_SEED),
-        "transform": str(node.ANCHOR_TRANSFORM),
-        "kmeans_iters": int(node.ANCHOR_KMEANS_ITERS),
-    }
+    def value(dotted: str) -> Any:
+        return functools.reduce(lambda node, key: node[key], dotted.split("."), cfg)
+
+    return {"backbone": str(cfg.MODEL.BACKBONE.NAME),
+            **{key: stored(value(cfg_key)) for key, (cfg_key, stored, _) in _SETTINGS.items()}}
 
 
 def anchors_match(data: dict[str, Any], classnames: Sequence[str], backbone: str, clusters: int,
@@ -260,7 +257,7 @@ def anchors_match(data: dict[str, Any], classnames: Sequence[str], backbone: str
         why.append(f"backbone {data.get('backbone')!r} != {backbone!r}")
     if int(data.get("clusters", -1)) != clusters:
         why.append(f"ANCHOR_CLUSTERS {data.get('clusters')} != {clusters}")
-    for key, (cfg_key, norm) in _SETTINGS.items():
+    for key, (cfg_key, _, norm) in _SETTINGS.items():
         if settings is None or key not in settings or key not in data:
             continue
         if key == "kmeans_iters" and clusters == 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 # ``{}`` takes the class name with "_" replaced by a space.
 CUSTOM_TEMPLATES: dict[str, str] = {
     "OxfordPets": "a photo of a {}, a type of pet.",
@@ -55,9 +57,10 @@ CLIP_IMAGENET_TEMPLATES_60: list[str] = [
 ]
 
 
-def dataset_template(dataset_name: str) -> str:
-    """The dataset's hand-written template (``"{} texture."`` for DTD); unknown datasets -> 'a photo of a {}.'."""
-    return CUSTOM_TEMPLATES.get(dataset_name, "a photo of a {}.")
+def dataset_template(dataset_name: str, templates: Mapping[str, str] = CUSTOM_TEMPLATES) -> str:
+    """The dataset's hand-written template in ``templates`` (CoOp's table by default: ``"{} texture."``
+    for DTD); unknown datasets -> 'a photo of a {}.'."""
+    return templates.get(dataset_name, "a photo of a {}.")
 
 
 def template_for(dataset_name: str, classname: str) -> str:

@@ -9,6 +9,7 @@ Dassl 0.6.3 (see shared/reference/dassl_compat.md). Additions: every evaluation 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import os.path as osp
 import random
@@ -31,9 +32,11 @@ RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"
 
 
+@functools.lru_cache(maxsize=1)
 def software_versions() -> dict[str, Any]:
     """Versions a result depends on: python, torch (+ CUDA), torchvision, open_clip, this library and
-    its git commit when run from a checkout (None otherwise)."""
+    its git commit when run from a checkout (None otherwise). Looked up once per process (copy before
+    changing it)."""
     import platform
     import subprocess
 
@@ -423,7 +426,7 @@ class SimpleTrainer(TrainerBase):
         only ``model.pth.tar-MAX_EPOCH`` remains, as in Dassl."""
         paths = self.save_model(self.epoch, self.output_dir)
         for path in getattr(self, "_resume_only_paths", []):
-            if path not in paths and osp.exists(path):
+            if path not in paths:
                 try:
                     os.remove(path)
                 except FileNotFoundError:
@@ -521,7 +524,7 @@ class SimpleTrainer(TrainerBase):
             "peak_memory_mb": round(peak, 1) if peak is not None else None,
             "device": str(self.device),
             "precision": str(getattr(self, "precision", "")) or None,
-            "versions": software_versions(),
+            "versions": dict(software_versions()),
             **self.results_metadata(),
         }
         if "perclass_accuracy" in results:

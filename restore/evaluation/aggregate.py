@@ -252,7 +252,7 @@ def _stat_text(s: SeedStats) -> str:
     return f"{s.mean:.2f}" if s.std is None else f"{s.mean:.2f} ± {s.std:.2f}"
 
 
-def _paper_note(key: GroupKey, protocol_dir: str) -> str:
+def _paper_note(key: GroupKey) -> str:
     """Which published row the Paper column shows for this group (or why there is none)."""
     if key[2] != PUBLISHED_SHOTS:
         return f"Paper: none ({key[2]}-shot runs; the published tables are {PUBLISHED_SHOTS}-shot).\n"
@@ -263,7 +263,7 @@ def _paper_note(key: GroupKey, protocol_dir: str) -> str:
 
 
 def base2new_markdown(key: GroupKey, rows: Sequence[Base2NewRow]) -> str:
-    lines = [f"### Base-to-novel: {_group_title(key, 'base2new')}", _random_note(key[3]), _paper_note(key, "base2new"),
+    lines = [f"### Base-to-novel: {_group_title(key, 'base2new')}", _random_note(key[3]), _paper_note(key),
              "| Dataset | Seeds | Base | New | HM | Paper Base / New / HM | Δ Base | Δ New | Δ HM | Train time (s) "
              "| Peak mem (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -363,7 +363,7 @@ def transfer_tables(records: Sequence[RunRecord], protocol_dir: str, published: 
 def transfer_markdown(key: GroupKey, rows: Sequence[TransferRow], protocol_dir: str) -> str:
     title = "Cross-dataset transfer" if protocol_dir == "xd" else "Domain generalization"
     n_targets = len(XD_TARGETS if protocol_dir == "xd" else DG_TARGETS)
-    lines = [f"### {title}: {_group_title(key, protocol_dir)}", _random_note(key[3]), _paper_note(key, protocol_dir),
+    lines = [f"### {title}: {_group_title(key, protocol_dir)}", _random_note(key[3]), _paper_note(key),
              "| Dataset | Seeds | Accuracy | Paper | Δ |", "|---|---|---|---|---|"]
     for r in rows:
         if r.role == "average":

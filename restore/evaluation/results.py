@@ -196,8 +196,9 @@ def _record_from(folder: str, data: Optional[dict[str, Any]], accuracy: float, s
                      info=data, **fields)
 
 
-#: A run folder that ``restore.protocols --overwrite`` moved aside before redoing the run.
-OLD_RUN_RE = re.compile(r"\.old-\d{8}-\d{6}(-\d+)?$")
+#: A run folder that ``restore.protocols`` moved aside before redoing the run: ``<folder>.old-<YYYYmmdd-HHMMSS>[-n]``.
+OLD_RUN_SUFFIX = ".old-"
+OLD_RUN_RE = re.compile(re.escape(OLD_RUN_SUFFIX) + r"\d{8}-\d{6}(-\d+)?$")
 
 
 def collect_runs(root: str) -> list[RunRecord]:
