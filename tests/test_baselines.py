@@ -408,7 +408,10 @@ def test_trainer_configs_merge_with_the_published_shared_settings(path):
     assert list(cfg.INPUT.PIXEL_MEAN) == [0.48145466, 0.4578275, 0.40821073]
     assert cfg.OPTIM.NAME == "sgd" and cfg.OPTIM.LR_SCHEDULER == "cosine"
     assert (cfg.OPTIM.WARMUP_EPOCH, cfg.OPTIM.WARMUP_TYPE, cfg.OPTIM.WARMUP_CONS_LR) == (1, "constant", 1e-5)
-    assert cfg.MODEL.BACKBONE.NAME == "ViT-B/16"
+    prefixes = {"rn50": "RN50", "rn101": "RN101", "vit_b32": "ViT-B/32", "vit_b16": "ViT-B/16"}
+    stem = os.path.basename(path)
+    assert cfg.MODEL.BACKBONE.NAME == next(name for prefix, name in prefixes.items() if stem.startswith(prefix + "_")
+                                           or stem == prefix + ".yaml")
     trainer = os.path.basename(os.path.dirname(path))
     node_cfg = cfg.TRAINER[TRAINER_REGISTRY.get(trainer).cfg_node_name()]
     assert node_cfg.PREC == "auto"  # published "fp16"; auto = bf16 where supported, else fp16
@@ -431,6 +434,10 @@ def test_published_values_of_key_configs():
     assert (cfg.DATALOADER.TRAIN_X.BATCH_SIZE, cfg.TRAINER.COCOOP.N_CTX, cfg.TRAINER.COCOOP.CTX_INIT) == (1, 4, "a photo of a")
     cfg = load("IVLP/vit_b16_c2_ep5_batch4_4ctx_language_only.yaml")
     assert (cfg.TRAINER.IVLP.N_CTX_VISION, cfg.TRAINER.IVLP.PROMPT_DEPTH_VISION, cfg.TRAINER.IVLP.N_CTX_TEXT) == (0, 0, 4)
+    for name, epochs in (("rn50", 200), ("rn50_ep50", 50), ("rn101_ep100_ctxv1", 100)):
+        cfg = load(f"CoOp/{name}.yaml")  # CoOp's own (RN50: its paper's few-shot backbone)
+        assert (cfg.OPTIM.LR, cfg.OPTIM.MAX_EPOCH, cfg.DATALOADER.TRAIN_X.BATCH_SIZE) == (0.002, epochs, 32)
+        assert cfg.TRAINER.COOP.CTX_INIT == ("a photo of a" if name.endswith("ctxv1") else "")
     cfg = load("KgCoOp/vit_b16_ep100_ctxv1.yaml")
     assert (cfg.TRAINER.KGCOOP.W, cfg.TRAINER.KGCOOP.N_CTX, cfg.OPTIM.MAX_EPOCH) == (8.0, 4, 100)
 
@@ -439,24 +446,27 @@ def test_published_values_of_key_configs():
 
 
 
-@pytest.mark.parametrize("trainer,node_name", [("CoOp", "COOP"), ("MaPLe", "MAPLE")])
-def test_train_py_end_to_end_on_synthetic_dtd(trainer, node_name, tmp_path):
+@pytest.mark.parametrize("trainer,node_name,config,backbone", [
+    ("CoOp", "COOP", "vit_b16_ep50.yaml", "tiny"),
+    ("CoOp", "COOP", "rn50_ep50.yaml", "tiny-rn"),  # CoOp's RN50 configs, on the small random ResNet CLIP
+    ("MaPLe", "MAPLE", "vit_b16_c2_ep5_batch4_2ctx.yaml", "tiny"),
+])
+def test_train_py_end_to_end_on_synthetic_dtd(trainer, node_name, config, backbone, tmp_path):
     synthetic = pytest.importorskip("restore.data.synthetic", reason="restore.data.synthetic (synthetic datasets) "
                                     "is not in this checkout yet")
     data = tmp_path / "data"
     synthetic.make_synthetic("dtd", str(data), num_classes=4, images_per_class=6)
     common = ["--root", str(data), "--trainer", trainer, "--seed", "1",
-              "--config-file", os.path.join(ROOT, "configs", "trainers", trainer,
-                                            "vit_b16_ep50.yaml" if trainer == "CoOp" else "vit_b16_c2_ep5_batch4_2ctx.yaml"),
+              "--config-file", os.path.join(ROOT, "configs", "trainers", trainer, config),
               "--dataset-config-file", os.path.join(ROOT, "configs", "datasets", "dtd.yaml")]
-    small = ["MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "1", "DATALOADER.NUM_WORKERS", "0",
+    small = ["MODEL.BACKBONE.NAME", backbone, "OPTIM.MAX_EPOCH", "1", "DATALOADER.NUM_WORKERS", "0",
              "DATALOADER.TRAIN_X.BATCH_SIZE", "2", "DATASET.NUM_SHOTS", "2", "TRAIN.PRINT_FREQ", "1", "USE_CUDA", "False"]
     if trainer == "CoOp":
         small += [f"TRAINER.{node_name}.N_CTX", "4"]
     out = tmp_path / "train"
     assert run_train_py([*common, "--output-dir", str(out), *small, "DATASET.SUBSAMPLE_CLASSES", "base"]) == 0
     result = json.loads((out / "results.json").read_text())
-    assert 0.0 <= result["accuracy"] <= 100.0 and result["trainer"] == trainer
+    assert 0.0 <= result["accuracy"] <= 100.0 and result["trainer"] == trainer and result["backbone"] == backbone
     model_name = TRAINER_REGISTRY.get(trainer).model_name
     assert (out / model_name / "model.pth.tar-1").is_file()
 

@@ -75,6 +75,32 @@ def test_cuda_steps_and_evaluation_in_every_precision(name, precision, tiny_cuda
     assert torch.allclose(first, again, rtol=1e-5, atol=1e-5)  # cached text features: same logits every batch
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_resnet_backbone_keeps_batchnorm_fp32_and_its_statistics(precision):
+    from restore.benchmark import _batch, _train_step, build_bench_trainer, synthetic_classnames
+    from restore.clip.model import CLIP, TINY_RN_CONFIG
+
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    clip_model = CLIP(TINY_RN_CONFIG).eval()
+    trainer = build_bench_trainer("CoOp", clip_model, synthetic_classnames(5), device, precision)
+    visual = trainer.model.clip.visual
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    assert visual.conv1.weight.dtype == dtype and visual.bn1.weight.dtype == visual.bn1.running_var.dtype == torch.float32
+    stats = {k: v.clone() for k, v in visual.state_dict().items() if "running" in k}
+    trainer.set_model_mode("train")
+    step = _train_step(trainer, _batch(2, 5, 224, device, seed=1))
+    for _ in range(4):
+        step()
+    assert all(torch.equal(visual.state_dict()[k], v) for k, v in stats.items())
+    trainer.set_model_mode("eval")
+    with torch.no_grad(), trainer.inference_context():
+        logits = trainer.model_inference(_batch(3, 5, 224, device, seed=2)["img"])
+    assert logits.shape == (3, 5) and torch.isfinite(logits).all()
+
+
 def test_cuda_train_py_round_trip_with_auto_precision(tmp_path):
     from restore.data.synthetic import make_synthetic
 

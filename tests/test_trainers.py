@@ -206,3 +206,97 @@ def test_auto_precision_is_bf16_where_supported_else_fp16_and_fp32_on_cpu(monkey
         extend_cfg(cfg)
         expected = "amp" if name == "MMRL" else "auto"  # MMRL's official code trains under fp16 autocast
         assert cfg.TRAINER[TRAINER_REGISTRY.get(name).cfg_node_name()].PREC == expected, name
+
+
+# --- ResNet backbones ---------------------------------------------------------------------------
+# Methods that prompt only the text side run on CLIP's ResNets (CoOp's RN50 configs); the others
+# put tokens into the image transformer and must say that they need a ViT.
+RESNET_TRAINERS = {"ZeroshotCLIP", "CoOp", "CoCoOp", "KgCoOp"}
+
+
+@pytest.fixture(scope="module")
+def tiny_rn_clip():
+    from restore.clip.model import CLIP, TINY_RN_CONFIG
+
+    torch.manual_seed(0)
+    model = CLIP(TINY_RN_CONFIG).eval()
+    with torch.no_grad():  # pretrained-like statistics, which batch statistics would differ from
+        for module in model.visual.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def rn_images() -> torch.Tensor:
+    """Noise plus a different colour per image: a ResNet's attention pooling averages noise away, so
+    images that differ only in their noise would give nearly the same features."""
+    colours = torch.tensor([[1.5, 0.0, 0.0], [0.0, 1.5, 0.0], [0.0, 0.0, 1.5], [1.0, 1.0, -1.0]])
+    return 0.5 * _images() + colours[:, :, None, None]
+
+
+def _check_resnet_training_step(model: PromptModel, images: torch.Tensor) -> None:
+    """A training step leaves the ResNet's BatchNorm statistics alone and its image features equal to
+    eval mode's; gradients reach the learnable tensors only."""
+    clip_before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    model.train()
+    assert not any(m.training for m in model.clip.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    output = model(images)
+    label = torch.arange(len(images)) % output.logits.shape[1]
+    loss, _ = model.loss(output, label)
+    learnable = [p for p in model.parameters() if p.requires_grad]
+    if learnable:
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learnable)
+    for key, value in model.clip.state_dict().items():
+        assert torch.equal(value, clip_before[key]), f"clip.{key} changed in a training step"
+    model.eval()
+    with torch.no_grad(), model.inference_cache():
+        evaluated = model(images)
+    assert torch.allclose(output.image_features, evaluated.image_features, atol=1e-6)
+    assert torch.allclose(output.logits, evaluated.logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", TRAINER_NAMES)
+def test_resnet_backbone_runs_text_prompt_methods_and_refuses_visual_prompts(name, tiny_rn_clip, rn_images):
+    if name not in RESNET_TRAINERS:
+        with pytest.raises(ValueError, match="ResNet") as err:
+            build_model(name, tiny_rn_clip, BASE_CLASSES)
+        assert "ViT-B/16" in str(err.value) and "CoOp" in str(err.value)
+        return
+    _check_resnet_training_step(build_model(name, tiny_rn_clip, BASE_CLASSES), rn_images)
+
+
+def test_language_only_ivlp_runs_on_a_resnet(tiny_rn_clip, rn_images):
+    model = build_model("IVLP", tiny_rn_clip, BASE_CLASSES, N_CTX_VISION=0, PROMPT_DEPTH_VISION=0, N_CTX_TEXT=2)
+    assert not any("vision" in n for n, p in model.named_parameters() if p.requires_grad)
+    _check_resnet_training_step(model, rn_images)
+
+
+@pytest.mark.parametrize("name", ["CoOp", "CoCoOp"])
+def test_resnet_in_the_bf16_working_precision_keeps_batchnorm_fp32(name, tiny_rn_clip, rn_images):
+    """The GPU path of PREC bf16 (frozen CLIP cast, autocast), emulated on CPU: convolutions run in
+    bf16, BatchNorm keeps fp32 statistics that training never touches, and logits stay close to fp32."""
+    from restore.benchmark import _batch, _train_step, build_bench_trainer, synthetic_classnames
+
+    device = torch.device("cpu")
+    reference = build_bench_trainer(name, tiny_rn_clip, synthetic_classnames(5), device, "fp32")
+    trainer = build_bench_trainer(name, tiny_rn_clip, synthetic_classnames(5), device, "bf16")
+    visual = trainer.model.clip.visual
+    assert visual.conv1.weight.dtype == torch.bfloat16 and visual.attnpool.c_proj.weight.dtype == torch.bfloat16
+    bn = visual.layer2[0].bn2
+    assert bn.weight.dtype == bn.running_var.dtype == torch.float32
+    assert torch.equal(bn.running_var, tiny_rn_clip.visual.layer2[0].bn2.running_var)  # not rounded to bf16
+    images = rn_images[:2]
+    with torch.no_grad():
+        expected = reference.model.encode_image(images)
+        with trainer.autocast():
+            got = trainer.model.encode_image(images).float()
+    assert (expected[0] - expected[1]).abs().max() > 0.2 * expected.abs().max()  # features depend on the image
+    assert torch.allclose(got, expected, atol=0.03 * expected.abs().max().item())
+    trainer.set_model_mode("train")
+    _train_step(trainer, _batch(2, 5, 224, device, seed=1))()
+    assert torch.equal(bn.running_var, tiny_rn_clip.visual.layer2[0].bn2.running_var)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters() if p.requires_grad)

@@ -5,8 +5,9 @@ Backbone names accepted by :func:`load_clip`:
 * an OpenAI name (``"ViT-B/16"``, ``"ViT-B/32"``, ``"ViT-L/14"``, ``"ViT-L/14@336px"``; the file
   stem ``"ViT-B-16"`` also works). The file (``ViT-B-16.pt`` ...) is looked up in ``cache_dir``,
   else ``$CLIP_CACHE``, else ``~/.cache/clip``; nothing is downloaded. Its SHA256 is checked
-  before anything in it is read. ResNet names (``RN50`` ...) are known but refused: the prompted
-  encoders need a ViT.
+  before anything in it is read. ResNet names (``RN50``, ``RN101``, ``RN50x4`` ...) load too; their
+  image tower has no transformer layers, so only methods that prompt the text side alone (CoOp,
+  CoCoOp, KgCoOp, zero-shot CLIP, language-only IVLP) run on them.
 * a path to a checkpoint file: an OpenAI TorchScript archive, a plain ``torch.save`` state dict
   (optionally under a ``"state_dict"`` key, ``module.`` prefixes stripped) or a ``.safetensors``
   file, in OpenAI's key layout. The architecture is inferred from the shapes (heads = width // 64,
@@ -14,7 +15,8 @@ Backbone names accepted by :func:`load_clip`:
   heads and activation come from the open_clip config). Explicit paths are not hash-checked;
   plain state dicts are read with ``weights_only=True``.
 * ``"tiny"``: :data:`~restore.clip.model.TINY_CONFIG` with fixed-seed RANDOM weights, for tests
-  and demos (a warning is printed on stdout every time).
+  and demos (a warning is printed on stdout every time); ``"tiny-rn"`` is the same with a small
+  ResNet image tower (:data:`~restore.clip.model.TINY_RN_CONFIG`).
 * ``"open_clip:<MODEL>/<TAG>"``: an open_clip architecture with one of its pretrained tags,
   e.g. ``"open_clip:ViT-B-16/laion2b_s34b_b88k"`` (open_clip downloads it into ``cache_dir`` or
   its own cache). ``"open_clip:<MODEL>/<FILE>"`` loads a local weights file instead (everything
@@ -22,8 +24,9 @@ Backbone names accepted by :func:`load_clip`:
   path); ``"open_clip:local-dir:<DIR>"`` and ``"open_clip:hf-hub:<ORG/REPO>"`` are passed to
   open_clip as is; ``"open_clip:<MODEL>"`` alone gives random weights (with the warning). Weights
   trained with QuickGELU need a ``-quickgelu`` model name when given as a file; for tags it is
-  chosen automatically. Only standard ViT CLIPs convert (no custom/HF text towers, layer scale,
-  attentional pooling, SigLIP logit bias...); others raise ``ValueError``.
+  chosen automatically. Only standard ViT and ModifiedResNet CLIPs convert (no custom/HF text
+  towers, layer scale, attentional pooling in a ViT, SigLIP logit bias...); others raise
+  ``ValueError``.
 
 Models are built once per process and kept in memory; each call returns a fresh deep copy.
 """
@@ -44,7 +47,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from restore.clip.model import CLIP, TINY_CONFIG, CLIPConfig, build_model, config_from_state_dict
+from restore.clip.model import (
+    CLIP,
+    TINY_CONFIG,
+    TINY_RN_CONFIG,
+    CLIPConfig,
+    ModifiedResNet,
+    build_model,
+    config_from_state_dict,
+)
 
 __all__ = [
     "OPENAI_MODELS", "OPENAI_MEAN", "OPENAI_STD", "ChecksumError", "LoadedCLIP", "available_models",
@@ -78,6 +89,8 @@ OPENAI_MODELS: dict[str, tuple[str, str]] = {
 }
 
 TINY_NAME = "tiny"
+TINY_RN_NAME = "tiny-rn"
+_TINY_CONFIGS: dict[str, CLIPConfig] = {TINY_NAME: TINY_CONFIG, TINY_RN_NAME: TINY_RN_CONFIG}
 OPEN_CLIP_PREFIX = "open_clip:"
 _TINY_SEED = 0
 _PRECISIONS: dict[str, torch.dtype] = {
@@ -135,11 +148,11 @@ def clear_cache() -> None:
 
 
 def available_models() -> list[str]:
-    """Names :func:`load_clip` accepts without a path: OpenAI ViT names and ``"tiny"``.
+    """Names :func:`load_clip` accepts without a path: OpenAI names, ``"tiny"`` and ``"tiny-rn"``.
 
     Any existing checkpoint path and ``"open_clip:<MODEL>[/<TAG or FILE>]"`` are accepted too.
     """
-    return [name for name in OPENAI_MODELS if not _is_resnet(name)] + [TINY_NAME]
+    return list(OPENAI_MODELS) + list(_TINY_CONFIGS)
 
 
 def default_cache_dir() -> str:
@@ -217,13 +230,15 @@ def save_openai_state_dict(model: CLIP, path: str | os.PathLike[str]) -> None:
 
 
 def convert_open_clip(oc_model: nn.Module) -> CLIP:
-    """Convert an ``open_clip.CLIP`` with standard ViT towers to our :class:`CLIP` (fp32, eval).
+    """Convert an ``open_clip.CLIP`` with a standard ViT or ModifiedResNet image tower and the
+    standard text transformer to our :class:`CLIP` (fp32, eval).
 
     Raises:
         ValueError: the model uses a feature our CLIP does not implement (custom or HF text tower,
-            timm/ResNet image tower, layer scale, attentional pooling, logit bias, ...).
+            timm image tower, layer scale, attentional pooling in a ViT, logit bias, ...).
     """
     import open_clip
+    from open_clip.modified_resnet import ModifiedResNet as OCModifiedResNet
     from open_clip.transformer import QuickGELU as OCQuickGELU
     from open_clip.transformer import ResidualAttentionBlock as OCBlock
     from open_clip.transformer import VisionTransformer as OCVisionTransformer
@@ -233,20 +248,22 @@ def convert_open_clip(oc_model: nn.Module) -> CLIP:
         raise ValueError(f"Unsupported open_clip model class {kind}: only open_clip.CLIP with the built-in "
                          "text transformer converts (no CustomTextCLIP/HF text towers, CoCa, SigLIP-style towers).")
     visual = oc_model.visual
-    if not isinstance(visual, OCVisionTransformer):
+    resnet = isinstance(visual, OCModifiedResNet)
+    if not resnet and not isinstance(visual, OCVisionTransformer):
         raise ValueError(f"Unsupported open_clip image tower {type(visual).__name__}: only the built-in "
-                         "ViT converts (ResNet and timm towers are not supported).")
+                         "ViT and ModifiedResNet convert (timm towers are not supported).")
     problems: list[str] = []
-    if getattr(visual, "attn_pool", None) is not None:
-        problems.append("attentional pooling in the image tower")
-    if getattr(visual, "pool_type", "tok") != "tok":
-        problems.append(f"image pool_type {visual.pool_type!r} (need 'tok')")
-    if getattr(visual, "final_ln_after_pool", False):
-        problems.append("final_ln_after_pool in the image tower")
-    if isinstance(visual.ln_pre, nn.Identity):
-        problems.append("no ln_pre in the image tower")
-    if len(set(visual.image_size)) != 1 or len(set(visual.patch_size)) != 1:
-        problems.append(f"non-square image {visual.image_size} or patch {visual.patch_size}")
+    if not resnet:
+        if getattr(visual, "attn_pool", None) is not None:
+            problems.append("attentional pooling in the image tower")
+        if getattr(visual, "pool_type", "tok") != "tok":
+            problems.append(f"image pool_type {visual.pool_type!r} (need 'tok')")
+        if getattr(visual, "final_ln_after_pool", False):
+            problems.append("final_ln_after_pool in the image tower")
+        if isinstance(visual.ln_pre, nn.Identity):
+            problems.append("no ln_pre in the image tower")
+        if len(set(visual.image_size)) != 1 or len(set(visual.patch_size)) != 1:
+            problems.append(f"non-square image {visual.image_size} or patch {visual.patch_size}")
     if getattr(oc_model, "text_pool_type", "argmax") != "argmax":
         problems.append(f"text pool_type {oc_model.text_pool_type!r} (need 'argmax')")
     if oc_model.attn_mask is None:
@@ -257,7 +274,8 @@ def convert_open_clip(oc_model: nn.Module) -> CLIP:
         problems.append("logit_bias (sigmoid-loss model)")
 
     activations: set[str] = set()
-    for tower_name, tower in (("image", visual.transformer), ("text", oc_model.transformer)):
+    towers = [("text", oc_model.transformer)] + ([] if resnet else [("image", visual.transformer)])
+    for tower_name, tower in towers:
         for i, block in enumerate(tower.resblocks):
             where = f"{tower_name} block {i}"
             if type(block) is not OCBlock:
@@ -286,19 +304,25 @@ def convert_open_clip(oc_model: nn.Module) -> CLIP:
     if problems:
         raise ValueError(f"Unsupported open_clip {kind} variant: " + "; ".join(problems))
 
+    vision: dict[str, Any]
+    if resnet:
+        stages = (visual.layer1, visual.layer2, visual.layer3, visual.layer4)
+        vision = dict(image_resolution=int(visual.image_size), vision_width=stages[0][0].conv1.out_channels,
+                      vision_layers=tuple(len(stage) for stage in stages), vision_patch_size=None,
+                      vision_heads=visual.attnpool.num_heads)
+    else:
+        vision = dict(image_resolution=visual.image_size[0], vision_width=visual.conv1.out_channels,
+                      vision_layers=len(visual.transformer.resblocks), vision_patch_size=visual.patch_size[0],
+                      vision_heads=visual.transformer.resblocks[0].attn.num_heads)
     config = CLIPConfig(
         embed_dim=oc_model.text_projection.shape[1],
-        image_resolution=visual.image_size[0],
-        vision_layers=len(visual.transformer.resblocks),
-        vision_width=visual.conv1.out_channels,
-        vision_patch_size=visual.patch_size[0],
         context_length=oc_model.context_length,
         vocab_size=oc_model.vocab_size,
         transformer_width=oc_model.transformer.width,
         transformer_heads=oc_model.transformer.resblocks[0].attn.num_heads,
         transformer_layers=len(oc_model.transformer.resblocks),
-        vision_heads=visual.transformer.resblocks[0].attn.num_heads,
         quick_gelu=activations == {"quick_gelu"},
+        **vision,
     )
     state = {k: v.detach().to("cpu", torch.float32) for k, v in oc_model.state_dict().items() if k != "attn_mask"}
     if state["logit_scale"].numel() == 1:
@@ -332,13 +356,13 @@ def load_clip(name: str | os.PathLike[str], device: str | torch.device = "cpu",
     Raises:
         FileNotFoundError: the checkpoint is missing (the message gives the path and the URL).
         ChecksumError: an OpenAI checkpoint's SHA256 is wrong (nothing was unpickled).
-        ValueError: unknown name, ResNet backbone, or unsupported open_clip variant.
+        ValueError: unknown name or unsupported open_clip variant.
     """
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
     name = os.fspath(name).strip()
-    if name == TINY_NAME:
-        entry = _cached(("tiny",), _build_tiny)
+    if name in _TINY_CONFIGS:
+        entry = _cached((name,), lambda: _build_tiny(_TINY_CONFIGS[name]))
     elif name.startswith(OPEN_CLIP_PREFIX):
         entry = _load_open_clip(name[len(OPEN_CLIP_PREFIX):], cache_dir)
     elif _openai_name(name) in OPENAI_MODELS:
@@ -360,10 +384,6 @@ def load_clip(name: str | os.PathLike[str], device: str | torch.device = "cpu",
 
 # ---------------------------------------------------------------------------------------------
 # internals
-
-
-def _is_resnet(name: str) -> bool:
-    return name.startswith("RN")
 
 
 def _openai_name(name: str) -> str:
@@ -401,10 +421,10 @@ def _cached(key: tuple[Any, ...], build: Any) -> _Entry:
         return entry
 
 
-def _build_tiny() -> _Entry:
+def _build_tiny(config: CLIPConfig) -> _Entry:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_SEED)
-        model = CLIP(TINY_CONFIG).eval()
+        model = CLIP(config).eval()
     return _Entry(model, OPENAI_MEAN, OPENAI_STD, random_weights=True, source="random", interpolation="bicubic")
 
 
@@ -415,9 +435,6 @@ def _entry_from_file(path: str) -> _Entry:
 
 def _load_openai(name: str, cache_dir: str | os.PathLike[str] | None) -> _Entry:
     url, expected = OPENAI_MODELS[name]
-    if _is_resnet(name):
-        raise ValueError(f"{name} is a ResNet CLIP; only ViT backbones are supported by the prompted encoders. "
-                         f"Use one of {[n for n in available_models() if n != TINY_NAME]}.")
     path = openai_checkpoint_path(name, cache_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(

@@ -3,6 +3,8 @@
 The modules here are plain: ``restore.prompting`` runs them layer by layer to insert prompts.
 Key names match OpenAI checkpoints (``visual.transformer.resblocks.0.attn.in_proj_weight``,
 ``token_embedding.weight``, ``text_projection``...), so those files load with ``strict=True``.
+The image tower is a ViT or, for the ``RN*`` checkpoints, CLIP's modified ResNet (attention
+pooling instead of global average pooling); only a ViT has layers to put visual prompts into.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ class QuickGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm computed in fp32 and cast back; :meth:`CLIP.cast` keeps its statistics in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -107,15 +116,127 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x[:, 0, :]) @ self.proj
 
 
+class Bottleneck(nn.Module):
+    """ResNet bottleneck whose stride comes from an average pool before the last 1x1 conv (CLIP's
+    anti-aliased variant); the shortcut is average pool + 1x1 conv + BN where the shape changes."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = BatchNorm2d(out)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride > 1 or inplanes != out:
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, out, 1, stride=1, bias=False)),
+                ("1", BatchNorm2d(out)),
+            ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(self.avgpool(y)))
+        return self.relu3(y + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """Multi-head attention pooling: the mean of the feature map, as the query, attends over all
+    positions (plus itself); returns every output token, token 0 being the pooled feature."""
+
+    def __init__(self, grid: int, embed_dim: int, num_heads: int, output_dim: int) -> None:
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.num_heads = num_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) feature map -> (B, 1 + H*W, output_dim)."""
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+        x = x + self.positional_embedding.to(x.dtype)
+        batch, length, dim = x.shape
+        heads = self.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, length, heads, dim // heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        return self.c_proj(y.transpose(1, 2).reshape(batch, length, dim))
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet image tower: a 3-conv stem with average pooling, anti-aliased bottlenecks and
+    attention pooling. ``width`` is the stem's output channels (64 for RN50)."""
+
+    def __init__(self, layers: tuple[int, int, int, int], output_dim: int, heads: int, input_resolution: int,
+                 width: int) -> None:
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.output_dim = output_dim
+        self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = BatchNorm2d(width // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, kernel_size=3, padding=1, bias=False)
+        self.bn2 = BatchNorm2d(width // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width // 2, width, kernel_size=3, padding=1, bias=False)
+        self.bn3 = BatchNorm2d(width)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+        stages, inplanes = [], width
+        for i, blocks in enumerate(layers):
+            planes = width * 2 ** i
+            stage = [Bottleneck(inplanes, planes, stride=1 if i == 0 else 2)]
+            inplanes = planes * Bottleneck.expansion
+            stage += [Bottleneck(inplanes, planes) for _ in range(1, blocks)]
+            stages.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+
+    def stem(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(image.to(self.conv1.weight.dtype))))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        return self.avgpool(x)
+
+    def forward_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """All attention-pool outputs (B, 1 + grid^2, output_dim); token 0 is the image feature."""
+        x = self.stem(image)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.attnpool(x)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(image)[:, 0]
+
+
 @dataclass(frozen=True)
 class CLIPConfig:
-    """Architecture of a ViT CLIP; inferred from a state dict or chosen by name."""
+    """Architecture of a CLIP; inferred from a state dict or chosen by name.
+
+    A ResNet image tower has ``vision_layers`` = blocks per stage (``(3, 4, 6, 3)`` for RN50),
+    ``vision_width`` = stem width and ``vision_patch_size`` = None.
+    """
 
     embed_dim: int
     image_resolution: int
-    vision_layers: int
+    vision_layers: int | tuple[int, int, int, int]
     vision_width: int
-    vision_patch_size: int
+    vision_patch_size: int | None
     context_length: int
     vocab_size: int
     transformer_width: int
@@ -125,8 +246,14 @@ class CLIPConfig:
     quick_gelu: bool = True
 
     @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.vision_layers, tuple)
+
+    @property
     def resolved_vision_heads(self) -> int:
-        return self.vision_heads or max(1, self.vision_width // 64)
+        if self.vision_heads:
+            return self.vision_heads
+        return self.vision_width * 32 // 64 if self.is_resnet else max(1, self.vision_width // 64)
 
 
 class CLIP(nn.Module):
@@ -136,10 +263,17 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.context_length = config.context_length
-        self.visual = VisionTransformer(
-            input_resolution=config.image_resolution, patch_size=config.vision_patch_size,
-            width=config.vision_width, layers=config.vision_layers, heads=config.resolved_vision_heads,
-            output_dim=config.embed_dim, quick_gelu=config.quick_gelu)
+        self.visual: VisionTransformer | ModifiedResNet
+        if isinstance(config.vision_layers, tuple):
+            self.visual = ModifiedResNet(
+                layers=config.vision_layers, output_dim=config.embed_dim, heads=config.resolved_vision_heads,
+                input_resolution=config.image_resolution, width=config.vision_width)
+        else:
+            assert config.vision_patch_size is not None, "a ViT config needs vision_patch_size"
+            self.visual = VisionTransformer(
+                input_resolution=config.image_resolution, patch_size=config.vision_patch_size,
+                width=config.vision_width, layers=config.vision_layers, heads=config.resolved_vision_heads,
+                output_dim=config.embed_dim, quick_gelu=config.quick_gelu)
         self.transformer = Transformer(config.transformer_width, config.transformer_layers,
                                        config.transformer_heads, config.quick_gelu)
         self.vocab_size = config.vocab_size
@@ -151,10 +285,23 @@ class CLIP(nn.Module):
         self.initialize_parameters()
 
     def initialize_parameters(self) -> None:
-        """OpenAI's initialisation (used for random-weight models)."""
+        """OpenAI's initialisation (used for random-weight models); ResNet convolutions He-initialised."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        for tower in (self.transformer, self.visual.transformer):
+        towers = [self.transformer]
+        if isinstance(self.visual, ModifiedResNet):
+            for module in self.visual.modules():
+                if isinstance(module, nn.Conv2d):  # He init, as torchvision's ResNets (keeps random towers informative)
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            pool = self.visual.attnpool
+            for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+                nn.init.normal_(proj.weight, std=pool.c_proj.in_features ** -0.5)
+            for stage in (self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4):
+                for block in stage:
+                    nn.init.zeros_(block.bn3.weight)  # each residual branch starts as zero
+        else:
+            towers.append(self.visual.transformer)
+        for tower in towers:
             proj_std = (tower.width ** -0.5) * ((2 * tower.layers) ** -0.5)
             attn_std = tower.width ** -0.5
             fc_std = (2 * tower.width) ** -0.5
@@ -170,10 +317,19 @@ class CLIP(nn.Module):
         return self.visual.conv1.weight.dtype
 
     def cast(self, dtype: torch.dtype) -> "CLIP":
-        """Weights in ``dtype`` (the frozen working precision), ``logit_scale`` kept in fp32: in bf16
-        CLIP's 4.6052 would round to 4.5938, a logit scale of 98.9 instead of 100."""
+        """Weights in ``dtype`` (the frozen working precision), except ``logit_scale`` and BatchNorm
+        (ResNet towers), kept in fp32: in bf16 CLIP's 4.6052 would round to 4.5938, a logit scale of
+        98.9 instead of 100, and BatchNorm statistics would lose their precision."""
         scale = self.logit_scale.detach().float().clone()
-        self.to(dtype)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                continue
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point():
+                    param.data = param.data.to(dtype)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.is_floating_point():
+                    module._buffers[name] = buffer.to(dtype)
         self.logit_scale.data = scale.to(self.logit_scale.device)
         return self
 
@@ -195,34 +351,47 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
-    """Infer the architecture of a ViT CLIP from the shapes of an OpenAI-layout state dict.
+def _is_resnet_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    return "visual.proj" not in state_dict and "visual.attnpool.positional_embedding" in state_dict
 
-    Shapes do not record attention heads or the activation: heads are width // 64 and the
-    activation is QuickGELU, as in OpenAI's ViTs. Some open_clip models differ (ViT-H-14 uses head
-    width 80, LAION models GELU): load those with ``load_clip("open_clip:<MODEL>/<FILE>")``.
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
+    """Infer the architecture of a CLIP (ViT or ResNet image tower) from an OpenAI-layout state dict.
+
+    Shapes do not record attention heads or the activation: heads are width // 64 (ResNet attention
+    pooling: stem width * 32 // 64) and the activation is QuickGELU, as in OpenAI's models. Some
+    open_clip models differ (ViT-H-14 uses head width 80, LAION models GELU): load those with
+    ``load_clip("open_clip:<MODEL>/<FILE>")``.
     """
-    if "visual.proj" not in state_dict and any(k.startswith(("visual.attnpool.", "visual.layer1.")) for k in state_dict):
-        raise ValueError(
-            "This checkpoint is a ResNet CLIP (no 'visual.proj'); only ViT backbones are supported "
-            "by the prompted encoders. Use ViT-B/16, ViT-B/32, ViT-L/14 or an open_clip ViT.")
-    required = ("visual.proj", "visual.conv1.weight", "visual.positional_embedding", "ln_final.weight",
-                "text_projection", "positional_embedding", "token_embedding.weight")
+    resnet = _is_resnet_state_dict(state_dict)
+    vision_keys = (("visual.conv1.weight", "visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding")
+                   if resnet else ("visual.proj", "visual.conv1.weight", "visual.positional_embedding"))
+    required = vision_keys + ("ln_final.weight", "text_projection", "positional_embedding", "token_embedding.weight")
     missing = [k for k in required if k not in state_dict]
     if missing:
         raise ValueError(
             f"Not an OpenAI-layout CLIP state dict: missing {missing} (it has e.g. {sorted(state_dict)[:5]}). "
             "MODEL.BACKBONE.NAME must name CLIP weights (an OpenAI .pt file, or 'open_clip:<MODEL>/<FILE>' for "
             "open_clip files); a trained prompt checkpoint is loaded with --model-dir, not as the backbone.")
-    vision_width = state_dict["visual.conv1.weight"].shape[0]
-    vision_layers = len({k.split(".")[3] for k in state_dict
-                         if k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")})
-    patch = state_dict["visual.conv1.weight"].shape[-1]
-    grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vision_layers: int | tuple[int, int, int, int]
+    patch: int | None
+    if resnet:
+        stages = [len({k.split(".")[2] for k in state_dict if k.startswith(f"visual.layer{i}.")}) for i in range(1, 5)]
+        vision_layers = (stages[0], stages[1], stages[2], stages[3])
+        vision_width = state_dict["visual.layer1.0.conv1.weight"].shape[0]
+        grid = round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        image_resolution, patch, vision_heads = grid * 32, None, vision_width * 32 // 64
+    else:
+        vision_width = state_dict["visual.conv1.weight"].shape[0]
+        vision_layers = len({k.split(".")[3] for k in state_dict
+                             if k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")})
+        patch = state_dict["visual.conv1.weight"].shape[-1]
+        grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        image_resolution, vision_heads = patch * grid, max(1, vision_width // 64)
     width = state_dict["ln_final.weight"].shape[0]
     return CLIPConfig(
         embed_dim=state_dict["text_projection"].shape[1],
-        image_resolution=patch * grid,
+        image_resolution=image_resolution,
         vision_layers=vision_layers,
         vision_width=vision_width,
         vision_patch_size=patch,
@@ -232,7 +401,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
         transformer_heads=max(1, width // 64),
         transformer_layers=len({k.split(".")[2] for k in state_dict
                                 if k.startswith("transformer.resblocks.") and k.endswith(".attn.in_proj_weight")}),
-        vision_heads=max(1, vision_width // 64),
+        vision_heads=vision_heads,
     )
 
 
@@ -241,6 +410,9 @@ def build_model(state_dict: dict[str, torch.Tensor], config: CLIPConfig | None =
     state_dict = {k: v for k, v in state_dict.items()
                   if k not in ("input_resolution", "context_length", "vocab_size")}
     model = CLIP(config or config_from_state_dict(state_dict))
+    for key, value in model.state_dict().items():
+        if key.endswith(".num_batches_tracked"):  # a BatchNorm counter, unused in eval; some exports drop it
+            state_dict.setdefault(key, value)
     model.load_state_dict(state_dict, strict=True)
     return model.float().eval()
 
@@ -256,4 +428,10 @@ TINY_CONFIG = CLIPConfig(
     embed_dim=48, image_resolution=224, vision_layers=12, vision_width=128, vision_patch_size=32,
     context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=12,
     vision_heads=2,
+)
+# The same text tower with a narrow ResNet image tower (one bottleneck per stage, RN50's layout).
+TINY_RN_CONFIG = CLIPConfig(
+    embed_dim=48, image_resolution=224, vision_layers=(1, 1, 1, 1), vision_width=8, vision_patch_size=None,
+    context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=12,
+    vision_heads=4,
 )

@@ -71,7 +71,7 @@ PUBLISHED_BY_CONFIG: dict[tuple[str, str], Optional[str]] = {
     # MaPLe's official schedule (5 epochs): MaPLe's own published numbers
     ("MaPLe", "vit_b16_c2_ep5_batch4_2ctx"): "MaPLe (MaPLe paper)",
 }
-RANDOM_BACKBONES = {"tiny"}
+RANDOM_BACKBONES = {"tiny", "tiny-rn"}  # restore.clip.loader's random test backbones (not imported: no torch here)
 #: The published tables are 16-shot runs; other shot counts get no paper column.
 PUBLISHED_SHOTS = 16
 

@@ -18,7 +18,7 @@ from torch import nn
 from restore.clip.model import CLIP
 
 from .context import TextContext
-from .encoders import DeepTokens
+from .encoders import DeepTokens, vision_transformer
 
 
 def _normal_tokens(count: int, n_tokens: int, width: int, std: float = 0.02) -> nn.ParameterList:
@@ -30,7 +30,8 @@ def text_width(clip_model: CLIP) -> int:
 
 
 def vision_width(clip_model: CLIP) -> int:
-    return clip_model.visual.conv1.weight.shape[0]
+    """Token width of the ViT image tower (a clear error for a ResNet tower)."""
+    return vision_transformer(clip_model.visual).transformer.width
 
 
 class IndependentPrompts(nn.Module):
@@ -49,7 +50,8 @@ class IndependentPrompts(nn.Module):
         self.text_context = TextContext(clip_model, classnames, n_ctx_text if use_text else 0, ctx_init, "maple")
         self.text_prompts = _normal_tokens(depth_text - 1 if use_text else 0, n_ctx_text, text_width(clip_model))
         use_vision = n_ctx_vision > 0 and depth_vision > 0
-        self.vision_prompts = _normal_tokens(depth_vision if use_vision else 0, n_ctx_vision, vision_width(clip_model))
+        self.vision_prompts = _normal_tokens(depth_vision if use_vision else 0, n_ctx_vision,
+                                             vision_width(clip_model) if use_vision else 0)
 
     def text_deep(self) -> list[DeepTokens]:
         if len(self.text_prompts) == 0:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from restore.clip.model import CLIP, ResidualAttentionBlock, causal_mask
+from restore.clip.model import CLIP, ResidualAttentionBlock, VisionTransformer, causal_mask
 
 
 @dataclass
@@ -134,8 +134,21 @@ def _validate(groups: Sequence[DeepTokens], depth: int, tower: str) -> None:
                 f"has {depth} layers; lower the prompt depth in the trainer's config.")
 
 
+def vision_transformer(visual: nn.Module) -> VisionTransformer:
+    """``visual`` (a CLIP image tower) as a ViT; a clear error for a ResNet tower, which has no
+    layers to put visual prompts (or MMRL's representation tokens, RESTORE's shifts) into."""
+    if isinstance(visual, VisionTransformer):
+        return visual
+    raise ValueError(
+        f"This backbone's image tower is a ResNet ({type(visual).__name__}): it has no transformer layers for "
+        "visual prompts. VPT, IVLP with vision prompts, MaPLe, PromptSRC, RESTORE and MMRL need a ViT backbone "
+        "(e.g. MODEL.BACKBONE.NAME ViT-B/16); CoOp, CoCoOp, KgCoOp, ZeroshotCLIP and language-only IVLP "
+        "(TRAINER.IVLP.N_CTX_VISION 0) run on ResNet backbones.")
+
+
 class PromptedVisionEncoder(nn.Module):
-    """CLIP's image tower run block by block with optional deep tokens."""
+    """CLIP's image tower run block by block with optional deep tokens (a ResNet tower runs whole,
+    without prompts)."""
 
     def __init__(self, clip_model: CLIP) -> None:
         super().__init__()
@@ -147,16 +160,20 @@ class PromptedVisionEncoder(nn.Module):
 
     @property
     def width(self) -> int:
-        return self.visual.transformer.width
+        return vision_transformer(self.visual).transformer.width
 
     @property
     def num_layers(self) -> int:
-        return self.visual.transformer.layers
+        return vision_transformer(self.visual).transformer.layers
 
     def forward(self, image: torch.Tensor, deep: Sequence[DeepTokens] = (), return_hidden: bool = False,
                 observer: LayerObserver | None = None) -> EncoderOutput:
+        if not isinstance(self.visual, VisionTransformer) and not deep and not return_hidden and observer is None:
+            tokens = self.visual.forward_tokens(image)
+            pooled = torch.zeros(image.shape[0], dtype=torch.long, device=tokens.device)
+            return EncoderOutput(tokens[:, 0], tokens, {}, pooled)
+        visual = vision_transformer(self.visual)
         _validate(deep, self.num_layers, "Vision")
-        visual = self.visual
         x = visual.embed(image.to(self.dtype))
         slots = _Slots()
         x, _ = slots.apply(x, 0, deep)

@@ -74,6 +74,18 @@ class PromptModel(nn.Module):
         return loss, {"loss": loss.item()}
 
     # --- shared ---
+    def train(self, mode: bool = True) -> "PromptModel":
+        """Set the training mode, except that frozen BatchNorm layers (a ResNet image tower) always
+        stay in eval mode: they use their pretrained statistics and never update them, as in CoOp,
+        where only the prompt learner is switched to training."""
+        super().train(mode)
+        for name, child in self.named_children():
+            if self.is_frozen_name(name + "."):
+                for module in child.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
+        return self
+
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp()
