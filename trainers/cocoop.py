@@ -48,6 +48,9 @@ class CoCoOpPromptLearner(nn.Module):
 class CoCoOpModel(PromptModel):
     """Image-conditional prompts; logits computed image by image (nothing cached for evaluation)."""
 
+    official_keys = ((r"ctx", "prompt_learner.context.ctx"),
+                     (r"meta_net\.(linear[12]\.(weight|bias))", r"prompt_learner.meta_net.\1"))
+
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str = "") -> None:
         super().__init__(clip_model, classnames)
         self.prompt_learner = CoCoOpPromptLearner(clip_model, classnames, n_ctx, ctx_init)

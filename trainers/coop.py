@@ -21,6 +21,10 @@ from restore.prompting.trainer import PromptModel, PromptTrainer
 class CoOpModel(PromptModel):
     """``[SOS][ctx][class .][EOT]`` with a shared or class-specific learned context."""
 
+    # CoOp (and KgCoOp) register the prompt learner alone; its frozen extras (KgCoOp's unused
+    # bias_vectors and meta_net) are dropped with the class buffers.
+    official_keys = ((r"ctx", "prompt_learner.ctx"),)
+
     def __init__(self, clip_model: CLIP, classnames: list[str], method_cfg: Any) -> None:
         super().__init__(clip_model, classnames)
         self.prompt_learner = TextContext(

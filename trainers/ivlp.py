@@ -20,7 +20,17 @@ from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput
+from restore.prompting.official import OfficialKeys, shifted
 from restore.prompting.trainer import PromptModel, PromptTrainer
+
+#: The official IVLP / VPT / PromptSRC code keeps layer k's deep prompt in block k of each tower
+#: (``VPT_shallow``, k >= 1) and the vision layer-0 prompt on the image encoder (``VPT``).
+IVLP_OFFICIAL_KEYS: OfficialKeys = (
+    (r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
+    (r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow", shifted("prompt_learner.text_prompts.{}")),
+    (r"image_encoder\.VPT", "prompt_learner.vision_prompts.0"),
+    (r"image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow", shifted("prompt_learner.vision_prompts.{}", offset=0)),
+)
 
 
 class DeepPromptModel(PromptModel):
@@ -93,6 +103,8 @@ class DeepPromptModel(PromptModel):
 
 class IVLPModel(DeepPromptModel):
     """Independent per-layer prompts in both towers (a tower with 0 tokens or depth 0 is left alone)."""
+
+    official_keys = IVLP_OFFICIAL_KEYS
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any) -> None:
         super().__init__(clip_model, classnames)

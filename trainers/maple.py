@@ -41,6 +41,9 @@ class MaPLeModel(DeepPromptModel):
     """Frozen CLIP + :class:`CoupledPrompts`; see the module docstring for the hooks."""
 
     prompt_learner: CoupledPrompts
+    official_keys = ((r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
+                     (r"prompt_learner\.((proj|compound_prompts_text|compound_prompt_projections)(\..+)?)",
+                      r"prompt_learner.\1"))
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx: int = 2, depth: int = 9,
                  ctx_init: str = "a photo of a") -> None:

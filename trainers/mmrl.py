@@ -191,6 +191,9 @@ class MMRLModel(PromptModel):
     ``inference`` ("class" | "mixed") selects the evaluation logits; the trainer sets it per run.
     """
 
+    official_keys = ((r"representation_learner\.(.+)", r"representation_learner.\1"),
+                     (r"image_encoder\.proj_rep", "proj_rep"))
+
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], template: str, n_rep_tokens: int = 5,
                  rep_dim: int = 512, rep_layers: Sequence[int] = (6, 7, 8, 9, 10, 11, 12), alpha: float = 0.7,
                  reg_weight: float = 1.0, mix: str = "logits", inference: str = "mixed") -> None:

@@ -188,6 +188,17 @@ class PromptSRCModel(IVLPModel):
         self.register_buffer("frozen_teacher_text", zeroshot_classifier(
             self.text_encoder, classnames, list(teacher_templates), normalize_per_template=False), persistent=False)
 
+    def complete_official_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The official checkpoint after the last epoch holds the GPA aggregate: it is both the
+        prompts and their running sum, with every epoch aggregated (as our own last checkpoint)."""
+        gpa: GaussianPromptAggregation = self.gpa  # type: ignore[assignment]
+        completed = dict(state)
+        for name in gpa.names:
+            if name in state:
+                completed["gpa." + gpa._key(name)] = state[name].float()
+        completed["gpa.epochs"] = torch.tensor(gpa.max_epoch, dtype=torch.long)
+        return completed
+
     def zero_shot(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised frozen image features (B, D) and zero-shot logits (B, C), without gradient."""
         with torch.no_grad():

@@ -156,6 +156,9 @@ class RestoreMixin:
     """
 
     fs_layers: list[int]
+    # The official RESTORE code (MaPLe_FSA) released no weights and its adapter names are not
+    # documented: its checkpoints are not read.
+    official_keys: tuple = ()
 
     def _setup_restore(self, node: Any, text_depth: int, vision_depth: int) -> None:
         self.shift_mode = str(node.SHIFT)

@@ -13,11 +13,13 @@ from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.trainer import PromptModel, PromptTrainer
 
-from .ivlp import DeepPromptModel
+from .ivlp import IVLP_OFFICIAL_KEYS, DeepPromptModel
 
 
 class VPTModel(DeepPromptModel):
     """Vision prompts at layers ``0..PROMPT_DEPTH_VISION-1``; fixed hand-written text."""
+
+    official_keys = IVLP_OFFICIAL_KEYS
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any) -> None:
         super().__init__(clip_model, classnames)

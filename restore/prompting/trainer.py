@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from restore.engine.trainer import TrainerX
 from restore.engine.utils import CheckpointError
 
 from .encoders import PromptedTextEncoder, PromptedVisionEncoder
+from .official import OfficialKeys, is_official_state, rename_official_state
 
 PRECISIONS = ("auto", "fp32", "fp16", "amp", "bf16")
 FROZEN_PREFIXES = ("clip.", "frozen_")
@@ -49,6 +50,10 @@ class PromptModel(nn.Module):
     never saved; everything else registered on the model is learned and checkpointed. Buffers
     that depend on the class list must be registered with ``persistent=False``.
     """
+
+    #: How the method's official code names the learned tensors in its checkpoints (see
+    #: :mod:`restore.prompting.official`); empty: official checkpoints are not read.
+    official_keys: ClassVar[OfficialKeys] = ()
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str]) -> None:
         super().__init__()
@@ -134,15 +139,27 @@ class PromptModel(nn.Module):
         """Only what is learned (plus persistent method state such as RESTORE's coefficients)."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if not self.is_frozen_name(k)}
 
+    def complete_official_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add the entries an official checkpoint has no counterpart for (e.g. PromptSRC's GPA sums)."""
+        return state
+
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Load a learnable-only state dict; missing, unexpected or mis-shaped keys are clear errors."""
+        """Load a learnable-only state dict, or an official-code checkpoint of the same method (renamed,
+        frozen weights and class buffers dropped); missing, unexpected or mis-shaped keys are clear errors."""
         expected = self.checkpoint_state()
+        official = bool(self.official_keys) and set(state) != set(expected) and is_official_state(state)
+        if official:
+            state = self.complete_official_state(rename_official_state(state, self.official_keys))
+            print(f"{source}: a checkpoint of the official {type(self).__name__} code; read its {len(state)} "
+                  "learned tensors (frozen CLIP weights and class-dependent buffers dropped)")
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
+            origin = ("It is an official-code checkpoint written with other settings (N_CTX, depth, trainer)."
+                      if official else
+                      "It was written by another trainer or with other prompt settings (N_CTX, depth).")
             raise CheckpointError(
-                f"{source} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
-                "It was written by another trainer or with other prompt settings (N_CTX, depth).")
+                f"{source} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}. {origin}")
         for key, value in state.items():
             if value.shape != expected[key].shape:
                 raise CheckpointError(
