@@ -52,7 +52,6 @@ from restore.clip.model import (
     TINY_CONFIG,
     TINY_RN_CONFIG,
     CLIPConfig,
-    ModifiedResNet,
     build_model,
     config_from_state_dict,
 )

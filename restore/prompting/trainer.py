@@ -147,7 +147,7 @@ class PromptModel(nn.Module):
         """Load a learnable-only state dict, or an official-code checkpoint of the same method (renamed,
         frozen weights and class buffers dropped); missing, unexpected or mis-shaped keys are clear errors."""
         expected = self.checkpoint_state()
-        official = bool(self.official_keys) and set(state) != set(expected) and is_official_state(state)
+        official = bool(self.official_keys) and is_official_state(state)  # our own keys never match it
         if official:
             state = self.complete_official_state(rename_official_state(state, self.official_keys))
             print(f"{source}: a checkpoint of the official {type(self).__name__} code; read its {len(state)} "
