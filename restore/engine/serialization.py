@@ -20,6 +20,7 @@ import functools
 import os.path as osp
 import pickle
 import pickletools
+import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
@@ -239,7 +240,8 @@ def safe_torch_load(path: str, *, what: str, expected: str, corrupted_advice: st
     if osp.isdir(path):
         raise error(f"{path} is a folder, not {what}.")
     try:
-        with allow_globals(extra_globals):
+        with allow_globals(extra_globals), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # plain pickles: refused below
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - classified below, reported as one sentence
         failure = err
