@@ -291,6 +291,19 @@ def test_dassl_class_paths_resolve_without_dassl_and_torch_allow_list_is_left_al
     assert not [pair for pair in checkpoint_safe_globals() if pair in left]
 
 
+def test_numpy_results_load_without_full_unpickling(tmp_path):
+    import numpy as np
+
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 2, "val_result": np.float64(71.25),
+                "dtype": np.dtype("float32")}, tmp_path / "ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_checkpoint(str(tmp_path / "ckpt"))
+    assert not [w for w in caught if "unpickl" in str(w.message)]
+    assert loaded["val_result"] == 71.25 and type(loaded["val_result"]) is np.float64
+    assert loaded["dtype"] == np.dtype("float32")
+
+
 # ------------------------------------------------------------------ caches, anchors, CLIP weights
 
 CACHE_ADVICE = "delete it (a cache, rebuilt on the next run)."

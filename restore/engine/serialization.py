@@ -190,6 +190,8 @@ def checkpoint_safe_globals() -> tuple[tuple[Any, str], ...]:
     core = getattr(np, "_core", None) or np.core
     pairs += [(core.multiarray.scalar, "numpy.core.multiarray.scalar"),
               (core.multiarray.scalar, "numpy._core.multiarray.scalar"), (np.dtype, "numpy.dtype")]
+    for kind in sorted({type(np.dtype(t)) for t in set(np.sctypeDict.values())}, key=str):  # what a dtype is built as
+        pairs.append((kind, f"{kind.__module__}.{kind.__qualname__}"))
     return tuple(pairs)
 
 
