@@ -379,3 +379,26 @@ def test_clip_weight_file_is_refused(tmp_path):
                               "not contain and whose unpickling could run code; re-save the weights with "
                               "torch.save(model.state_dict(), path).")
     assert not marker.exists()
+
+
+def test_torchscript_archive_with_a_foreign_global_is_not_run(tmp_path):
+    """OpenAI's files are TorchScript archives: their unpickler knows no Python globals, so a hostile
+    ``data.pkl`` inside one is a corrupted file, and nothing runs."""
+    import zipfile
+
+    from restore.clip.loader import read_state_dict
+
+    marker, good, bad = tmp_path / "MARKER", tmp_path / "good.pt", tmp_path / "ViT-B-32.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated, OpenAI's files are still TorchScript
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(good))
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            dst.writestr(item, pickle.dumps(Payload(str(marker)), protocol=2) if item.filename.endswith("/data.pkl")
+                         else data)
+    assert sorted(read_state_dict(str(good))) == ["bias", "weight"]
+    with pytest.raises(RuntimeError) as err:
+        read_state_dict(str(bad))
+    assert str(err.value) == f"{bad} is corrupted (empty, truncated or not a CLIP weight file): download it again."
+    assert not marker.exists()

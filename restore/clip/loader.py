@@ -54,7 +54,7 @@ from restore.clip.model import (
     build_model,
     config_from_state_dict,
 )
-from restore.engine.serialization import safe_torch_load
+from restore.engine.serialization import corrupted_sentence, safe_torch_load
 
 __all__ = [
     "OPENAI_MODELS", "OPENAI_MEAN", "OPENAI_STD", "ChecksumError", "LoadedCLIP", "available_models",
@@ -187,10 +187,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return dict(load_file(path, device="cpu"))
-    if _is_torchscript(path):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
-            module = torch.jit.load(path, map_location="cpu")
+    if _is_torchscript(path):  # TorchScript's own unpickler knows no Python globals: nothing runs
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
+                module = torch.jit.load(path, map_location="cpu")
+        except RuntimeError as err:
+            raise RuntimeError(corrupted_sentence(path, "a CLIP weight file", "download it again")) from err
         return {k: v for k, v in module.state_dict().items()}
     obj = safe_torch_load(path, what="a CLIP weight file", expected="a state dict of tensors",
                           corrupted_advice="download it again",
