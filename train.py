@@ -13,7 +13,7 @@ import trainers  # noqa: F401  registers the trainers
 from restore.engine.config import ConfigError, extend_cfg, get_cfg_default, merge_file, merge_opts
 from restore.engine.registry import DATASET_REGISTRY, TRAINER_REGISTRY, check_availability, lookup_case_insensitive
 from restore.engine.trainer import RESULTS_FILE, build_trainer
-from restore.engine.utils import collect_env_info, set_random_seed, setup_logger
+from restore.engine.utils import collect_env_info, set_random_seed, setup_logger, trusted_checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-epoch", type=int, help="load model weights at this epoch for evaluation")
     parser.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
     parser.add_argument("--overwrite", action="store_true", help="redo a run whose results.json already exists")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="fully unpickle checkpoints that a safe load refuses (runs any code inside them); "
+                             "only for files from a source you trust")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="modify config options using the command-line")
     return parser
 
@@ -122,13 +125,14 @@ def main(args) -> int:  # type: ignore[no-untyped-def]
     print_args(args, cfg)
     print("Collecting env info ...")
     print("** System info **\n" + collect_env_info() + "\n")
-    trainer = build_trainer(cfg)
-    if args.eval_only:
-        trainer.load_model(args.model_dir, epoch=args.load_epoch)
-        trainer.test()
-        return 0
-    if not args.no_train:
-        trainer.train()
+    with trusted_checkpoints(args.trust_checkpoint):
+        trainer = build_trainer(cfg)
+        if args.eval_only:
+            trainer.load_model(args.model_dir, epoch=args.load_epoch)
+            trainer.test()
+            return 0
+        if not args.no_train:
+            trainer.train()
     return 0
 
 

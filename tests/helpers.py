@@ -31,3 +31,22 @@ def run_train_py(args: list[str]) -> int:
             close = getattr(logger, "close", None)
             if close is not None:
                 close()
+
+
+def dassl_checkpoint(state_dict: dict[str, torch.Tensor], epoch: int) -> dict:
+    """What the original Dassl's ``save_model`` writes for a trainer with SGD, cosine LR and constant
+    warmup (CoOp's and MaPLe's configs): its scheduler state is the warmup scheduler's ``__dict__``
+    minus the optimizer, so it holds the successor CosineAnnealingLR *object* and, through it, the
+    SGD object (a pickled class instance each, with a ``collections.defaultdict`` state)."""
+    from restore.engine.optim import ConstantWarmupScheduler
+
+    params = [torch.nn.Parameter(v.detach().clone().float()) for v in state_dict.values()]
+    optim = torch.optim.SGD(params, lr=0.002, momentum=0.9)
+    sched = ConstantWarmupScheduler(optim, torch.optim.lr_scheduler.CosineAnnealingLR(optim, float(epoch)), 1, 1e-5)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    for _ in range(epoch):
+        optim.step()
+        sched.step()
+    return {"state_dict": state_dict, "epoch": epoch, "optimizer": optim.state_dict(),
+            "scheduler": {k: v for k, v in vars(sched).items() if k != "optimizer"}, "val_result": None}

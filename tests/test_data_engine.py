@@ -262,8 +262,11 @@ def test_unpickler_refuses_other_globals():
             return (os.system, ("echo pwned",))
 
     blob = pickle.dumps({"train": [Evil()]})
-    with pytest.raises(pickle.UnpicklingError, match="Refusing"):
+    with pytest.raises(DatasetNotFoundError) as err:
         load_datum_cache(io.BytesIO(blob))
+    assert str(err.value) == (
+        "Refusing to load the dataset cache: it refers to posix.system, which a dataset cache does not contain and "
+        "whose unpickling could run code; delete it (a cache, rebuilt on the next run).")
 
 
 # ---------------------------------------------------------------- transforms

@@ -7,13 +7,12 @@ official code keeps a tensor in fp16), independently of the renaming rules in th
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import pytest
 import torch
-from helpers import run_train_py
+from helpers import dassl_checkpoint, run_train_py
 from test_trainers import BASE_CLASSES, NEW_CLASSES, _images, build_model
 
 from restore.engine.utils import CheckpointError
@@ -145,8 +144,9 @@ def test_official_checkpoint_with_other_settings_is_a_clear_error(name, tiny_cli
 
 
 def test_released_maple_folder_evaluates_through_train_py_like_our_own_checkpoint(tmp_path, tiny_clip):
-    """``--model-dir`` pointing at an official MaPLe output folder (Dassl file with pickled scheduler
-    objects) gives the same test accuracy as the same prompts saved by this library."""
+    """``--model-dir`` pointing at an official MaPLe output folder (a Dassl file holding pickled
+    scheduler and optimizer objects, loaded without full unpickling) gives the same test accuracy
+    as the same prompts saved by this library."""
     from restore.data.synthetic import make_synthetic
 
     data = tmp_path / "data"
@@ -154,8 +154,7 @@ def test_released_maple_folder_evaluates_through_train_py_like_our_own_checkpoin
     source = build_model("MaPLe", tiny_clip, BASE_CLASSES, N_CTX=2, PROMPT_DEPTH=9)
     _round_to_official_dtypes(source)
     ours = source.checkpoint_state()
-    folders = {"official": {"state_dict": official_layout("MaPLe", ours, 2), "epoch": 5, "optimizer": None,
-                            "scheduler": argparse.Namespace(last_epoch=5)},  # needs full unpickling, as Dassl's
+    folders = {"official": dassl_checkpoint(official_layout("MaPLe", ours, 2), epoch=5),  # scheduler objects inside
                "ours": {"state_dict": ours, "epoch": 5, "trainer": "MaPLe", "backbone": "tiny"}}
     accuracies = {}
     for kind, checkpoint in folders.items():

@@ -37,7 +37,6 @@ import copy
 import dataclasses
 import hashlib
 import os
-import pickle
 import threading
 import warnings
 import zipfile
@@ -55,6 +54,7 @@ from restore.clip.model import (
     build_model,
     config_from_state_dict,
 )
+from restore.engine.serialization import corrupted_sentence, safe_torch_load
 
 __all__ = [
     "OPENAI_MODELS", "OPENAI_MEAN", "OPENAI_STD", "ChecksumError", "LoadedCLIP", "available_models",
@@ -187,18 +187,17 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return dict(load_file(path, device="cpu"))
-    if _is_torchscript(path):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
-            module = torch.jit.load(path, map_location="cpu")
+    if _is_torchscript(path):  # TorchScript's own unpickler knows no Python globals: nothing runs
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
+                module = torch.jit.load(path, map_location="cpu")
+        except RuntimeError as err:
+            raise RuntimeError(corrupted_sentence(path, "a CLIP weight file", "download it again")) from err
         return {k: v for k, v in module.state_dict().items()}
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as e:
-        raise RuntimeError(
-            f"Cannot read {path} as a plain state dict with torch.load(weights_only=True): {e}\n"
-            "Only TorchScript archives, tensor-only state dicts and .safetensors files are loaded; "
-            "re-save arbitrary pickles with torch.save(model.state_dict(), path).") from e
+    obj = safe_torch_load(path, what="a CLIP weight file", expected="a state dict of tensors",
+                          corrupted_advice="download it again",
+                          refused_advice="re-save the weights with torch.save(model.state_dict(), path)")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

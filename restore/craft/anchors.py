@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from restore.engine.serialization import safe_torch_load
 from restore.engine.utils import atomic_torch_save
 
 from .config import craft_node
@@ -207,8 +208,10 @@ def save_anchors(data: dict[str, Any], path: str) -> str:
 
 
 def load_anchors(path: str) -> dict[str, Any]:
-    """Load an anchor file with ``weights_only=True``."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load an anchor file with ``weights_only=True``; a corrupted or foreign file is a one-sentence ValueError."""
+    advice = "delete it (anchors missing at their path are computed again)"
+    return safe_torch_load(path, what="a Craft anchor file", expected="a Craft anchor file",
+                           corrupted_advice=advice, refused_advice=advice, error=ValueError)
 
 
 def _shots(value: Any) -> int:

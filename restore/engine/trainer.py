@@ -26,7 +26,7 @@ from . import distributed  # DDP (torchrun) hooks, marked '# DDP' below
 from .evaluator import build_evaluator
 from .registry import TRAINER_REGISTRY, check_availability, lookup_case_insensitive
 from .utils import (AverageMeter, CheckpointError, MetricMeter, atomic_write_bytes, atomic_write_json,
-                    load_checkpoint, mkdir_if_missing, save_checkpoint)
+                    checkpoint_pointer, load_checkpoint, mkdir_if_missing, resume_advice, save_checkpoint)
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"
@@ -190,10 +190,8 @@ class TrainerBase:
         print(f"Found checkpoint at {directory} (will resume training)")
         start_epoch = 0
         for name in names:
-            fdir = osp.join(directory, name)
-            with open(osp.join(fdir, "checkpoint")) as f:
-                fpath = osp.join(fdir, f.readline().strip())
-            checkpoint = load_checkpoint(fpath)
+            fpath = checkpoint_pointer(osp.join(directory, name))
+            checkpoint = load_checkpoint(fpath, corrupted_advice=resume_advice(fpath))
             self.check_checkpoint_metadata(checkpoint, fpath)
             self.load_checkpoint_state_dict(name, checkpoint["state_dict"], fpath)
             print("Loaded model weights")
@@ -221,8 +219,7 @@ class TrainerBase:
             fname = "model-best.pth.tar" if epoch is None else f"model.pth.tar-{epoch}"
             fpath = osp.join(fdir, fname)
             if epoch is None and not osp.exists(fpath) and osp.isfile(osp.join(fdir, "checkpoint")):
-                with open(osp.join(fdir, "checkpoint")) as f:
-                    fpath = osp.join(fdir, f.readline().strip())
+                fpath = checkpoint_pointer(fdir)
             if not osp.exists(fpath):
                 available = sorted(f for f in os.listdir(fdir) if f.startswith("model")) if osp.isdir(fdir) else []
                 hint = (f" Available in {fdir}: {available}; pass --load-epoch with one of their numbers."

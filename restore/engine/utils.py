@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .registry import check_availability, closest_names
+from .serialization import checkpoint_safe_globals, checkpoints_trusted, safe_torch_load, trusted_checkpoints
 
 __all__ = [
     "mkdir_if_missing", "check_isfile", "read_json", "write_json", "set_random_seed", "read_image",
@@ -26,7 +27,8 @@ __all__ = [
     "tolist_if_not", "Logger", "setup_logger", "AverageMeter", "MetricMeter", "save_checkpoint",
     "load_checkpoint", "resume_from_checkpoint", "open_all_layers", "open_specified_layers",
     "count_num_param", "load_pretrained_weights", "init_network_weights", "atomic_write_bytes",
-    "atomic_torch_save", "atomic_write_json", "CheckpointError",
+    "atomic_torch_save", "atomic_write_json", "CheckpointError", "checkpoint_pointer", "resume_advice",
+    "trusted_checkpoints",
 ]
 
 
@@ -305,40 +307,72 @@ def save_checkpoint(state: dict[str, Any], save_dir: str, is_best: bool = False,
     return fpath
 
 
-def load_checkpoint(fpath: str, weights_only: bool | None = None) -> dict[str, Any]:
-    """Load a checkpoint on CPU.
+def load_checkpoint(fpath: str, trust: bool | None = None, corrupted_advice: str = "") -> dict[str, Any]:
+    """Load a checkpoint on CPU without running code from it.
 
-    Files written by this library load with ``weights_only=True``. Files written by the real Dassl
-    pickle scheduler objects; they are loaded with ``weights_only=False`` only after a safe attempt
-    fails and only when ``weights_only`` is left as None (trusted local files).
+    Tensors, plain containers and numbers load, and the objects the original Dassl writes (optimizer
+    and LR-scheduler objects, numpy scalars); a file referring to anything else is refused with a
+    :class:`CheckpointError` naming it, unless ``trust`` (default: inside
+    :func:`~restore.engine.serialization.trusted_checkpoints`, i.e. ``train.py --trust-checkpoint``),
+    which unpickles it fully after a warning line. An empty, truncated or non-checkpoint file raises
+    a :class:`CheckpointError` calling it corrupted, with ``corrupted_advice`` (default: download it
+    again or delete it).
     """
     if fpath is None:
         raise ValueError("File path is None")
     if not osp.exists(fpath):
         raise FileNotFoundError(f'File is not found at "{fpath}"')
-    try:
-        return torch.load(fpath, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised below with a sentence
-        if weights_only:
-            raise CheckpointError(f"Unable to load checkpoint from {fpath} with weights_only=True: {err}") from None
-        safe_error = err
-    try:
-        warnings.warn(f"{fpath} needs full unpickling (a checkpoint written by the original Dassl?); "
-                      "loading it with weights_only=False because it is a local file you chose.")
-        return torch.load(fpath, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(
-            f"Unable to load checkpoint from {fpath}: {err} (safe load said: {safe_error}). "
-            "The file may be truncated; delete it to resume from the previous one.") from None
+    return safe_torch_load(
+        fpath, what="a checkpoint", expected="a checkpoint of this library or of Dassl",
+        corrupted_advice=corrupted_advice or "download it again or delete it",
+        refused_advice="if you trust where the file came from, re-run with --trust-checkpoint to unpickle it fully",
+        extra_globals=checkpoint_safe_globals(), trust=checkpoints_trusted() if trust is None else trust,
+        error=CheckpointError)
+
+
+def _saved_checkpoints(fdir: str, but: str = "") -> str:
+    """The ``model*`` files in ``fdir`` other than ``but``, by epoch, comma-separated ("" if none)."""
+    def order(name: str) -> tuple[int, str]:
+        tail = name.rsplit("-", 1)[-1]
+        return (int(tail) if tail.isdigit() else -1, name)
+
+    return ", ".join(sorted((n for n in os.listdir(fdir) if n.startswith("model") and n != but), key=order))
+
+
+def checkpoint_pointer(fdir: str) -> str:
+    """The file named in ``fdir/checkpoint`` (the last checkpoint saved there), as a path.
+
+    Raises CheckpointError (one sentence) if the pointer is empty or names a file that is missing.
+    """
+    pointer = osp.join(fdir, "checkpoint")
+    with open(pointer) as f:
+        name = f.readline().strip()
+    saved = _saved_checkpoints(fdir)
+    todo = f"write one of {saved} into it" if saved else "delete it, as that folder holds no checkpoint"
+    if not name or name != osp.basename(name):
+        held = "is empty" if not name else f"holds {name!r}"
+        raise CheckpointError(f"{pointer} should name the last checkpoint saved in {fdir} but {held}: {todo}.")
+    fpath = osp.join(fdir, name)
+    if not osp.isfile(fpath):
+        raise CheckpointError(f"{pointer} names {name}, which is not in {fdir}: {todo}.")
+    return fpath
+
+
+def resume_advice(fpath: str) -> str:
+    """What to do with a corrupted checkpoint ``fpath`` that a run resumes from (for :func:`load_checkpoint`)."""
+    fdir = osp.dirname(fpath)
+    pointer = osp.join(fdir, "checkpoint")
+    others = _saved_checkpoints(fdir, but=osp.basename(fpath))
+    if others:
+        return f"delete it and write one of {others} into {pointer} to resume from there"
+    return f"delete it and {pointer} to train from scratch (no earlier checkpoint is left)"
 
 
 def resume_from_checkpoint(fdir: str, model: nn.Module, optimizer=None, scheduler=None) -> int:
     """Restore model/optimizer/scheduler from the file named in ``fdir/checkpoint``; return its epoch."""
-    with open(osp.join(fdir, "checkpoint"), "r") as f:
-        model_name = f.readlines()[0].strip("\n")
-    fpath = osp.join(fdir, model_name)
+    fpath = checkpoint_pointer(fdir)
     print(f'Loading checkpoint from "{fpath}"')
-    checkpoint = load_checkpoint(fpath)
+    checkpoint = load_checkpoint(fpath, corrupted_advice=resume_advice(fpath))
     model.load_state_dict(checkpoint["state_dict"])
     print("Loaded model weights")
     if optimizer is not None and checkpoint.get("optimizer"):

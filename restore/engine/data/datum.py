@@ -13,6 +13,8 @@ import os
 import pickle
 from typing import Any, BinaryIO
 
+from ..serialization import ForbiddenGlobalError, corrupted_sentence, refused_sentence
+
 DASSL_DATUM_MODULE = "dassl.data.datasets.base_dataset"
 
 
@@ -87,9 +89,8 @@ class DatumUnpickler(pickle.Unpickler):
             return Datum
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"Refusing to load {module}.{name} from a dataset cache: only Datum objects are allowed. "
-            "Delete the file if you did not create it.")
+        raise ForbiddenGlobalError(f"Refusing to load {module}.{name} from a dataset cache: only Datum objects "
+                                   "are allowed", f"{module}.{name}")
 
 
 class DasslDatumPickler(pickle._Pickler):  # the Python pickler lets us write a global by name
@@ -116,8 +117,21 @@ def dumps_datum_cache(obj: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> byte
 
 
 def load_datum_cache(file: str | BinaryIO) -> Any:
-    """Read a cache pickle written by Dassl/CoOp or by :func:`dumps_datum_cache`, without Dassl installed."""
-    if isinstance(file, str):
-        with open(file, "rb") as f:
-            return DatumUnpickler(f).load()
-    return DatumUnpickler(file).load()
+    """Read a cache pickle written by Dassl/CoOp or by :func:`dumps_datum_cache`, without Dassl installed.
+
+    Raises DatasetNotFoundError (one sentence naming the file) for a file referring to anything but
+    Datum and plain containers, and for an empty, truncated or unparsable file.
+    """
+    name = file if isinstance(file, str) else str(getattr(file, "name", "the dataset cache"))
+    advice = "delete it (a cache, rebuilt on the next run)"
+    try:
+        if isinstance(file, str):
+            with open(file, "rb") as f:
+                return DatumUnpickler(f).load()
+        return DatumUnpickler(file).load()
+    except ForbiddenGlobalError as err:
+        raise DatasetNotFoundError(refused_sentence(name, err.name, "a dataset cache", advice)) from None
+    except OSError:
+        raise
+    except Exception:  # noqa: BLE001 - any parse failure: empty, truncated or not a pickle
+        raise DatasetNotFoundError(corrupted_sentence(name, "a dataset cache", advice)) from None
