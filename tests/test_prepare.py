@@ -313,6 +313,17 @@ def test_renamed_folders_and_inner_archives_land_in_the_layout_also_on_a_rerun(t
     assert "unverified" in capsys.readouterr().out  # fgvc_aircraft has no recorded checksum
 
 
+def test_an_archive_without_the_expected_folders_is_reported_and_kept(tmp_path, server, capsys):
+    data = _tar_gz({"dtd-r1.0.1/README": b"other layout"})
+    server.files[DTD] = data
+    root = tmp_path / "root"
+    rc, _, err = run_main(["dtd", "--root", root, "--mirror", server.url, "--sha256", sha(data)], capsys)
+    assert (rc, err.strip()) == (2, f"error: After extraction dtd/images is missing under {root}: the archives "
+                                    f"(kept in {root / '.downloads'}) differ from the expected ones, see "
+                                    "DATASETS.md#dtd.")
+    assert (root / ".downloads" / DTD).read_bytes() == data
+
+
 def test_offline_gives_one_line_and_reuses_an_archive_put_by_hand(tmp_path, capsys):
     data = dtd_archive(tmp_path)
     root = tmp_path / "root"
