@@ -730,15 +730,16 @@ class Outcome:
     message: str = ""
 
 
-def move_aside(folder: str) -> str:
-    """Rename ``folder`` to ``<folder>.old-<YYYYmmdd-HHMMSS>`` (``-2``, ... if taken); the new path.
+def move_aside(folder: str, suffix: str = OLD_RUN_SUFFIX) -> str:
+    """Rename ``folder`` (or a file) to ``<folder><suffix><YYYYmmdd-HHMMSS>`` (``-2``, ... if taken); the new path.
 
-    The name matches :data:`restore.evaluation.results.OLD_RUN_RE`, so the tables skip it."""
+    With the default suffix the name matches :data:`restore.evaluation.results.OLD_RUN_RE`, so the tables
+    skip it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, n = f"{folder}{OLD_RUN_SUFFIX}{stamp}", 1
+    target, n = f"{folder}{suffix}{stamp}", 1
     while osp.exists(target):
         n += 1
-        target = f"{folder}{OLD_RUN_SUFFIX}{stamp}-{n}"
+        target = f"{folder}{suffix}{stamp}-{n}"
     os.rename(folder, target)
     return target
 

@@ -1,22 +1,17 @@
-"""The 15 benchmark loaders on synthetic copies: layouts, splits, few-shot cache, base/new, errors, prepare."""
+"""The 15 benchmark loaders on synthetic copies: layouts, splits, few-shot cache, base/new, errors."""
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import json
 import os
 import random
 import shutil
-import tarfile
-import threading
 
 import pytest
 import yaml
 
 import datasets  # noqa: F401  (registers the loaders)
 from restore.data.benchmarks import BENCHMARKS
-from restore.data.prepare import ChecksumError, prepare
 from restore.data.synthetic import make_synthetic, split_sizes
 from restore.data.templates import CUSTOM_TEMPLATES
 from restore.engine.config import get_cfg_default
@@ -249,64 +244,3 @@ def test_configs_docs_and_templates_cover_all_15():
             "DATASET": {"NAME": cls}}
         assert DATASET_REGISTRY.get(cls).anchor == name and name in headings
         assert "{}" in CUSTOM_TEMPLATES[cls]
-
-
-# ---------------------------------------------------------------- prepare (loopback HTTP only)
-
-
-@pytest.fixture
-def served(tmp_path):
-    """A DTD-style archive served from 127.0.0.1."""
-    stage = tmp_path / "stage"
-    make_synthetic("dtd", stage, num_classes=2, images_per_class=5, split_json=False)
-    www = tmp_path / "www"
-    www.mkdir()
-    archive = www / "dtd-r1.0.1.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(stage / "dtd", arcname="dtd")
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(www), **k)  # noqa: E731
-    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", hashlib.sha256(archive.read_bytes()).hexdigest()
-    server.shutdown()
-    server.server_close()
-
-
-def test_prepare_good_checksum_extracts(tmp_path, served):
-    url, sha = served
-    root = tmp_path / "root"
-    steps = prepare("dtd", str(root), mirror=url, sha256={"dtd-r1.0.1.tar.gz": sha})
-    assert sorted(os.listdir(root / "dtd" / "images")) == ["banded", "blotchy"]
-    assert os.listdir(root / ".downloads") == []  # archive removed after extraction
-    assert steps and "split_zhou_DescribableTextures.json" in steps[0]
-    ds = load(make_cfg(root, "dtd")).dataset  # the extracted tree loads (random split, no JSON)
-    assert ds.classnames == ["banded", "blotchy"]
-
-
-def test_prepare_bad_checksum_removes_partial_and_extracts_nothing(tmp_path, served, monkeypatch):
-    url, _ = served
-    root = tmp_path / "root"
-    monkeypatch.setenv("RESTORE_DATA_MIRROR", url)  # the env var works as the mirror too
-    with pytest.raises(ChecksumError, match="SHA256 mismatch"):
-        prepare("dtd", str(root), sha256={"dtd-r1.0.1.tar.gz": "0" * 64})
-    assert not (root / "dtd").exists()
-    assert os.listdir(root / ".downloads") == []
-
-
-def test_prepare_offline_gives_one_line_and_reuses_an_archive_put_by_hand(tmp_path, served, capsys):
-    """No network: a one-line error naming where to put the archive; once it is there, it is used."""
-    from restore.data.prepare import main as prepare_main
-
-    url, sha = served
-    root = tmp_path / "root"
-    dead = "http://127.0.0.1:9"  # nothing listens on the discard port
-    assert prepare_main(["dtd", "--root", str(root), "--mirror", dead, "--sha256", f"dtd-r1.0.1.tar.gz={sha}"]) == 2
-    err = capsys.readouterr().err.strip()
-    dest = root / ".downloads" / "dtd-r1.0.1.tar.gz"
-    assert len(err.splitlines()) == 1 and err.startswith("error: Could not download") and str(dest) in err
-    shutil.copy(tmp_path / "www" / "dtd-r1.0.1.tar.gz", dest)  # fetched elsewhere, put where it said
-    assert prepare_main(["dtd", "--root", str(root), "--mirror", dead, "--sha256", f"dtd-r1.0.1.tar.gz={sha}"]) == 0
-    assert "Reusing" in capsys.readouterr().out
-    assert sorted(os.listdir(root / "dtd" / "images")) == ["banded", "blotchy"]

@@ -41,8 +41,13 @@ CALTECH101_NEW_CNAMES: dict[str, str] = {
 
 
 def resolve(name: str) -> str:
-    """The yaml name for a yaml or class name (case-insensitive); unknown -> ValueError with the choices."""
+    """The yaml name for a yaml or class name (case-insensitive); unknown -> ValueError naming the closest one."""
     for key, (cls, _) in BENCHMARKS.items():
         if name.lower() in (key, cls.lower()):
             return key
-    raise ValueError(f"Unknown dataset {name!r}; choose one of {sorted(BENCHMARKS)}")
+    from restore.engine.registry import closest_names  # lazy: the engine package is heavier than this table
+
+    by_name = {alias: key for key, (cls, _) in BENCHMARKS.items() for alias in (key, cls)}
+    hint = closest_names(name, by_name)
+    suggestion = f" Did you mean {by_name[hint[0]]!r}?" if hint else ""
+    raise ValueError(f"Unknown dataset {name!r}.{suggestion} Choose one of {sorted(BENCHMARKS)}.")
