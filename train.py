@@ -10,10 +10,10 @@ import torch
 
 import datasets  # noqa: F401  registers the benchmark loaders
 import trainers  # noqa: F401  registers the trainers
-from restore.engine.config import ConfigError, extend_cfg, get_cfg_default, merge_file, merge_opts
+from restore.engine.config import ConfigError, check_settings, extend_cfg, get_cfg_default, merge_file, merge_opts
 from restore.engine.registry import DATASET_REGISTRY, TRAINER_REGISTRY, check_availability, lookup_case_insensitive
 from restore.engine.trainer import RESULTS_FILE, build_trainer
-from restore.engine.utils import collect_env_info, set_random_seed, setup_logger, trusted_checkpoints
+from restore.engine.utils import collect_env_info, error_message, set_random_seed, setup_logger, trusted_checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", type=str, default="", help="path to dataset")
     parser.add_argument("--output-dir", type=str, default="", help="output directory")
     parser.add_argument("--resume", type=str, default="", help="checkpoint directory (from which the training resumes)")
-    parser.add_argument("--seed", type=int, default=-1, help="only positive value enables a fixed seed")
+    parser.add_argument("--seed", type=int, default=-1,
+                        help="random seed (0 or more); -1 (the default) keeps the config's SEED, itself -1 "
+                             "(an unseeded run) unless a YAML or SEED in the opts sets it")
     parser.add_argument("--source-domains", type=str, nargs="+", help="source domains for DA/DG")
     parser.add_argument("--target-domains", type=str, nargs="+", help="target domains for DA/DG")
     parser.add_argument("--transforms", type=str, nargs="+", help="data augmentation methods")
@@ -50,6 +52,9 @@ def reset_cfg(cfg, args) -> None:  # type: ignore[no-untyped-def]
         cfg.OUTPUT_DIR = args.output_dir
     if args.resume:
         cfg.RESUME = args.resume
+    if args.seed is not None and args.seed < -1:
+        raise ConfigError(f"--seed {args.seed} is negative: give a seed of 0 or more, or leave it at -1 to keep "
+                          f"the config's SEED (-1 = an unseeded run).")
     if args.seed is not None and args.seed != -1:
         cfg.SEED = args.seed
     if args.source_domains:
@@ -105,13 +110,14 @@ def print_args(args, cfg) -> None:  # type: ignore[no-untyped-def]
 
 
 def main(args) -> int:  # type: ignore[no-untyped-def]
+    training = not args.eval_only and not args.no_train
     try:
         cfg = setup_cfg(args)
+        check_settings(cfg, training=training)
     except (ConfigError, ValueError, KeyError) as err:
-        print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return 2
     results = osp.join(cfg.OUTPUT_DIR, RESULTS_FILE)
-    training = not args.eval_only and not args.no_train
     if osp.exists(results) and not args.overwrite and training:  # --eval-only always evaluates, as CoOp
         print(f"{results} exists: this run is finished, skipping it (pass --overwrite to redo it).")
         return 0
@@ -122,6 +128,9 @@ def main(args) -> int:  # type: ignore[no-untyped-def]
     setup_logger(cfg.OUTPUT_DIR, append=training and not osp.exists(results))
     if torch.cuda.is_available() and cfg.USE_CUDA and not cfg.DETERMINISTIC:
         torch.backends.cudnn.benchmark = True
+    if cfg.SEED < 0:
+        print("Unseeded run (SEED -1): few-shot images, initialisation and batch order differ from run to run; "
+              "results.json records seed \"unseeded\".")
     print_args(args, cfg)
     print("Collecting env info ...")
     print("** System info **\n" + collect_env_info() + "\n")
@@ -144,8 +153,11 @@ def cli() -> int:
         import traceback
 
         if getattr(sys.stdout, "file", None) is not None:
-            traceback.print_exc(file=sys.stdout.file)
-        print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
+            try:
+                traceback.print_exc(file=sys.stdout.file)
+            except OSError:  # the log itself cannot be written (disk full): the sentence below says so
+                pass
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return 1
 
 

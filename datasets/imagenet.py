@@ -3,7 +3,7 @@
 import os.path as osp
 
 from restore.engine.data import (DatasetBase, dumps_datum_cache, load_datum_cache, load_or_create_fewshot,
-                                 read_classnames, subsample_classes)
+                                 read_classnames, subsample_classes, writable_cache)
 from restore.engine.data.benchmark import BenchmarkMixin, read_wnid_folders
 from restore.engine.registry import DATASET_REGISTRY
 from restore.engine.utils import atomic_write_bytes
@@ -33,7 +33,8 @@ imagenet/
             classnames = self.read_classnames()
             train = self.read_data(classnames, "train")
             test = self.read_data(classnames, "val")  # the val set is used as the test set
-            atomic_write_bytes(dumps_datum_cache({"train": train, "test": test}), cached)
+            with writable_cache(cached, "the image list cache"):
+                atomic_write_bytes(dumps_datum_cache({"train": train, "test": test}), cached)
         self.check_labels(train, osp.join(self.image_dir, "train"))
         self.check_labels(test, osp.join(self.image_dir, "val"))
         train, _ = load_or_create_fewshot(cfg, self.dataset_dir, train, None, cfg.DATASET.NUM_SHOTS, cfg.SEED)

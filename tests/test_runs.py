@@ -84,6 +84,7 @@ def test_train_then_eval_only_round_trip(env):
     assert sorted(os.listdir(out / "prompt_learner")) == ["checkpoint", "model.pth.tar-3"]
     train_record = json.load(open(out / "results.json"))
     assert train_record["split"] == "base" and train_record["epoch"] == 3 and train_record["seed"] == 1
+    assert train_record["shots_per_class"] == [3, 3]  # 4 shots asked, 3 train images per class: all kept
     for key in ("accuracy", "macro_f1", "trainer", "dataset", "num_classes", "backbone", "wall_time_s"):
         assert key in train_record
     # the printed accuracy equals results.json's

@@ -403,7 +403,7 @@ class MMRL(PromptTrainer):
         self._checkpoint_dataset = checkpoint.get("dataset")
 
 
-if __name__ != "__main__":  # ``python -m trainers.mmrl`` runs this file a second time: register once
+if __name__ != "__main__":  # under ``python -m trainers.mmrl`` only the imported module registers
     TRAINER_REGISTRY.register(MMRL)
 
 

@@ -471,7 +471,7 @@ class RESTORE(PromptTrainer):
         return meta
 
 
-if __name__ != "__main__":  # ``python -m trainers.restore_trainer`` runs this file a second time: register once
+if __name__ != "__main__":  # under ``python -m trainers.restore_trainer`` only the imported module registers
     TRAINER_REGISTRY.register(RESTORE)
 
 

@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from restore.clip.model import causal_mask
+from restore.engine.utils import error_message
 from restore.prompting.encoders import PromptedTextEncoder
 
 __all__ = [
@@ -452,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profiles = analyse_runs(args.runs, args.labels, root=args.root, split=args.split, max_images=args.max_images,
                                 device=args.device, epoch=args.load_epoch)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return 1
     csv_path = write_csv(profiles, osp.join(args.out, "feature_shift.csv"))
     png_path = plot_profiles(profiles, osp.join(args.out, "feature_shift.png"),

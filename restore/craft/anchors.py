@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from restore.clip import load_clip
     from restore.engine.config import ConfigError
-    from restore.engine.utils import set_random_seed
+    from restore.engine.utils import error_message, set_random_seed
 
     parser = train_entry.build_parser()
     parser.description = "Compute Craft's static image anchors of a run (same arguments as train.py)."
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = train_entry.setup_cfg(args)
     except (ConfigError, ValueError, KeyError) as err:
-        print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return 2
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)

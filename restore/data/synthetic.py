@@ -343,9 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help=f"dataset (yaml or class name) or 'all': {', '.join(BENCHMARKS)}")
     parser.add_argument("--root", required=True, help="DATASET.ROOT to write into")
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--images-per-class", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", type=int, default=4, help="number of classes (default: %(default)s)")
+    parser.add_argument("--images-per-class", type=int, default=6,
+                        help="images per class n; with a split file: test max(1, n // 3), val max(1, n // 6), "
+                             "train the rest (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the image noise; the same seed writes the same files (default: %(default)s)")
     parser.add_argument("--no-split-json", action="store_true", help="leave out split_zhou_*.json")
     args = parser.parse_args(argv)
     names = list(BENCHMARKS) if args.name == "all" else [args.name]

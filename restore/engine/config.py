@@ -6,8 +6,10 @@ Merge order (as in CoOp's ``train.py``): defaults -> every registered trainer's 
 
 from __future__ import annotations
 
+import os.path as osp
 from typing import Any, Iterable
 
+import yaml
 from yacs.config import CfgNode as CN
 
 from .registry import TRAINER_REGISTRY, closest_names
@@ -224,21 +226,78 @@ def merge_opts(cfg: CN, opts: Iterable[str], source: str = "command line") -> No
         raise ConfigError(f"Bad config value from the {source}: {err}") from None
 
 
-def merge_file(cfg: CN, path: str) -> None:
-    """``merge_from_file`` with a one-line ConfigError for missing files and unknown keys."""
-    import os
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
 
-    if not os.path.isfile(path):
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` entries may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # unhashable key: SafeLoader raises its own error below
+                    break
+                if seen:
+                    raise _DuplicateKey(key, first[key], key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML config file as a dict, safely (no code runs), with one ConfigError sentence for a
+    missing file, malformed YAML (file, line, column), a key given twice in one mapping, or a file
+    that is not a mapping of keys. An empty file gives ``{}``."""
+    if not osp.isfile(path):
         raise ConfigError(f"Config file not found: {path!r}. Check --config-file / --dataset-config-file.")
     try:
-        cfg.merge_from_file(path)
+        with open(path) as f:
+            data = yaml.load(f, Loader=_StrictLoader)  # a SafeLoader subclass: no code runs
+    except _DuplicateKey as err:
+        raise ConfigError(
+            f"Key {err.key!r} appears twice in {path} (lines {err.first.line + 1} and {err.again.line + 1}): "
+            "remove one of them (YAML would silently keep the last).") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        context_mark = getattr(err, "context_mark", None)
+        if context and context_mark is not None:
+            context = f"{context} at line {context_mark.line + 1}"
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError(f"Malformed YAML in {path}{where}: {detail}. Fix the file there.") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a text file ({err.reason}): pass a YAML config file.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a YAML {type(data).__name__}, not a mapping of config keys "
+                          "(e.g. `OPTIM:` then `  LR: 0.002` on the next line).")
+    return data
+
+
+def merge_file(cfg: CN, path: str) -> None:
+    """Merge a YAML file into ``cfg`` (as yacs' ``merge_from_file``, read by :func:`load_yaml`), with a
+    one-line ConfigError for unreadable files, unknown keys and bad values."""
+    data = load_yaml(path)
+    try:
+        cfg.merge_from_other_cfg(CN(data))
     except KeyError as err:
-        msg = str(err).strip("'\"")
+        msg = str(err.args[0]) if err.args else str(err)
         key = msg.split(":", 1)[-1].strip()
         hint = closest_names(key, _all_keys(cfg), n=1)
         suggestion = f" Did you mean {hint[0]}?" if hint else ""
         raise ConfigError(f"Unknown config key {key!r} in {path}.{suggestion}") from None
-    except ValueError as err:
+    except (ValueError, AssertionError) as err:
         raise ConfigError(f"Bad config value in {path}: {err}") from None
 
 
@@ -261,17 +320,13 @@ def per_dataset_opts(config_dir: str, dataset: str, method: str) -> tuple[str, l
     without a file gives no opts, an unknown one a ValueError naming the known stems.
     """
     import glob
-    import os.path as osp
-
-    import yaml
 
     datasets_dir = osp.join(osp.dirname(osp.dirname(osp.dirname(config_dir))), "datasets")
     wanted = dataset.lower().removesuffix(".yaml")
     stem = None
     for path in sorted(glob.glob(osp.join(datasets_dir, "*.yaml"))):
         candidate = osp.splitext(osp.basename(path))[0]
-        with open(path) as f:
-            name = str(((yaml.safe_load(f) or {}).get("DATASET") or {}).get("NAME", ""))
+        name = str((load_yaml(path).get("DATASET") or {}).get("NAME", ""))
         if wanted in (candidate.lower(), name.lower()):
             stem = candidate
             break
@@ -283,5 +338,23 @@ def per_dataset_opts(config_dir: str, dataset: str, method: str) -> tuple[str, l
     path = osp.join(config_dir, f"{stem}.yaml")
     if not osp.isfile(path):
         return stem, []
-    with open(path) as f:
-        return stem, flatten_opts(yaml.safe_load(f) or {})
+    return stem, flatten_opts(load_yaml(path))
+
+
+UNSEEDED = -1  # SEED value of an unseeded run (results.json records "unseeded")
+
+
+def check_settings(cfg: CN, training: bool = True) -> None:
+    """Refuse settings that would run but record something meaningless, with one ConfigError sentence:
+    ``DATASET.NUM_SHOTS`` 0 or below -1, ``SEED`` below -1, and (when ``training``) ``OPTIM.MAX_EPOCH`` < 1."""
+    shots = int(cfg.DATASET.NUM_SHOTS)
+    if shots == 0 or shots < -1:
+        raise ConfigError(f"DATASET.NUM_SHOTS {shots} is not a shot count: give the images per class to train on "
+                          "(1, 2, 4, 8, 16, ...) or -1 for the whole train split.")
+    seed = int(cfg.SEED)
+    if seed < UNSEEDED:
+        raise ConfigError(f"SEED {seed} is negative: give a seed of 0 or more, or -1 for an unseeded run.")
+    epochs = int(cfg.OPTIM.MAX_EPOCH)
+    if training and epochs < 1:
+        raise ConfigError(f"OPTIM.MAX_EPOCH {epochs} trains nothing: give 1 or more epochs, or pass --eval-only "
+                          "(with --model-dir) to evaluate without training.")

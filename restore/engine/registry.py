@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any, Callable, Iterable
 
 
@@ -31,9 +32,25 @@ class Registry:
         self._obj_map: dict[str, Any] = {}
 
     def _do_register(self, name: str, obj: Any, force: bool = False) -> None:
-        if name in self._obj_map and not force and self._obj_map[name] is not obj:
+        known = self._obj_map.get(name)
+        if name in self._obj_map and not force and known is not obj and not isinstance(known, _Lazy):
             raise KeyError(f'An object named "{name}" was already registered in "{self._name}" registry')
         self._obj_map[name] = obj
+
+    def register_lazy(self, name: str, module: str) -> None:
+        """Reserve ``name`` (and its place in the order) for an object that importing ``module`` registers,
+        imported on the first lookup. For a module that also runs as ``python -m``: its package must not
+        import it, or runpy warns that it was imported before running."""
+        if name not in self._obj_map:
+            self._obj_map[name] = _Lazy(module)
+
+    def _resolve(self, names: Iterable[str]) -> None:
+        for name in list(names):
+            lazy = self._obj_map.get(name)
+            if isinstance(lazy, _Lazy):
+                importlib.import_module(lazy.module)
+                if isinstance(self._obj_map.get(name), _Lazy):
+                    raise KeyError(f'Importing {lazy.module} did not register "{name}" in "{self._name}" registry')
 
     def register(self, obj: Any = None, force: bool = False) -> Any:
         """Register ``obj`` under its ``__name__``; usable as ``@REG.register()`` or ``REG.register(cls)``."""
@@ -54,6 +71,7 @@ class Registry:
                 f'Object name "{name}" does not exist in "{self._name}" registry.{suggestion} '
                 f"Registered: {sorted(self._obj_map)}"
             )
+        self._resolve([name])
         return self._obj_map[name]
 
     def registered_names(self) -> list[str]:
@@ -66,7 +84,15 @@ class Registry:
         return len(self._obj_map)
 
     def items(self) -> list[tuple[str, Any]]:
+        self._resolve(self._obj_map)
         return list(self._obj_map.items())
+
+
+class _Lazy:
+    """Placeholder of :meth:`Registry.register_lazy`: the module that registers the real object."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
 
 
 TRAINER_REGISTRY = Registry("TRAINER")

@@ -257,11 +257,12 @@ class TrainerBase:
                 f"{getattr(self, 'output_dir', '?')} is kept. Lower OPTIM.LR or use PREC fp32/amp.")
 
     def init_writer(self, log_dir: str) -> None:
-        """TensorBoard is optional: used only if installed."""
+        """TensorBoard is optional: used only if installed (``log_dir`` is created only then)."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except Exception:  # noqa: BLE001 - tensorboard is optional
             return
+        mkdir_if_missing(log_dir)
         print(f"Initialize tensorboard (log_dir={log_dir})")
         self._writer = SummaryWriter(log_dir=log_dir)
 
@@ -386,9 +387,7 @@ class SimpleTrainer(TrainerBase):
         self._resume_only_paths = self.resumed_resume_only_paths(directory)
         self.install_scaler_sync()  # DDP: a scaler built after build_model
         if self.start_epoch < self.max_epoch and distributed.is_main_process():  # DDP: rank 0 logs
-            writer_dir = osp.join(self.output_dir, "tensorboard")
-            mkdir_if_missing(writer_dir)
-            self.init_writer(writer_dir)
+            self.init_writer(osp.join(self.output_dir, "tensorboard"))
         self.time_start = time.time()
 
     def after_epoch(self) -> None:
@@ -510,7 +509,7 @@ class SimpleTrainer(TrainerBase):
             "num_classes": self.num_classes,
             "num_test_images": images,
             "num_shots": cfg.DATASET.NUM_SHOTS,
-            "seed": cfg.SEED,
+            "seed": cfg.SEED if cfg.SEED >= 0 else "unseeded",
             "backbone": cfg.MODEL.BACKBONE.NAME,
             "protocol": cfg.PROTOCOL,
             "epoch": epoch,
@@ -524,6 +523,9 @@ class SimpleTrainer(TrainerBase):
             "versions": dict(software_versions()),
             **self.results_metadata(),
         }
+        shots_per_class = getattr(getattr(self, "dm", None), "shots_per_class", None)
+        if shots_per_class is not None:
+            record["shots_per_class"] = shots_per_class  # train images per label: fewer than num_shots if scarce
         if "perclass_accuracy" in results:
             record["perclass_accuracy"] = results["perclass_accuracy"]
         path = osp.join(self.output_dir, RESULTS_FILE)

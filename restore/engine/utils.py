@@ -7,6 +7,7 @@ import json
 import os
 import os.path as osp
 import random
+import re
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ __all__ = [
     "load_checkpoint", "resume_from_checkpoint", "open_all_layers", "open_specified_layers",
     "count_num_param", "load_pretrained_weights", "init_network_weights", "atomic_write_bytes",
     "atomic_torch_save", "atomic_write_json", "CheckpointError", "checkpoint_pointer", "resume_advice",
-    "trusted_checkpoints",
+    "trusted_checkpoints", "DiskFullError", "disk_full_error", "error_message",
 ]
 
 
@@ -79,6 +80,33 @@ def _current_umask() -> int:
     return mask
 
 
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+class DiskFullError(OSError):
+    """A write that failed for want of space (ENOSPC, EFBIG, EDQUOT); the message names the file."""
+
+    def __str__(self) -> str:
+        return (f"Cannot write {self.filename}: {self.strerror}. Free disk space (or raise the file-size limit, "
+                "`ulimit -f`) and run again; files written before are intact.")
+
+
+def disk_full_error(err: BaseException, fpath: str | None = None) -> DiskFullError | None:
+    """The DiskFullError naming ``fpath`` (or the error's own file) if ``err`` or an exception it arose from
+    is a lack of space; else None. (torch.save reports a full disk as a RuntimeError arising from one.)"""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, DiskFullError):
+            return cause if fpath is None else DiskFullError(cause.errno, cause.strerror, fpath)
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            return DiskFullError(cause.errno, cause.strerror or os.strerror(cause.errno),
+                                 fpath or cause.filename or "a file")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _atomic_write(fpath: str, write: "Callable[[Any], None]") -> None:
     """Call ``write(f)`` on a temporary file beside ``fpath``, fsync it, then rename it over ``fpath``."""
     dirname = osp.dirname(osp.abspath(fpath))
@@ -92,9 +120,12 @@ def _atomic_write(fpath: str, write: "Callable[[Any], None]") -> None:
             os.fsync(f.fileno())
         os.replace(tmp, fpath)
         _fsync_dir(dirname)
-    except BaseException:
+    except BaseException as err:
         if osp.exists(tmp):
             os.remove(tmp)
+        full = disk_full_error(err, fpath)
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -191,13 +222,27 @@ class Logger:
     def write(self, msg: str) -> None:
         self.console.write(msg)
         if self.file is not None:
-            self.file.write(msg)
+            self._to_file(lambda f: f.write(msg))
 
     def flush(self) -> None:
         self.console.flush()
         if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            self._to_file(lambda f: (f.flush(), os.fsync(f.fileno())))
+
+    def _to_file(self, action: Callable[[Any], Any]) -> None:
+        """Write to the log; a full disk stops the tee (the console goes on) and raises DiskFullError once."""
+        try:
+            action(self.file)
+        except OSError as err:
+            full = disk_full_error(err, self.file.name)
+            if full is None:
+                raise
+            file, self.file = self.file, None
+            try:
+                file.close()
+            except OSError:
+                pass
+            raise full from None
 
     def isatty(self) -> bool:
         return False
@@ -445,3 +490,26 @@ def init_network_weights(model: nn.Module, init_type: str = "normal", gain: floa
             if m.bias is not None:
                 nn.init.constant_(m.bias.data, 0.0)
     model.apply(_init)
+
+
+_WORKER_ERROR = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def error_message(err: BaseException) -> str:
+    """The sentence to print for ``err``: a KeyError's text without repr quotes, the original error of a
+    DataLoader worker (torch wraps it in the worker's traceback), a full disk naming the file."""
+    full = disk_full_error(err)
+    if full is not None:
+        return str(full)
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        text = err.args[0]
+    else:
+        text = str(err)
+    if _WORKER_ERROR.match(text):
+        # the last exception of the chain: after the last traceback header, past its indented frame lines
+        lines = text[text.rindex("Traceback (most recent call last):"):].splitlines()[1:]
+        while lines and (not lines[0] or lines[0][0].isspace()):
+            lines = lines[1:]
+        if lines:
+            text = re.sub(r"^[\w.]+: ", "", "\n".join(lines).strip(), count=1)
+    return text

@@ -191,7 +191,7 @@ def _record_from(folder: str, data: Optional[dict[str, Any]], accuracy: float, s
             phase = "train" if (protocol_dir, "train") in PHASES else "test"
         fields = {"protocol_dir": protocol_dir, "phase": phase, "dataset": _dataset_key(str(data.get("dataset", "?"))),
                   "shots": int(data.get("num_shots", -1)), "method": str(data.get("trainer", "?")), "cfg": "",
-                  "seed": int(data.get("seed", -1))}
+                  "seed": int(data["seed"]) if isinstance(data.get("seed"), int) else -1}  # -1: "unseeded"
     return RunRecord(path=folder, accuracy=float(accuracy), source=source, backbone=str(data.get("backbone", "")),
                      info=data, **fields)
 

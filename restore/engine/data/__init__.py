@@ -3,7 +3,7 @@
 from .data_manager import DataManager, DatasetWrapper, build_data_loader, build_dataset, format_table
 from .dataset_base import (DatasetBase, cache_root, fewshot_cache_path, load_or_create_fewshot, make_datums,
                            read_and_split_data, read_classnames, read_split, save_split, split_per_class,
-                           split_trainval, subsample_classes)
+                           split_trainval, subsample_classes, writable_cache)
 from .datum import (DASSL_DATUM_MODULE, DatasetNotFoundError, Datum, DatumUnpickler, MissingImageError,
                     dumps_datum_cache, load_datum_cache)
 from .samplers import build_sampler
@@ -15,4 +15,5 @@ __all__ = [
     "read_and_split_data", "split_per_class", "subsample_classes", "read_classnames", "load_or_create_fewshot",
     "fewshot_cache_path", "cache_root", "make_datums", "DatasetNotFoundError", "MissingImageError",
     "DatumUnpickler", "dumps_datum_cache", "load_datum_cache", "DASSL_DATUM_MODULE", "format_table",
+    "writable_cache",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from ..utils import listdir_nohidden
 from .dataset_base import (DatasetBase, cache_root, load_or_create_fewshot, make_datums, read_and_split_data,
-                           read_classnames, read_split, save_split, subsample_classes)
+                           read_classnames, read_split, save_split, subsample_classes, writable_cache)
 from .datum import DatasetNotFoundError, Datum
 
 __all__ = ["BenchmarkMixin", "SplitDataset", "ImageFolderTestset", "read_wnid_folders"]
@@ -96,7 +96,8 @@ class SplitDataset(BenchmarkMixin, DatasetBase):
         print(f"Warning: {self.split_path} not found; building the split from the raw files (a random split: "
               f"results will not be comparable to published numbers). {self.see}")
         train, val, test = self.build_split()
-        save_split(train, val, test, cached, self.image_dir)
+        with writable_cache(cached, "the split file"):
+            save_split(train, val, test, cached, self.image_dir)
         return train, val, test
 
     def build_split(self) -> tuple[list[Datum], list[Datum], list[Datum]]:

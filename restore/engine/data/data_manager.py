@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -17,7 +19,34 @@ from .samplers import build_sampler
 from .transforms import INTERPOLATION_MODES, build_transform
 
 __all__ = ["DataManager", "DatasetWrapper", "build_data_loader", "build_dataset", "format_table",
-           "seed_worker"]
+           "loader_workers", "seed_worker"]
+
+_SAID: set[tuple] = set()  # notes printed once per process
+
+
+def _say_once(key: tuple, message: str) -> None:
+    if key not in _SAID:
+        _SAID.add(key)
+        print(message)
+
+
+def _span(values: Sequence[int]) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low} to {high}"
+
+
+def loader_workers(cfg: Any) -> int:
+    """``DATALOADER.NUM_WORKERS``, capped at the CPUs this process may run on (one line says so)."""
+    requested = int(cfg.DATALOADER.NUM_WORKERS)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    if requested <= cpus:
+        return requested
+    _say_once(("workers", requested, cpus), f"DATALOADER.NUM_WORKERS {requested} is more than the {cpus} CPUs "
+                                            f"available: using {cpus} loader workers")
+    return cpus
 
 
 def build_dataset(cfg: Any) -> Any:
@@ -67,7 +96,7 @@ def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_so
         wrapper(cfg, data_source, transform=tfm, is_train=is_train),
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        num_workers=loader_workers(cfg),
         drop_last=is_train and len(data_source) >= batch_size,
         pin_memory=torch.cuda.is_available() and cfg.USE_CUDA,
         generator=generator,
@@ -128,8 +157,25 @@ class DataManager:
         self._num_source_domains = len(cfg.DATASET.SOURCE_DOMAINS)
         self._lab2cname = dataset.lab2cname
         self.dataset = dataset
+        self.shots_per_class = self._shots_per_class(cfg, dataset)
         if cfg.VERBOSE:
             self.show_dataset_summary(cfg)
+
+    def _shots_per_class(self, cfg: Any, dataset: Any) -> list[int] | None:
+        """Train images per label (index = label) of a few-shot run; None without NUM_SHOTS or for a test-only
+        set. Classes with fewer images than NUM_SHOTS keep all theirs (as Dassl): said once, never silently."""
+        shots = int(cfg.DATASET.NUM_SHOTS)
+        if shots < 1 or not dataset.train_x or dataset.train_x is dataset.test:
+            return None
+        counts = Counter(item.label for item in dataset.train_x)
+        per_class = [counts.get(label, 0) for label in range(self.num_classes)]
+        short = [n for n in per_class if n < shots]
+        if short:
+            _say_once(("shots", cfg.DATASET.NAME, shots, tuple(per_class)),
+                      f"Warning: DATASET.NUM_SHOTS {shots} is more than the train images of {len(short)} of the "
+                      f"{len(per_class)} classes; they keep all theirs ({_span(short)} images). "
+                      "results.json records the shots used per class (shots_per_class).")
+        return per_class
 
     @property
     def num_classes(self) -> int:

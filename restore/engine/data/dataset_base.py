@@ -8,19 +8,20 @@ seeded with ``cfg.SEED`` picks the same few-shot images as CoOp.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os.path as osp
 import random
 from collections import OrderedDict, defaultdict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from ..utils import atomic_write_bytes, listdir_nohidden, mkdir_if_missing, write_json
+from ..utils import atomic_write_bytes, disk_full_error, listdir_nohidden, mkdir_if_missing, write_json
 from .datum import DatasetNotFoundError, Datum, MissingImageError, dumps_datum_cache, load_datum_cache
 
 __all__ = [
     "DatasetBase", "read_split", "save_split", "split_trainval", "read_and_split_data", "split_per_class",
     "subsample_classes", "read_classnames", "load_or_create_fewshot", "fewshot_cache_path",
-    "cache_root", "make_datums", "DatasetNotFoundError", "MissingImageError",
+    "cache_root", "make_datums", "writable_cache", "DatasetNotFoundError", "MissingImageError",
 ]
 
 
@@ -183,7 +184,27 @@ def read_split(filepath: str, path_prefix: str, hint: str = "") -> tuple[list[Da
             f"Malformed split file {filepath} ({type(err).__name__}: {err}). Expected a JSON object with keys "
             f"'train', 'val', 'test', each a list of [relative_path, label, classname]. Re-download it."
             f"{(' ' + hint) if hint else ''}") from None
+    _check_label_range(triples, filepath, hint)
     return tuple(make_datums(triples[key], filepath, hint) for key in ("train", "val", "test"))  # type: ignore[return-value]
+
+
+def _check_label_range(triples: Mapping[str, list[tuple[str, int, str]]], filepath: str, hint: str) -> None:
+    """Labels of a split file must run 0, 1, ..., N-1 without gaps: name the first entry outside that run."""
+    labels = {label for items in triples.values() for _, label, _ in items}
+    run = 0
+    while run in labels:
+        run += 1
+    outside = sorted(labels - set(range(run)))
+    if not outside:
+        return
+    key, label, cname = next((key, label, cname) for key, items in triples.items()
+                             for _, label, cname in items if label in outside)
+    has = f"0..{run - 1}" if run else "no label 0"
+    rest = ", ".join(str(x) for x in outside[:5]) + (", ..." if len(outside) > 5 else "")
+    raise DatasetNotFoundError(
+        f"Label {label} (class {cname!r}) in the {key!r} split of {filepath} is outside the class range: labels "
+        f"must run 0..N-1 without gaps, and the file has {has}, then {rest}. The split file is corrupted or was "
+        f"edited; re-download it.{(' ' + hint) if hint else ''}")
 
 
 def save_split(train: Sequence[Datum], val: Sequence[Datum], test: Sequence[Datum], filepath: str,
@@ -324,10 +345,14 @@ def load_or_create_fewshot(cfg: Any, dataset_dir: str, train: list[Datum], val: 
     """K-shot train (and min(K, 4)-shot val) from the cache pickle, or sampled now and cached.
 
     The pickle is CoOp's: {"train": [...], "val": [...]} ({"train"} only when ``val`` is None, as
-    for ImageNet), Datum under Dassl's class path, written atomically. ``num_shots < 1`` is a no-op.
+    for ImageNet), Datum under Dassl's class path, written atomically. ``num_shots < 1`` is a no-op;
+    an unseeded run (``seed < 0``) samples afresh without the cache.
     """
     if num_shots < 1:
         return train, val
+    if seed < 0:  # a cache file is keyed by its seed: an unseeded run neither reads nor writes one
+        print("Unseeded run: drawing the few-shot images afresh (the few-shot cache is only for seeded runs)")
+        return _sample_fewshot(train, val, num_shots)
     path = fewshot_cache_path(cfg, dataset_dir, num_shots, seed)
     if osp.exists(path):
         print(f"Loading preprocessed few-shot data from {path}")
@@ -339,19 +364,32 @@ def load_or_create_fewshot(cfg: Any, dataset_dir: str, train: list[Datum], val: 
                 f"The few-shot cache {path} lists images that do not exist (e.g. {missing[0]}): the dataset "
                 "was moved or changed since the cache was written. Delete the cache file to re-sample.")
         return new_train, new_val
-    base = DatasetBase()  # generate_fewshot_dataset needs no data of its own
-    new_train = base.generate_fewshot_dataset(train, num_shots=num_shots)
+    new_train, new_val = _sample_fewshot(train, val, num_shots)
     data: dict[str, Any] = {"train": new_train}
-    new_val = None
-    if val is not None:
-        new_val = base.generate_fewshot_dataset(val, num_shots=min(num_shots, 4))
+    if new_val is not None:
         data["val"] = new_val
     print(f"Saving preprocessed few-shot data to {path}")
-    try:
+    with writable_cache(path, "the few-shot cache"):
         atomic_write_bytes(dumps_datum_cache(data), path)
-    except OSError as err:
-        raise OSError(
-            f"Cannot write the few-shot cache {path} ({err}). Make the dataset folder writable or set "
-            "DATASET.CACHE_DIR to a writable folder.") from None
     return new_train, new_val
 
+
+def _sample_fewshot(train: list[Datum], val: list[Datum] | None,
+                    num_shots: int) -> tuple[list[Datum], list[Datum] | None]:
+    base = DatasetBase()  # generate_fewshot_dataset needs no data of its own
+    new_train = base.generate_fewshot_dataset(train, num_shots=num_shots)
+    new_val = base.generate_fewshot_dataset(val, num_shots=min(num_shots, 4)) if val is not None else None
+    return new_train, new_val
+
+
+@contextlib.contextmanager
+def writable_cache(path: str, what: str) -> Iterator[None]:
+    """Turn a failed write of ``what`` (a file a loader derives: split JSON, few-shot cache) into one
+    sentence: free space for a full disk, else a writable dataset folder or ``DATASET.CACHE_DIR``."""
+    try:
+        yield
+    except OSError as err:
+        if disk_full_error(err) is not None:
+            raise
+        raise OSError(f"Cannot write {what} {path} ({err.strerror or err}). Make the dataset folder writable or set "
+                      "DATASET.CACHE_DIR to a writable folder.") from None

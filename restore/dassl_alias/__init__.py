@@ -98,8 +98,8 @@ def _adopt_dassl_datum_path(module: types.ModuleType) -> None:
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder):
-    # a marker, not isinstance: `python -m restore.dassl_alias` runs this file a second time as
-    # __main__, whose _AliasFinder class is not the one the .pth file installed
+    # a marker, not isinstance: a finder installed by another copy of this module (an older .pth
+    # or checkout) has another _AliasFinder class
     _restore_dassl_alias = True
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
@@ -161,9 +161,7 @@ def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or (argv[0] == "-m" and len(argv) < 2):
         print("usage: python -m restore.dassl_alias run (script.py | -m module) [args ...]")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from restore import dassl_alias  # the importable module, not this __main__ copy (one finder class)
-
-    if not dassl_alias.activate():
+    if not activate():
         print("A real Dassl is installed: running with it, not with the alias.", file=sys.stderr)
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
@@ -201,6 +199,3 @@ def main(argv: list[str] | None = None) -> int:
             print("no real Dassl; alias not installed (`install`, or `run script.py` for one process)")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
