@@ -6,7 +6,10 @@ killed run, the aggregate tables (HM, std, published column, cost columns) and t
 Also: --overwrite retrains from scratch (old folder moved aside), a finished run with other opts is
 refused, xd / dg targets only, averages over the protocol's own targets (partial k/N), the published
 row chosen by config (MMRL*, RESTORE-on-IVLP, MaPLe 5 / 10 epochs), the paper HM recomputed from base
-and new, SHOTS validation, and failure messages that point to a log only if it exists.
+and new, SHOTS validation, and failure messages that point to a log only if it exists. Also: SIGTERM /
+Ctrl-C to run_all.sh stop its train.py children (also with --gpus) with one line and exit 143 / 130, and
+the same command resumes; a step whose folder another run holds fails before writing; the help text
+and the summary line.
 """
 
 from __future__ import annotations
@@ -832,4 +835,5 @@ def test_help_and_summary_say_what_they_mean(capsys, tmp_path, monkeypatch):
     jobs = [[P.base2new_train(ctx, "zsclip", d, 1), P.base2new_test(ctx, "zsclip", d, 1)] for d in ("dtd", "eurosat")]
     P.run_jobs(jobs, ctx.root)
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("Finished 2 jobs (4 steps) in ") and last.endswith(": 4 done, 0 skipped, 0 failed, 0 not run")
+    assert last.startswith("Finished 2 jobs (4 steps) in ")
+    assert last.endswith(": 4 done, 0 skipped, 0 failed, 0 not run")
