@@ -164,3 +164,30 @@ def test_protocol_scripts_put_random_backbone_runs_under_output_random(tmp_path,
     monkeypatch.setenv("OUTPUT", "elsewhere")
     assert P.main(["base2new-test", "coop", "dtd", "1", "--dry-run", "MODEL.BACKBONE.NAME", "tiny"]) == 0
     assert "--output-dir elsewhere/base2new/test_new/dtd/" in capsys.readouterr().out
+
+
+def test_without_flock_a_live_holder_on_this_host_is_still_refused(tmp_path, monkeypatch):
+    """Some Lustre / NFS mounts have no flock: the PID recorded in the lock file is checked instead."""
+    import errno
+
+    from restore.engine import output_dir as O
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(O.fcntl, "flock", no_flock)
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "2024-01-01 00:00:00"}
+    (out / O.LOCK_FILE).write_text(json.dumps(holder))  # a live process (pytest's parent) holds it
+    with pytest.raises(O.OutputDirInUse, match=rf"PID {os.getppid()} on host "):
+        O.lock_output_dir(str(out))
+    assert O.output_dir_holder(str(out)) is not None
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / O.LOCK_FILE).write_text(json.dumps({**holder, "pid": dead.pid}))
+    assert O.output_dir_holder(str(out)) is None
+    with O.lock_output_dir(str(out)) as lock:
+        assert lock.previous["pid"] == dead.pid
+        assert json.loads((out / O.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (out / O.LOCK_FILE).exists()

@@ -147,8 +147,16 @@ def lock_output_dir(folder: str, flag: str = "--output-dir") -> OutputLock:
     check_output_dir(folder, flag)
     if not is_main_process():
         return OutputLock()
-    os.makedirs(folder, exist_ok=True)
     path = osp.join(folder, LOCK_FILE)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        return _lock(folder, path)
+    except PermissionError as err:
+        raise OutputDirError(f"Cannot write into {folder} ({err.strerror}): choose an output folder you can write "
+                             "to.") from None
+
+
+def _lock(folder: str, path: str) -> OutputLock:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
