@@ -11,6 +11,7 @@ import torch
 import datasets  # noqa: F401  registers the benchmark loaders
 import trainers  # noqa: F401  registers the trainers
 from restore.engine.config import ConfigError, check_settings, extend_cfg, get_cfg_default, merge_file, merge_opts
+from restore.engine.output_dir import OutputDirError, default_output_root, lock_output_dir
 from restore.engine.registry import DATASET_REGISTRY, TRAINER_REGISTRY, check_availability, lookup_case_insensitive
 from restore.engine.trainer import RESULTS_FILE, build_trainer
 from restore.engine.utils import collect_env_info, error_message, set_random_seed, setup_logger, trusted_checkpoints
@@ -19,7 +20,9 @@ from restore.engine.utils import collect_env_info, error_message, set_random_see
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", type=str, default="", help="path to dataset")
-    parser.add_argument("--output-dir", type=str, default="", help="output directory")
+    parser.add_argument("--output-dir", type=str, default="",
+                        help="output directory (a folder, used by one run at a time; default output, or output_random "
+                             "for a backbone with random weights)")
     parser.add_argument("--resume", type=str, default="", help="checkpoint directory (from which the training resumes)")
     parser.add_argument("--seed", type=int, default=-1,
                         help="random seed (0 or more); -1 (the default) keeps the config's SEED, itself -1 "
@@ -90,6 +93,12 @@ def setup_cfg(args):  # type: ignore[no-untyped-def]
               "(options on the command line override them)")
         merge_opts(cfg, defaults)
     merge_opts(cfg, args.opts or [])
+    if not args.output_dir and "OUTPUT_DIR" not in (args.opts or [])[0::2]:  # random weights: not among real runs
+        output = default_output_root(cfg.MODEL.BACKBONE.NAME, cfg.OUTPUT_DIR)
+        if output != cfg.OUTPUT_DIR:
+            print(f"Backbone {cfg.MODEL.BACKBONE.NAME} has random weights: output goes to {output}/, not "
+                  f"{cfg.OUTPUT_DIR}/ (--output-dir chooses another folder)")
+            cfg.OUTPUT_DIR = output
     cfg.TRAINER.NAME = lookup_case_insensitive(TRAINER_REGISTRY, cfg.TRAINER.NAME)
     check_availability(cfg.TRAINER.NAME, TRAINER_REGISTRY.registered_names(), "trainer")
     check_availability(cfg.DATASET.NAME, DATASET_REGISTRY.registered_names(), "dataset")
@@ -117,6 +126,20 @@ def main(args) -> int:  # type: ignore[no-untyped-def]
     except (ConfigError, ValueError, KeyError) as err:
         print(f"error: {error_message(err)}", file=sys.stderr)
         return 2
+    try:  # one run per folder, taken before anything is written into it; released when the run ends
+        lock = lock_output_dir(cfg.OUTPUT_DIR)
+    except OutputDirError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with lock:
+        if lock.takeover_note():
+            print(lock.takeover_note())
+        return run(args, cfg)
+
+
+def run(args, cfg) -> int:  # type: ignore[no-untyped-def]
+    """The run itself, in an output folder this process holds."""
+    training = not args.eval_only and not args.no_train
     results = osp.join(cfg.OUTPUT_DIR, RESULTS_FILE)
     if osp.exists(results) and not args.overwrite and training:  # --eval-only always evaluates, as CoOp
         print(f"{results} exists: this run is finished, skipping it (pass --overwrite to redo it).")

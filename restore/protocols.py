@@ -14,13 +14,17 @@ arguments (trainer class, config file, per-dataset options, output folder, check
 
 ``TRAINER`` is a lowercase method name (:data:`TRAINERS`). Environment variables (each also a flag):
 ``DATA`` (dataset root, required), ``CFG`` (config name in the trainer's config folder, or a path to a
-YAML file), ``SHOTS`` (training shots, default 16), ``OUTPUT`` (output root, default ``output``),
-``SUB`` (class split of ``base2new-test``). Output folders: see :mod:`restore.evaluation.results`.
+YAML file), ``SHOTS`` (training shots, default 16), ``OUTPUT`` (output root, default ``output``; with a
+backbone of random weights in the opts, e.g. ``MODEL.BACKBONE.NAME tiny``, ``output_random``), ``SUB``
+(class split of ``base2new-test``). Output folders: see :mod:`restore.evaluation.results`.
 
 Runs are idempotent: a step whose ``results.json`` exists is skipped, a crashed training resumes
 from its last checkpoint (``train.py`` does that), and an evaluation whose model was retrained since
 is redone. Evaluation steps load the last epoch written by the training run, read from its
-``checkpoint`` file (no hard-coded ``--load-epoch``).
+``checkpoint`` file (no hard-coded ``--load-epoch``). A step whose folder another run is using (its
+``run.lock``) fails with one line naming that process. SIGINT (Ctrl-C) or SIGTERM stops the running
+``train.py`` processes too (each runs in its own process group, signalled and waited for), prints one
+line and exits with 130 / 143; the same command then resumes where it stopped.
 
 Each step records the user's trailing opts in ``<run folder>/protocol_opts.json`` when it runs; a
 finished (or partly trained) step asked again with other opts is refused with one line that says
@@ -38,6 +42,7 @@ import os.path as osp
 import queue
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -47,13 +52,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from restore.data.benchmarks import resolve
-from restore.evaluation.results import OLD_RUN_SUFFIX, PROTOCOL_DIRS, RESULTS_FILE, run_dir
+from restore.evaluation.results import (
+    DEFAULT_OUTPUT_ROOT,
+    LOCK_FILE,
+    OLD_RUN_SUFFIX,
+    PROTOCOL_DIRS,
+    RESULTS_FILE,
+    run_dir,
+)
 
 __all__ = [
     "TRAINERS", "TrainerSpec", "Step", "ProtocolError", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS",
     "FEWSHOT_SHOTS", "OPTS_FILE", "repo_root", "get_spec", "resolve_config", "dataset_opts", "last_epoch",
     "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_test", "fewshot_train", "build_jobs",
-    "run_steps", "run_jobs", "move_aside", "check_steps", "main",
+    "run_steps", "run_jobs", "move_aside", "check_steps", "Interrupted", "main",
 ]
 
 BASE2NEW_DATASETS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -506,7 +518,7 @@ class Context:
     """What every step needs besides trainer/dataset/seed (env vars or flags)."""
 
     data: str = ""
-    output: str = "output"
+    output: str = DEFAULT_OUTPUT_ROOT
     cfg: str = ""
     shots: int = 16
     opts: list[str] = field(default_factory=list)
@@ -680,8 +692,16 @@ def _run_in_process(argv: list[str], root: str) -> int:
 
     saved_argv, saved_stdout = sys.argv, sys.stdout
     sys.argv = [osp.join(root, "train.py")] + argv
+    with _CHILDREN.lock:
+        _CHILDREN.in_process += 1  # from now on a signal raises Interrupted here
+    started = False
     try:
+        _CHILDREN.check()
+        started = True
         rc = train_module.cli()
+    except Interrupted:
+        _CHILDREN.stopped += started
+        raise
     except SystemExit as err:  # argparse errors
         rc = err.code if isinstance(err.code, int) else 1
     except Exception as err:  # noqa: BLE001 - one failed step must not end the grid
@@ -691,6 +711,8 @@ def _run_in_process(argv: list[str], root: str) -> int:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         rc = 1
     finally:
+        with _CHILDREN.lock:
+            _CHILDREN.in_process -= 1
         logger = sys.stdout
         sys.argv, sys.stdout = saved_argv, saved_stdout
         if logger is not saved_stdout and hasattr(logger, "close"):
@@ -711,14 +733,125 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# --------------------------------------------------------------------------- interruption
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM reached the runner; its ``train.py`` children have been stopped and waited for.
+
+    A ``BaseException`` (as ``KeyboardInterrupt``), so that no per-step ``except Exception`` takes it for
+    a failed step."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Children:
+    """What the runner is running, so that a signal stops all of it (every ``train.py`` in its own
+    process group, which the runner signals: a child never outlives the sweep)."""
+
+    KILL_AFTER_S = 15.0  # a child still alive this long after SIGTERM gets SIGKILL
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # re-entrant: the handler may run while the main thread holds it
+        self.procs: set[subprocess.Popen] = set()
+        self.in_process = 0  # steps running in this interpreter (stopped by raising Interrupted)
+        self.signum = 0  # the signal that stops the sweep; 0 while running
+        self.stopped = 0  # steps that the signal cut short
+        self.timer: Optional[threading.Timer] = None
+
+    def reset(self) -> None:
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.procs.clear()
+            self.in_process = self.signum = self.stopped = 0
+            self.timer = None
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` once a signal came: nothing new starts after it."""
+        if self.signum:
+            raise Interrupted(self.signum)
+
+    def signal_all(self, sig: int) -> None:
+        with self.lock:
+            for proc in list(self.procs):
+                _signal_group(proc, sig)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        with self.lock:
+            first = not self.signum
+            self.signum = self.signum or signum
+            self.signal_all(signal.SIGTERM if first else signal.SIGKILL)  # twice: no more waiting
+            if first and self.procs:
+                self.timer = threading.Timer(self.KILL_AFTER_S, self.signal_all, args=(signal.SIGKILL,))
+                self.timer.daemon = True
+                self.timer.start()
+            if self.in_process:  # a step in this interpreter: stop it where it is
+                raise Interrupted(self.signum)
+
+
+_CHILDREN = _Children()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    if proc.returncode is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)  # the child's own group: train.py and its data-loader workers
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _interruptible(run: Callable[[], int]) -> int:
+    """``run()`` with SIGINT / SIGTERM stopping every step it started (children too); then one line and
+    exit status 128 + signal (130 for Ctrl-C, 143 for SIGTERM) instead of tracebacks."""
+    if threading.current_thread() is not threading.main_thread():
+        return run()
+    _CHILDREN.reset()
+    previous = {sig: signal.signal(sig, _CHILDREN.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run()
+    except Interrupted as stop:  # (a second signal while this prints finds nothing left to stop)
+        n = _CHILDREN.stopped
+        print(f"Interrupted ({signal.Signals(stop.signum).name}): stopped {n} running step{'' if n == 1 else 's'}; "
+              "run the same command again to resume", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _CHILDREN.reset()
+
+
 def _run_subprocess(argv: list[str], root: str, env: Optional[dict[str, str]] = None, log: Optional[str] = None) -> int:
+    """``python train.py argv`` in its own process group; a signal to the runner stops it (then
+    :class:`Interrupted` is raised here, once it has exited)."""
     cmd = [sys.executable, osp.join(root, "train.py")] + argv
     full_env = {**os.environ, **(env or {})}
+    out = None
     if log:
         os.makedirs(osp.dirname(log), exist_ok=True)
-        with open(log, "w") as f:
-            return subprocess.call(cmd, env=full_env, stdout=f, stderr=subprocess.STDOUT)
-    return subprocess.call(cmd, env=full_env)
+        out = open(log, "w")  # noqa: SIM115 - closed below
+    try:
+        with _CHILDREN.lock:
+            _CHILDREN.check()
+            proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                    start_new_session=True)
+            _CHILDREN.procs.add(proc)
+            if _CHILDREN.signum:  # the signal came while it was being started
+                _signal_group(proc, signal.SIGTERM)
+        try:
+            rc = proc.wait()
+        finally:
+            with _CHILDREN.lock:
+                _CHILDREN.procs.discard(proc)
+    finally:
+        if out is not None:
+            out.close()
+    if _CHILDREN.signum:
+        with _CHILDREN.lock:
+            _CHILDREN.stopped += 1
+        raise Interrupted(_CHILDREN.signum)
+    return rc
 
 
 @dataclass
@@ -762,6 +895,15 @@ def _failure_hint(step: Step, log: Optional[str]) -> str:
     return "see the error printed above" if not log else "train.py wrote no log"
 
 
+def _in_use(folder: str) -> Optional[str]:
+    """Why ``folder`` cannot be written now (a live run holds its lock), or None."""
+    if not osp.exists(osp.join(folder, LOCK_FILE)):  # the usual case, without importing the engine (torch)
+        return None
+    from restore.engine.output_dir import output_dir_holder
+
+    return output_dir_holder(folder)
+
+
 def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_process: bool = True,
               env: Optional[dict[str, str]] = None, log_dir: Optional[str] = None,
               report: Callable[[str], None] = print) -> list[Outcome]:
@@ -776,8 +918,15 @@ def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_proc
     outcomes: list[Outcome] = []
     failed = False
     for step in steps:
+        _CHILDREN.check()
         if failed:
             outcomes.append(Outcome(step, "not-run", message="an earlier step of this job failed"))
+            continue
+        busy = _in_use(step.output_dir)
+        if busy:  # another train.py (another sweep, a hand-started run) is writing there right now
+            report(f"FAILED {step.name}: {busy}")
+            outcomes.append(Outcome(step, "failed", 2, message=busy))
+            failed = True
             continue
         problem = None if overwrite else step.conflict()
         if problem:
@@ -862,8 +1011,11 @@ def run_jobs(jobs: Sequence[Sequence[Step]], root: str, gpus: Sequence[str] = ()
                 except queue.Empty:
                     return
                 quiet: list[str] = []
-                res = run_steps(job, root, overwrite, in_process=False, env={"CUDA_VISIBLE_DEVICES": gpu},
-                                log_dir=log_dir, report=quiet.append)
+                try:
+                    res = run_steps(job, root, overwrite, in_process=False, env={"CUDA_VISIBLE_DEVICES": gpu},
+                                    log_dir=log_dir, report=quiet.append)
+                except Interrupted:  # the main thread reports it, once every worker has stopped
+                    return
                 moved = [line for line in quiet if line.startswith("--overwrite:")]
                 if moved:
                     with lock:
@@ -875,9 +1027,11 @@ def run_jobs(jobs: Sequence[Sequence[Step]], root: str, gpus: Sequence[str] = ()
             t.start()
         for t in threads:
             t.join()
+        _CHILDREN.check()
     failed = [o for o in outcomes if o.status == "failed"]
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed", "not-run")}
-    print(f"Finished {total} jobs in {time.time() - start:.0f} s: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    print(f"Finished {total} job{'' if total == 1 else 's'} ({len(outcomes)} step{'' if len(outcomes) == 1 else 's'})"
+          f" in {time.time() - start:.0f} s: " + ", ".join(f"{v} {k.replace('-', ' ')}" for k, v in counts.items()))
     for o in failed:
         print(f"  FAILED {o.step.name}: {o.message or f'exit {o.rc}; ' + _failure_hint(o.step, None)}")
     return outcomes
@@ -885,13 +1039,30 @@ def run_jobs(jobs: Sequence[Sequence[Step]], root: str, gpus: Sequence[str] = ()
 
 # --------------------------------------------------------------------------- CLI
 def _context(args: argparse.Namespace, opts: Sequence[str], check_data: bool = True) -> Context:
-    return Context(data=args.data, output=args.output, cfg=args.cfg, shots=args.shots, opts=list(opts),
-                   check_data=check_data)
+    return Context(data=args.data, output=args.output or _default_output(opts), cfg=args.cfg, shots=args.shots,
+                   opts=list(opts), check_data=check_data)
+
+
+def _default_output(opts: Sequence[str]) -> str:
+    """``output``, or ``output_random`` when the opts name a backbone with random weights (``tiny``...),
+    so that such runs never sit among real results."""
+    backbone = _opts_dict(opts).get("MODEL.BACKBONE.NAME")
+    if backbone is None:
+        return DEFAULT_OUTPUT_ROOT
+    from restore.engine.output_dir import default_output_root  # imports torch: only when a backbone is named
+
+    output = default_output_root(backbone)
+    if output != DEFAULT_OUTPUT_ROOT:
+        print(f"Backbone {backbone} has random weights: output root {output}/, not {DEFAULT_OUTPUT_ROOT}/ (set "
+              "OUTPUT to choose another)", file=sys.stderr)
+    return output
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=os.environ.get("DATA", ""), help="dataset root (env DATA)")
-    parser.add_argument("--output", default=os.environ.get("OUTPUT", "output"), help="output root (env OUTPUT)")
+    parser.add_argument("--output", default=os.environ.get("OUTPUT", ""),
+                        help="output root (env OUTPUT; default output, or output_random for a backbone with random "
+                             "weights such as tiny)")
     parser.add_argument("--cfg", default=os.environ.get("CFG", ""), help="config name or YAML path (env CFG)")
     parser.add_argument("--shots", type=_shots, default=_env_shots(), help="training shots (env SHOTS, default 16)")
     parser.add_argument("--overwrite", action="store_true",
@@ -968,8 +1139,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def _usage() -> str:
-    return "usage: python -m restore.protocols COMMAND ...\n\n" + "\n".join(
-        f"  {name:15s} {text}" for name, text in _COMMANDS.items()) + "\n\n" + __doc__.split("\n\n")[1]
+    about = __doc__.split("\n\n")[1].replace("``", "").rstrip(":")  # the reST "::" introduces a listing
+    return ("usage: python -m restore.protocols COMMAND ...\n\n" + "\n".join(
+        f"  {name:15s} {text}" for name, text in _COMMANDS.items()) + "\n\n" + about + ".\n\n"
+        "Run python -m restore.protocols COMMAND --help for a command's arguments. Environment: DATA\n"
+        "(dataset root, required), CFG, SHOTS, SUB, OUTPUT (output root: output, or output_random for a\n"
+        "backbone with random weights such as tiny).")
 
 
 def _print_list() -> int:
@@ -1002,6 +1177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = command
     if command == "list":
         return _print_list()
+    return _interruptible(lambda: _run_command(args))
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Build the steps of a parsed command and run them (or print them with ``--dry-run``)."""
     try:
         ctx = _context(args, args.opts, check_data=not args.dry_run)
         if args.dry_run and not ctx.data:

@@ -8,7 +8,9 @@
 # ImageNet variants), dg (train ImageNet, test the 4 variants), fewshot (--shot-list 1,2,4,8,16).
 # One job at a time by default; --gpus 0,1 runs one job per GPU (CUDA_VISIBLE_DEVICES round-robin,
 # each job's output in $OUTPUT/logs/PROTOCOL/). Finished runs are skipped, crashed ones resume, so
-# re-running this command after an interruption completes the grid. Then:
+# re-running this command after an interruption completes the grid. Ctrl-C or SIGTERM also stops the
+# running train.py processes, prints one line and exits with 130 / 143. OUTPUT defaults to output
+# (output_random for a backbone with random weights such as MODEL.BACKBONE.NAME tiny). Then:
 #   python -m restore.evaluation.aggregate output/
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

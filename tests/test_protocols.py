@@ -6,7 +6,10 @@ killed run, the aggregate tables (HM, std, published column, cost columns) and t
 Also: --overwrite retrains from scratch (old folder moved aside), a finished run with other opts is
 refused, xd / dg targets only, averages over the protocol's own targets (partial k/N), the published
 row chosen by config (MMRL*, RESTORE-on-IVLP, MaPLe 5 / 10 epochs), the paper HM recomputed from base
-and new, SHOTS validation, and failure messages that point to a log only if it exists.
+and new, SHOTS validation, and failure messages that point to a log only if it exists. Also: SIGTERM /
+Ctrl-C to run_all.sh stop its train.py children (also with --gpus) with one line and exit 143 / 130, and
+the same command resumes; a step whose folder another run holds fails before writing; the help text
+and the summary line.
 """
 
 from __future__ import annotations
@@ -674,3 +677,163 @@ def test_failure_message_points_to_a_log_that_exists(data_root, tmp_path, capsys
     monkeypatch.setattr(P, "_run_in_process", fails_after_logging)
     [outcome] = P.run_steps([step], ctx.root)
     assert outcome.status == "failed" and outcome.message.endswith(f"see {osp.join(step.output_dir, 'log.txt')}")
+
+
+# --------------------------------------------------------------------------- signals, locks, wording
+def _wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"{what} never happened (runner exit {proc.poll()})")
+
+
+def _train_children(pid: int) -> list[int]:
+    """The ``train.py`` processes whose parent is ``pid`` (read from /proc, no psutil)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"train.py" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(pids: list[int]) -> None:
+    for pid in pids:  # only if the runner left them running (the bug these tests guard against)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not osp.isdir("/proc"), reason="finds the runner's children in /proc")
+def test_sigterm_stops_the_sweep_and_its_child_and_a_rerun_resumes(tmp_path):
+    data = str(tmp_path / "data")
+    synthetic.make_synthetic("dtd", data, num_classes=4, images_per_class=12)
+    out = str(tmp_path / "output")
+    env = _env(data, out, SHOTS="4")  # 2 base classes x 4 shots, batch 1: 8 steps per epoch
+    opts = ["MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "4", "OPTIM.WARMUP_EPOCH", "0",
+            "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "1", "DATALOADER.TEST.BATCH_SIZE", "50"]
+    cmd = ["bash", osp.join(ROOT, "scripts", "run_all.sh"), "base2new", "coop", "--datasets", "dtd", "--seeds", "1",
+           *opts]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    run_glob = osp.join(out, "base2new", "train_base", "dtd", "shots_4", "CoOp", "*", "seed1")
+    children: list[int] = []
+    try:
+        _wait_for(lambda: glob.glob(osp.join(run_glob, "prompt_learner", "checkpoint")), "epoch 1's checkpoint", proc)
+        children = _wait_for(lambda: _train_children(proc.pid), "the train.py child", proc)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    alive = [pid for pid in children if _alive(pid)]
+    _stop(alive)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert not alive, "train.py kept running after the sweep was stopped"
+    assert stderr.strip().splitlines()[-1] == ("Interrupted (SIGTERM): stopped 1 running step; run the same command "
+                                               "again to resume")
+    assert stderr.count("Interrupted") == 1 and "Traceback" not in stderr + stdout
+    assert "Finished" not in stdout and "FAILED" not in stdout
+    run = glob.glob(run_glob)[0]
+    assert not osp.exists(osp.join(run, "results.json")), "training finished before it could be stopped"
+
+    again = subprocess.run(cmd + ["--in-process"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed = open(osp.join(run, "log.txt")).read().split("=== resumed ", 1)[1]
+    assert "Found checkpoint" in resumed and "Previous epoch: " in resumed and "epoch [1/4]" not in resumed
+    assert _results(run)["epoch"] == 4 and osp.isfile(run.replace("train_base", "test_new") + "/results.json")
+    assert "Finished 1 job (2 steps) in " in again.stdout and ": 2 done, 0 skipped, 0 failed, 0 not run" in again.stdout
+
+
+@pytest.mark.skipif(not osp.isdir("/proc"), reason="finds the runner's children in /proc")
+def test_ctrl_c_stops_parallel_jobs_with_one_line_and_no_traceback(tmp_path):
+    data = str(tmp_path / "data")
+    for name in ("dtd", "eurosat"):
+        synthetic.make_synthetic(name, data, num_classes=4, images_per_class=12)
+    out = str(tmp_path / "output")
+    opts = ["MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "50", "OPTIM.WARMUP_EPOCH", "0",
+            "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "1"]
+    proc = subprocess.Popen(["bash", osp.join(ROOT, "scripts", "run_all.sh"), "base2new", "coop", "--datasets",
+                             "dtd,eurosat", "--seeds", "1", "--gpus", "0,1", *opts], env=_env(data, out, SHOTS="4"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children: list[int] = []
+    try:
+        logs = osp.join(out, "base2new", "train_base", "*", "shots_4", "CoOp", "*", "seed1", "log.txt")
+        _wait_for(lambda: len(glob.glob(logs)) == 2, "both jobs' training", proc)
+        children = _train_children(proc.pid)
+        assert len(children) == 2
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the runner
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    alive = [pid for pid in children if _alive(pid)]
+    _stop(alive)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert not alive, "a train.py kept running after Ctrl-C"
+    assert stderr.strip().splitlines() == ["Interrupted (SIGINT): stopped 2 running steps; run the same command "
+                                           "again to resume"]
+    logs = "".join(open(p).read() for p in glob.glob(osp.join(out, "logs", "base2new", "*.out")))
+    assert "Traceback" not in stdout + logs and "Finished" not in stdout
+
+
+def test_a_step_whose_folder_is_in_use_fails_with_one_line(tmp_path, capsys):
+    import socket
+
+    from restore import protocols as P
+    from restore.engine.output_dir import lock_output_dir
+
+    ctx = P.Context(data=str(tmp_path), output=str(tmp_path / "out"), shots=2, check_data=False)
+    job = [P.base2new_train(ctx, "coop", "dtd", 1), P.base2new_test(ctx, "coop", "dtd", 1)]
+    with lock_output_dir(job[0].output_dir):  # another sweep's train.py is writing there
+        outcomes = P.run_steps(job, ctx.root)
+        assert os.listdir(job[0].output_dir) == ["run.lock"]  # no protocol_opts.json, nothing moved aside
+    assert [o.status for o in outcomes] == ["failed", "not-run"]
+    expected = (f"{job[0].output_dir} is in use by another run (PID {os.getpid()} on host {socket.gethostname()}, "
+                "started ")
+    assert outcomes[0].message.startswith(expected)
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"FAILED {job[0].name}: {expected}") and len(printed.strip().splitlines()) == 1
+
+
+def test_help_and_summary_say_what_they_mean(capsys, tmp_path, monkeypatch):
+    from restore import protocols as P
+
+    assert P.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "::" not in text and "COMMAND --help" in text and "output_random" in text
+
+    def finished(argv, root, env=None, log=None):
+        out = argv[argv.index("--output-dir") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(osp.join(out, "results.json"), "w") as f:
+            json.dump({"accuracy": 50.0}, f)
+        return 0
+
+    monkeypatch.setattr(P, "_run_subprocess", finished)
+    ctx = P.Context(data=str(tmp_path), output=str(tmp_path / "out"), shots=2, check_data=False)
+    jobs = [[P.base2new_train(ctx, "zsclip", d, 1), P.base2new_test(ctx, "zsclip", d, 1)] for d in ("dtd", "eurosat")]
+    P.run_jobs(jobs, ctx.root)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("Finished 2 jobs (4 steps) in ")
+    assert last.endswith(": 4 done, 0 skipped, 0 failed, 0 not run")

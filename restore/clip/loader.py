@@ -58,8 +58,8 @@ from restore.engine.serialization import corrupted_sentence, safe_torch_load
 
 __all__ = [
     "OPENAI_MODELS", "OPENAI_MEAN", "OPENAI_STD", "ChecksumError", "LoadedCLIP", "available_models",
-    "clear_cache", "convert_open_clip", "default_cache_dir", "load_clip", "openai_checkpoint_path",
-    "read_state_dict", "save_openai_state_dict", "sha256_file",
+    "clear_cache", "convert_open_clip", "default_cache_dir", "is_random_backbone", "load_clip",
+    "openai_checkpoint_path", "read_state_dict", "save_openai_state_dict", "sha256_file",
 ]
 
 OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -152,6 +152,20 @@ def available_models() -> list[str]:
     Any existing checkpoint path and ``"open_clip:<MODEL>[/<TAG or FILE>]"`` are accepted too.
     """
     return list(OPENAI_MODELS) + list(_TINY_CONFIGS)
+
+
+def is_random_backbone(name: str | os.PathLike[str]) -> bool:
+    """True if :func:`load_clip` gives ``name`` RANDOM weights (``tiny``, ``tiny-rn``, ``open_clip:<MODEL>``
+    without a tag or file); decided from the name alone, nothing is loaded."""
+    name = os.fspath(name).strip()
+    if name in _TINY_CONFIGS:
+        return True
+    return name.startswith(OPEN_CLIP_PREFIX) and _open_clip_random(name[len(OPEN_CLIP_PREFIX):])
+
+
+def _open_clip_random(spec: str) -> bool:
+    """An open_clip spec without pretrained weights (no ``/<TAG or FILE>``, not hf-hub / local-dir)."""
+    return not spec.startswith(("hf-hub:", "local-dir:")) and not spec.partition("/")[2]
 
 
 def default_cache_dir() -> str:
@@ -466,7 +480,7 @@ def _load_open_clip(spec: str, cache_dir: str | os.PathLike[str] | None) -> _Ent
     else:
         model_name, _, tail = spec.partition("/")
         pretrained = tail or None
-    random_weights = pretrained is None and not spec.startswith(("hf-hub:", "local-dir:"))
+    random_weights = _open_clip_random(spec)
     key: tuple[Any, ...] = ("open_clip", spec)
     if pretrained is not None and os.path.isfile(os.path.expanduser(pretrained)):
         pretrained = os.path.abspath(os.path.expanduser(pretrained))

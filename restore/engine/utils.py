@@ -256,7 +256,7 @@ RESUMED_MARKER = "=== resumed {} ==="
 
 
 def setup_logger(output: str | None = None, append: bool = False) -> str | None:
-    """Tee stdout to ``output/log.txt`` (or ``output`` if it ends in .txt/.log).
+    """Tee stdout to ``output/log.txt`` (or ``output`` itself if it ends in .txt/.log and is not a folder).
 
     An existing log gets a new sibling named with a ``-%Y-%m-%d-%H-%M-%S`` suffix, as Dassl does;
     with ``append`` (train.py resuming an unfinished run) the existing log is continued after a line
@@ -267,7 +267,8 @@ def setup_logger(output: str | None = None, append: bool = False) -> str | None:
         return None
     if int(os.environ.get("RANK", "0") or 0) != 0:  # DDP (torchrun): only rank 0 writes the log
         return None
-    fpath = output if output.endswith((".txt", ".log")) else osp.join(output, "log.txt")
+    as_file = output.endswith((".txt", ".log")) and not osp.isdir(output)
+    fpath = output if as_file else osp.join(output, "log.txt")
     resumed = append and osp.isfile(fpath)
     if osp.exists(fpath) and not resumed:
         fpath += time.strftime("-%Y-%m-%d-%H-%M-%S")

@@ -40,12 +40,18 @@ from typing import Any, Iterator, Optional, Sequence
 from .metrics import ci95, mean_std
 
 __all__ = [
-    "RESULTS_FILE", "PROTOCOL_DIRS", "PHASES", "RunRecord", "run_dir", "parse_run_dir", "parse_log",
-    "read_log_accuracy", "read_results_json", "collect_runs", "parse_directory", "main",
+    "RESULTS_FILE", "LOCK_FILE", "DEFAULT_OUTPUT_ROOT", "RANDOM_OUTPUT_ROOT", "PROTOCOL_DIRS", "PHASES", "RunRecord",
+    "run_dir", "parse_run_dir", "parse_log", "read_log_accuracy", "read_results_json", "collect_runs",
+    "parse_directory", "main",
 ]
 
 RESULTS_FILE = "results.json"  # == restore.engine.trainer.RESULTS_FILE (kept import-free of torch)
 LOG_FILE = "log.txt"
+LOCK_FILE = "run.lock"  # held by the run in progress in a folder (restore.engine.output_dir); deleted at its end
+#: The default output root, and the one that runs of a backbone with RANDOM weights (``tiny``...) get
+#: instead, so that a test or demo run never lands among real results.
+DEFAULT_OUTPUT_ROOT = "output"
+RANDOM_OUTPUT_ROOT = "output_random"
 
 # protocol folder -> cfg.PROTOCOL value
 PROTOCOL_DIRS: dict[str, str] = {

@@ -6,7 +6,8 @@
 #
 # TRAINER: restore, mmrl, craft, coop, cocoop, ivlp, vpt, maple, promptsrc, kgcoop, zsclip.
 # Environment: DATA (required), CFG (config name or .yaml path; default per trainer and protocol),
-# SHOTS (training shots, default 16), OUTPUT (output root, default output), PYTHON (default python).
+# SHOTS (training shots, default 16), OUTPUT (output root, default output; output_random for a backbone
+# with random weights such as MODEL.BACKBONE.NAME tiny), PYTHON (default python).
 # Trailing opts (KEY VALUE ...) go to train.py after everything else. A finished run (results.json)
 # is skipped (refused, with what differs, if it ran with other opts); a crashed one resumes from its
 # last checkpoint; --overwrite redoes it (a training's old folder is kept as <folder>.old-<time>).
