@@ -218,7 +218,7 @@ def test_evaluator_state_merge_and_single_process_noops():
 
 
 def test_ddp_craft_anchors_computed_in_training_equal_single_process(runs):
-    from restore.craft.anchors import ANCHOR_FILE, load_anchors
+    from trainers.craft.anchors import ANCHOR_FILE, load_anchors
 
     single, ddp, single_out, ddp_out = runs["craft_static"]
     a, b = load_anchors(os.path.join(single_out, ANCHOR_FILE)), load_anchors(os.path.join(ddp_out, ANCHOR_FILE))

@@ -91,16 +91,16 @@ def test_yaml_loader_keeps_merges_empty_files_and_unknown_key_messages(tmp_path)
         merge_file(cfg, str(typo))
 
 
-def test_per_dataset_yaml_with_a_key_twice_is_refused(tmp_path):
-    from restore.engine.config import per_dataset_opts
+def test_dataset_overrides_yaml_with_a_key_twice_is_refused(tmp_path):
+    from restore.methods import MethodSpec, dataset_overrides
 
-    trainers_dir = tmp_path / "configs" / "trainers" / "M" / "datasets"
-    trainers_dir.mkdir(parents=True)
-    (tmp_path / "configs" / "datasets").mkdir()
-    (tmp_path / "configs" / "datasets" / "dtd.yaml").write_text("DATASET:\n  NAME: DescribableTextures\n")
-    (trainers_dir / "dtd.yaml").write_text("TRAINER:\n  M:\n    W: 1.0\n    W: 2.0\n")
-    with pytest.raises(ConfigError, match=r"Key 'W' appears twice in .*dtd.yaml \(lines 3 and 4\)"):
-        per_dataset_opts(str(trainers_dir), "dtd", "M")
+    folder = tmp_path / "configs" / "trainers" / "M" / "dataset_overrides"
+    folder.mkdir(parents=True)
+    (folder / "base2new.yaml").write_text("dtd:\n  TRAINER.M.W: 1.0\n  TRAINER.M.W: 2.0\n")
+    spec = MethodSpec("m", "M", dataset_overrides={"base2new": "M/dataset_overrides/base2new.yaml"},
+                      config_root=str(tmp_path / "configs"))
+    with pytest.raises(ConfigError, match=r"Key 'TRAINER.M.W' appears twice in .*base2new.yaml \(lines 2 and 3\)"):
+        dataset_overrides(spec, "dtd")
 
 
 # ---------------------------------------------------------------- settings

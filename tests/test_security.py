@@ -352,7 +352,7 @@ def test_imagenet_preprocessed_pkl_is_refused(tmp_path):
 
 @pytest.mark.parametrize("kind", ["hostile", "truncated"])
 def test_craft_anchor_file_is_refused_or_called_corrupted(tmp_path, kind):
-    from restore.craft.anchors import load_anchors
+    from trainers.craft.anchors import load_anchors
 
     marker, path = tmp_path / "MARKER", tmp_path / "anchors.pt"
     torch.save({"version": 1, "anchors": torch.zeros(2, 4), "note": Payload(str(marker))}, path)

@@ -1,16 +1,20 @@
-"""Registered trainers; importing this package registers every method.
+"""This distribution's methods (installed as ``restore_plugins.trainers``); importing the package registers
+every method, importing one method module registers that method only (see :mod:`restore.methods`)."""
 
-MMRL and RESTORE are registered by name and imported on first lookup: their modules also run as
-``python -m trainers.mmrl`` / ``python -m trainers.restore_trainer``, which must not find them imported.
-"""
+from restore.methods import register_deferred
 
-from restore.engine.registry import TRAINER_REGISTRY
+from . import (  # noqa: F401
+    cocoop,
+    coop,
+    craft,
+    ivlp,
+    kgcoop,
+    maple,
+    mmrl,
+    promptsrc,
+    restore_trainer,
+    vpt,
+    zsclip,
+)
 
-from . import cocoop, coop, ivlp, kgcoop, maple  # noqa: F401
-
-TRAINER_REGISTRY.register_lazy("MMRL", "trainers.mmrl")
-from . import promptsrc, vpt, zsclip  # noqa: F401
-import restore.craft  # noqa: F401,E402  registers TRAINER.CRAFT and the Craft regularizer
-
-# (module name avoids shadowing the top-level restore package)
-TRAINER_REGISTRY.register_lazy("RESTORE", "trainers.restore_trainer")
+register_deferred(__name__)  # methods first imported as another method's dependency (MaPLe, by RESTORE)

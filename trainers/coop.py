@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.prompting.context import TextContext
 from restore.prompting.trainer import PromptModel, PromptTrainer
 
@@ -35,7 +35,6 @@ class CoOpModel(PromptModel):
         return self.text_encoder(self.prompt_learner(), self.prompt_learner.eot_index).features
 
 
-@TRAINER_REGISTRY.register()
 class CoOp(PromptTrainer):
     """Context Optimization."""
 
@@ -45,3 +44,10 @@ class CoOp(PromptTrainer):
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return CoOpModel(clip_model, classnames, self.method_cfg)
+
+
+SPEC = register_method(MethodSpec("coop", "CoOp", configs={
+    "base2new": ("CoOp/vit_b16_ep50_ctxv1",),
+    "xd": ("CoOp/vit_b16_ep50_ctxv1",),
+    "fewshot": ("CoOp/vit_b16_ep50",),
+}, extras={"benchmark_reference": True}), CoOp)
