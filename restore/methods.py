@@ -4,9 +4,10 @@ The platform (protocol runner, aggregation, benchmark, analysis) knows no method
 this registry. ``python -m restore.methods`` lists the registered methods.
 
 Plugins are packages that call :func:`register_method` when imported. :func:`load_plugins` imports
-those advertised under the entry-point group ``restore.plugins`` (this distribution advertises
-``restore_plugins.trainers`` and ``restore_plugins.datasets``); a plugin already imported under
-another module name (a checkout's ``trainers`` package is the same files) is not imported twice.
+those advertised under the entry-point group ``restore.plugins``: an entry point ``name = module``
+names the installed module (``trainers = restore_plugins.trainers``) and, by its name, the same
+package in a checkout (``trainers``), imported where the installed one is not. A plugin already
+imported under the other name (the same files) is not imported twice.
 
 Dataset overrides: a method's published per-dataset values, one YAML file per protocol mapping a
 dataset key (``dtd``) to ``{option: value}``. They are applied once, as typed values, at this
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import os.path as osp
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ __all__ = ["MethodSpec", "register_method", "get_method", "list_methods", "load_
            "apply_dataset_overrides", "config_path", "ENTRY_POINT_GROUP", "PROTOCOLS"]
 
 ENTRY_POINT_GROUP = "restore.plugins"
+PLUGINS_ENV = "RESTORE_PLUGINS"
 #: The values of ``cfg.PROTOCOL``.
 PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization", "few_shot")
 
@@ -197,24 +200,33 @@ def _same_file_loaded(module: str) -> bool:
 
 
 def load_plugins() -> list[str]:
-    """Import every plugin advertised under :data:`ENTRY_POINT_GROUP`; the modules imported now."""
+    """Import the plugin modules named in ``$RESTORE_PLUGINS`` (comma-separated; a checkout's scripts set
+    it) and every plugin advertised under :data:`ENTRY_POINT_GROUP`; the modules imported now."""
     from importlib.metadata import entry_points
 
     loaded = []
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if module not in sys.modules and not _same_file_loaded(module):
+            importlib.import_module(module)
+            loaded.append(module)
     try:
         points = entry_points(group=ENTRY_POINT_GROUP)  # type: ignore[call-arg]
     except TypeError:  # Python 3.9
         points = entry_points().get(ENTRY_POINT_GROUP, [])  # type: ignore[attr-defined]
     for point in points:
-        module = point.value.split(":")[0].strip()
-        if module in sys.modules or _same_file_loaded(module):
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            logger.warning("Plugin %s (%s) could not be imported: %s", point.name, module, err)
-            continue
-        loaded.append(module)
+        # the entry point's value is the installed module; its name, the same package in a checkout
+        for module in (point.value.split(":")[0].strip(), point.name):
+            if module in sys.modules or _same_file_loaded(module):
+                break
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as err:
+                if err.name is not None and module.startswith(err.name):
+                    continue  # not installed under this name: try the checkout's name
+                logger.warning("Plugin %s (%s) could not be imported: %s", point.name, module, err)
+                break
+            loaded.append(module)
+            break
     return loaded
 
 

@@ -689,7 +689,7 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 300
 
 
 def _train_children(pid: int) -> list[int]:
-    """The ``train.py`` processes whose parent is ``pid`` (read from /proc, no psutil)."""
+    """The launcher processes (``python -m restore.launch``) whose parent is ``pid`` (read from /proc, no psutil)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -701,7 +701,7 @@ def _train_children(pid: int) -> list[int]:
                 cmdline = f.read()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == pid and b"train.py" in cmdline:
+        if ppid == pid and (b"train.py" in cmdline or b"restore.launch" in cmdline):
             found.append(int(entry))
     return found
 
