@@ -38,5 +38,5 @@ setup(
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["restore-dassl-alias=restore.dassl_alias:main"],
-                  "restore.plugins": ["trainers = restore_plugins.trainers", "datasets = restore_plugins.datasets"]},
+                  "restore.plugins": ["trainers = restore_plugins.trainers:register_all", "datasets = restore_plugins.datasets"]},
 )

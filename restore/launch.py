@@ -155,6 +155,7 @@ def main(argv: Optional[Sequence[str] | argparse.Namespace] = None) -> int:
         args = argv
     else:
         args = build_parser().parse_args(list(argv) if argv is not None else None)
+    console = sys.stdout
     try:
         return start(args)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as err:
@@ -169,13 +170,10 @@ def main(argv: Optional[Sequence[str] | argparse.Namespace] = None) -> int:
         print(f"error: {error_message(err)}", file=sys.stderr)
         return 1
     finally:
-        if isinstance(sys.stdout, Logger) and started_logging(args):  # the run's log ends with the run
-            sys.stdout.close()
-            sys.stdout = sys.stdout.console
-
-
-def started_logging(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "_logging", False))
+        log = sys.stdout
+        if log is not console and isinstance(log, Logger):  # the run's log.txt ends with the run
+            log.close()
+            sys.stdout = console
 
 
 def start(args: argparse.Namespace) -> int:
@@ -209,7 +207,6 @@ def run(args: argparse.Namespace, cfg: Any) -> int:
         print(f"Setting fixed seed: {cfg.SEED}")
         set_random_seed(cfg.SEED, deterministic=cfg.DETERMINISTIC)
     # an unfinished run (killed, then resumed) continues its log.txt, where CoOp's parse_test_res.py looks
-    args._logging = not isinstance(sys.stdout, Logger)
     setup_logger(cfg.OUTPUT_DIR, append=training and not osp.exists(results))
     if torch.cuda.is_available() and cfg.USE_CUDA and not cfg.DETERMINISTIC:
         torch.backends.cudnn.benchmark = True

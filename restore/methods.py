@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 __all__ = ["MethodSpec", "register_method", "get_method", "list_methods", "load_plugins", "dataset_overrides",
-           "apply_dataset_overrides", "config_path", "ENTRY_POINT_GROUP", "PROTOCOLS"]
+           "apply_dataset_overrides", "config_path", "dataset_config", "ENTRY_POINT_GROUP", "PROTOCOLS"]
 
 ENTRY_POINT_GROUP = "restore.plugins"
 PLUGINS_ENV = "RESTORE_PLUGINS"
@@ -185,18 +185,42 @@ def find_method(trainer: str, config_name: str = "") -> Optional[MethodSpec]:
         return None
 
 
-def _same_file_loaded(module: str) -> bool:
+def _loaded_copy(module: str) -> Any:
+    """``module`` itself, or a module already imported under another name from the same file; else None."""
     import importlib.util
 
+    if module in sys.modules:
+        return sys.modules[module]
     try:
         found = importlib.util.find_spec(module)
     except (ImportError, ValueError):
-        return False
+        return None
     origin = getattr(found, "origin", None)
     if not origin:
-        return False
+        return None
     origin = osp.realpath(origin)
-    return any(osp.realpath(str(getattr(m, "__file__", None) or "")) == origin for m in list(sys.modules.values()))
+    for loaded in list(sys.modules.values()):
+        if osp.realpath(str(getattr(loaded, "__file__", None) or "")) == origin:
+            return loaded
+    return None
+
+
+def _load(module: str, attr: str, loaded: list[str], quiet: bool = False) -> bool:
+    """Import ``module`` (unless the same file is imported already) and call its ``attr``; False if absent."""
+    target = _loaded_copy(module)
+    if target is None:
+        try:
+            target = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name is not None and module.startswith(err.name):
+                if not quiet:
+                    logger.warning("Plugin module %s is not installed", module)
+                return False
+            raise
+        loaded.append(module)
+    if attr:
+        getattr(target, attr)()
+    return True
 
 
 def load_plugins() -> list[str]:
@@ -204,29 +228,19 @@ def load_plugins() -> list[str]:
     it) and every plugin advertised under :data:`ENTRY_POINT_GROUP`; the modules imported now."""
     from importlib.metadata import entry_points
 
-    loaded = []
-    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
-        if module not in sys.modules and not _same_file_loaded(module):
-            importlib.import_module(module)
-            loaded.append(module)
+    loaded: list[str] = []
+    for target in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        module, _, attr = target.partition(":")
+        _load(module, attr, loaded)
     try:
         points = entry_points(group=ENTRY_POINT_GROUP)  # type: ignore[call-arg]
     except TypeError:  # Python 3.9
         points = entry_points().get(ENTRY_POINT_GROUP, [])  # type: ignore[attr-defined]
     for point in points:
         # the entry point's value is the installed module; its name, the same package in a checkout
-        for module in (point.value.split(":")[0].strip(), point.name):
-            if module in sys.modules or _same_file_loaded(module):
-                break
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as err:
-                if err.name is not None and module.startswith(err.name):
-                    continue  # not installed under this name: try the checkout's name
-                logger.warning("Plugin %s (%s) could not be imported: %s", point.name, module, err)
-                break
-            loaded.append(module)
-            break
+        module, _, attr = point.value.partition(":")
+        if not _load(module.strip(), attr.strip(), loaded, quiet=True):
+            _load(point.name, attr.strip(), loaded)
     return loaded
 
 
@@ -234,6 +248,17 @@ def load_plugins() -> list[str]:
 def config_path(spec: MethodSpec, relative: str) -> str:
     """``configs/trainers/<relative>`` of the plugin that declared ``spec``."""
     return osp.join(spec.config_root, "trainers", relative)
+
+
+def dataset_config(dataset: str, spec: Optional[MethodSpec] = None) -> str:
+    """``configs/datasets/<dataset>.yaml`` of ``spec``'s plugin, else of any registered plugin; ``""`` if none."""
+    roots = [spec.config_root] if spec is not None else []
+    roots += [s.config_root for s in _METHODS.values()]
+    for root in dict.fromkeys(r for r in roots if r):
+        path = osp.join(root, "datasets", f"{dataset}.yaml")
+        if osp.isfile(path):
+            return path
+    return ""
 
 
 def _dataset_key(name: str) -> Optional[str]:

@@ -62,6 +62,7 @@ from restore.evaluation.results import (
 from restore.methods import (
     MethodSpec,
     config_path,
+    dataset_config,
     get_method,
     list_methods,
     load_plugins,
@@ -415,9 +416,9 @@ class Context:
 
 def _argv(ctx: Context, spec: MethodSpec, dataset: str, seed: int, cfg_path: str, out_dir: str,
           protocol: str, opts: Sequence[str]) -> list[str]:
-    dcfg = osp.join(spec.config_root, "datasets", f"{dataset}.yaml")
-    if not osp.isfile(dcfg):
-        raise ProtocolError(f"No dataset config {ctx.rel(dcfg)}")
+    dcfg = dataset_config(dataset, spec)
+    if not dcfg:
+        raise ProtocolError(f"No dataset config {dataset}.yaml in the configs/datasets folder of any plugin")
     argv = ["--root", ctx.data_root(), "--seed", str(seed), "--trainer", spec.trainer,
             "--dataset-config-file", ctx.rel(dcfg), "--config-file", ctx.rel(cfg_path), "--output-dir", out_dir, "--"]
     # the method's dataset overrides are applied by the launcher (from DATASET.NAME and PROTOCOL)

@@ -1,20 +1,20 @@
-"""This distribution's methods (installed as ``restore_plugins.trainers``); importing the package registers
-every method, importing one method module registers that method only (see :mod:`restore.methods`)."""
+"""This distribution's methods (installed as ``restore_plugins.trainers``).
 
-from restore.methods import register_deferred
+Importing one method module (``trainers.restore_trainer``) registers that method only, so a host
+codebase with its own ``MaPLe`` or ``IVLP`` keeps them; :func:`register_all` (the entry point that
+:func:`restore.methods.load_plugins` calls) registers every method.
+"""
 
-from . import (  # noqa: F401
-    cocoop,
-    coop,
-    craft,
-    ivlp,
-    kgcoop,
-    maple,
-    mmrl,
-    promptsrc,
-    restore_trainer,
-    vpt,
-    zsclip,
-)
+import importlib
 
-register_deferred(__name__)  # methods first imported as another method's dependency (MaPLe, by RESTORE)
+METHOD_MODULES = ("coop", "cocoop", "ivlp", "vpt", "maple", "promptsrc", "kgcoop", "zsclip", "mmrl", "restore_trainer",
+                  "craft")
+
+
+def register_all() -> None:
+    """Import and register every method of this package (idempotent)."""
+    from restore.methods import register_deferred
+
+    for name in METHOD_MODULES:
+        importlib.import_module(f"{__name__}.{name}")
+    register_deferred(__name__)  # methods first imported as another method's dependency (MaPLe, by RESTORE)

@@ -76,9 +76,9 @@ class CoupledPrompts(nn.Module):
                  ctx_init: str = "a photo of a") -> None:
         super().__init__()
         if depth < 1:
-            raise ValueError("MaPLe-style prompts need PROMPT_DEPTH >= 1")
+            raise ValueError("Coupled (text-to-vision) prompts need PROMPT_DEPTH >= 1")
         if n_ctx < 1:
-            raise ValueError("MaPLe-style prompts need N_CTX >= 1")
+            raise ValueError("Coupled (text-to-vision) prompts need N_CTX >= 1")
         wt, wv = text_width(clip_model), vision_width(clip_model)
         self.text_context = TextContext(clip_model, classnames, n_ctx, ctx_init, "maple")
         self.proj = nn.Linear(wt, wv)
