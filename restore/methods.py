@@ -262,7 +262,7 @@ def dataset_config(dataset: str, spec: Optional[MethodSpec] = None) -> str:
 
 
 def _dataset_key(name: str) -> Optional[str]:
-    from restore.data.benchmarks import resolve
+    from restore.datasets.catalog import resolve
 
     try:
         return resolve(name)
@@ -358,5 +358,5 @@ def _main(argv: Optional[Iterable[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))
+if __name__ == "__main__":  # the registry lives in the imported module, not in this __main__ copy
+    raise SystemExit(importlib.import_module("restore.methods")._main(sys.argv[1:]))

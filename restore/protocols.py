@@ -50,7 +50,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from restore.data.benchmarks import resolve
+from restore.datasets.catalog import resolve
 from restore.evaluation.results import (
     DEFAULT_OUTPUT_ROOT,
     LOCK_FILE,

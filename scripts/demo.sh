@@ -21,7 +21,7 @@ export DATA="$DEMO_DIR/data" OUTPUT="$DEMO_DIR/output" SHOTS="${SHOTS:-16}"
 unset CFG SUB
 
 for ds in dtd eurosat; do
-  [ -d "$DATA/$ds" ] || "$PY" -m restore.data.synthetic "$ds" --root "$DATA" --classes 4 --images-per-class 12
+  [ -d "$DATA/$ds" ] || "$PY" -m restore.datasets.synthetic "$ds" --root "$DATA" --classes 4 --images-per-class 12
 done
 
 "$PY" -m restore.protocols run-all base2new "$TRAINER" --datasets dtd,eurosat --seeds 1,2 --in-process \

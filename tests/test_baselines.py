@@ -10,23 +10,30 @@ import os
 from types import SimpleNamespace
 
 import pytest
-from helpers import run_train_py
 import torch
 import torch.nn.functional as F
+from helpers import run_train_py
 from torch import nn
 
 import trainers  # noqa: F401
 from restore.clip.tokenizer import encode, tokenize
 from restore.engine.config import extend_cfg, get_cfg_default, merge_file
 from restore.engine.registry import TRAINER_REGISTRY
-from restore.prompting.context import encode_fixed_prompts, zeroshot_classifier
+from restore.prompting.context import encode_fixed_prompts
 from trainers.cocoop import CoCoOpModel
 from trainers.coop import CoOpModel
 from trainers.ivlp import IVLPModel
 from trainers.kgcoop import KgCoOpModel, kg_loss
 from trainers.maple import MaPLeModel, maple_num_params
-from trainers.promptsrc import (TEACHER_TEMPLATES, GaussianPromptAggregation, PromptSRCModel, attach_gpa,
-                                gpa_end_of_epoch, gpa_weights, self_consistency_losses)
+from trainers.promptsrc import (
+    TEACHER_TEMPLATES,
+    GaussianPromptAggregation,
+    PromptSRCModel,
+    attach_gpa,
+    gpa_end_of_epoch,
+    gpa_weights,
+    self_consistency_losses,
+)
 from trainers.vpt import VPTModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -452,7 +459,7 @@ def test_published_values_of_key_configs():
     ("MaPLe", "MAPLE", "vit_b16_c2_ep5_batch4_2ctx.yaml", "tiny"),
 ])
 def test_train_py_end_to_end_on_synthetic_dtd(trainer, node_name, config, backbone, tmp_path):
-    synthetic = pytest.importorskip("restore.data.synthetic", reason="restore.data.synthetic (synthetic datasets) "
+    synthetic = pytest.importorskip("restore.datasets.synthetic", reason="restore.datasets.synthetic (synthetic datasets) "
                                     "is not in this checkout yet")
     data = tmp_path / "data"
     synthetic.make_synthetic("dtd", str(data), num_classes=4, images_per_class=6)
@@ -480,7 +487,7 @@ def test_train_py_end_to_end_on_synthetic_dtd(trainer, node_name, config, backbo
 def test_promptsrc_gpa_through_train_py_and_resume(tmp_path):
     """GPA in the real loop: the last checkpoint holds the aggregate, and a run resumed after epoch 1
     (from that epoch's checkpoint) ends with the same weights as the uninterrupted run."""
-    synthetic = pytest.importorskip("restore.data.synthetic", reason="restore.data.synthetic (synthetic datasets) "
+    synthetic = pytest.importorskip("restore.datasets.synthetic", reason="restore.datasets.synthetic (synthetic datasets) "
                                     "is not in this checkout yet")
     import shutil
 

@@ -226,8 +226,9 @@ def test_plain_pickle_of_datum_under_alias_names_dassls_class(tmp_path):
     Dassl's class path (the real Dassl loads nothing else); without the alias nothing changes."""
     import io
 
-    from restore.engine.data.datum import DASSL_DATUM_MODULE, Datum, load_datum_cache
     from test_data_engine import _install_fake_dassl, _remove_fake_dassl
+
+    from restore.engine.data.datum import DASSL_DATUM_MODULE, Datum, load_datum_cache
 
     blobs, img = _pickle_datum_in_subprocess(tmp_path, alias=True)
     for blob in blobs:
@@ -438,9 +439,9 @@ def _state(folder, model):
 def _host_and_ours(tmp_path, code, trainer, method_cfg, model, extra=()):
     """Run ``trainer`` in the host (subprocess, alias active) and with our own train.py; both outputs."""
     import torch
-
     from helpers import run_train_py
-    from restore.data.synthetic import make_synthetic
+
+    from restore.datasets.synthetic import make_synthetic
 
     data = tmp_path / "data"
     if not data.exists():

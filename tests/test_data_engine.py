@@ -15,10 +15,25 @@ import torch
 from PIL import Image
 
 from restore.engine.config import get_cfg_default
-from restore.engine.data import (DASSL_DATUM_MODULE, DatasetBase, DatasetNotFoundError, DatasetWrapper, Datum,
-                                 MissingImageError, build_data_loader, build_transform, dumps_datum_cache,
-                                 format_table, load_datum_cache, load_or_create_fewshot, read_and_split_data,
-                                 read_split, save_split, split_trainval, subsample_classes)
+from restore.engine.data import (
+    DASSL_DATUM_MODULE,
+    DatasetBase,
+    DatasetNotFoundError,
+    DatasetWrapper,
+    Datum,
+    MissingImageError,
+    build_data_loader,
+    build_transform,
+    dumps_datum_cache,
+    format_table,
+    load_datum_cache,
+    load_or_create_fewshot,
+    read_and_split_data,
+    read_split,
+    save_split,
+    split_trainval,
+    subsample_classes,
+)
 from restore.engine.data.samplers import build_sampler
 
 
@@ -393,7 +408,7 @@ def test_summary_table_format():
 
 def test_import_needs_no_optional_packages():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import sys; import restore.engine.data, datasets, restore.data.synthetic, restore.data.prepare; "
+    code = ("import sys; import restore.engine.data, datasets, restore.datasets.synthetic, restore.datasets.prepare; "
             "print(sorted(m for m in ('tensorboard', 'pandas', 'wilds', 'tabulate', 'gdown') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

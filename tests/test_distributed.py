@@ -112,7 +112,7 @@ def _run(rank: int, world: int, port: int, data_root: str, out_base: str, result
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{job: (single-process result, 2-process result, single OUTPUT_DIR, 2-process OUTPUT_DIR)}."""
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     base = tmp_path_factory.mktemp("ddp")
     data_root = str(base / "data")

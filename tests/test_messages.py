@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("msg_data")
     make_synthetic("dtd", str(root), num_classes=2, images_per_class=6)
@@ -141,7 +141,7 @@ def test_train_py_refuses_before_writing_anything(data, tmp_path, capsys):
 
 def test_help_texts_agree_with_the_readme(capsys):
     import train
-    from restore.data import synthetic
+    from restore.datasets import synthetic
 
     seed_help = " ".join(train.build_parser().format_help().split())
     assert "--seed SEED random seed (0 or more); -1 (the default) keeps the config's SEED" in seed_help
@@ -236,7 +236,7 @@ def test_split_label_outside_the_class_range_names_label_and_file(tmp_path):
 
 def test_read_only_dataset_folder_says_to_set_cache_dir(tmp_path):
     import datasets  # noqa: F401  registers DescribableTextures
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
     from restore.engine.data import build_dataset
 
     make_synthetic("dtd", str(tmp_path / "data"), num_classes=2, images_per_class=6, split_json=False)

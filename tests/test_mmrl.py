@@ -11,8 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from restore.clip.model import CLIP, CLIPConfig, causal_mask
-from trainers.mmrl import (MMRLModel, mix_logits, mmrl_loss, rep_layer_span,
-                           resolve_inference)
+from trainers.mmrl import (
+    MMRLModel,
+    mix_logits,
+    mmrl_loss,
+    rep_layer_span,
+    resolve_inference,
+)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -401,7 +406,7 @@ def _run(args_list):
 
 
 def test_end_to_end_base_to_new_on_synthetic_dtd(tmp_path):
-    synthetic = pytest.importorskip("restore.data.synthetic", reason="restore.data.synthetic not available")
+    synthetic = pytest.importorskip("restore.datasets.synthetic", reason="restore.datasets.synthetic not available")
     root = str(tmp_path / "data")
     synthetic.make_synthetic("dtd", root, num_classes=4, images_per_class=6)
     common = ["--root", root, "--trainer", "MMRL", "--seed", "1",

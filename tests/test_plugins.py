@@ -96,10 +96,10 @@ def example_plugin(tmp_path, monkeypatch):
 
 def test_example_method_is_picked_up_by_scripts_aggregation_and_benchmark(example_plugin, tmp_path, capsys):
     from restore import protocols as P
-    from restore.benchmark import main as benchmark_main
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
     from restore.evaluation import aggregate as A
     from restore.methods import _main as methods_main
+    from restore.speed import main as benchmark_main
 
     assert methods_main([]) == 0  # python -m restore.methods: found through RESTORE_PLUGINS
     listed = capsys.readouterr().out
@@ -190,9 +190,13 @@ def _fresh_venv(path: pathlib.Path) -> pathlib.Path:
 def test_wheel_installed_outside_the_checkout_runs_restore(tmp_path):
     """pip wheel -> fresh venv (torch from the system site) -> python -m restore.launch --trainer RESTORE on a
     synthetic DTD, from a folder that is not the checkout; the plugins come from the wheel."""
-    wheels = tmp_path / "wheels"
+    import shutil
+
+    source, wheels = tmp_path / "source", tmp_path / "wheels"  # a copy: the build writes build/ beside setup.py
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "output*",
+                                                                 "*.egg-info", "__pycache__", "tests"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), ROOT], capture_output=True, text=True, timeout=300,
+                            "-w", str(wheels), str(source)], capture_output=True, text=True, timeout=300,
                            cwd=str(tmp_path))
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next(wheels.glob("restore_prompt-*.whl"))
@@ -215,7 +219,7 @@ def test_wheel_installed_outside_the_checkout_runs_restore(tmp_path):
     site = str(tmp_path / "venv")
     assert restore_file.startswith(site) and trainers_file.startswith(site) and configs.startswith(site)
     assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(restore_file)), "datasets"))
-    data = run("-m", "restore.data.synthetic", "dtd", "--root", str(work / "data"), "--classes", "4",
+    data = run("-m", "restore.datasets.synthetic", "dtd", "--root", str(work / "data"), "--classes", "4",
                "--images-per-class", "4")
     assert data.returncode == 0, data.stderr[-2000:]
     out = work / "out"

@@ -28,7 +28,7 @@ import pytest
 from restore.evaluation.metrics import harmonic_mean, mean_std
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-synthetic = pytest.importorskip("restore.data.synthetic", reason="restore.data.synthetic (synthetic datasets) missing")
+synthetic = pytest.importorskip("restore.datasets.synthetic", reason="restore.datasets.synthetic (synthetic datasets) missing")
 
 OPTS = ["MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0", "DATALOADER.NUM_WORKERS",
         "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DATALOADER.TEST.BATCH_SIZE", "50"]
@@ -66,7 +66,6 @@ def _results(path: str) -> dict:
 # --------------------------------------------------------------------------- mapping (no training)
 def test_trainer_mapping_and_config_resolution(tmp_path):
     from restore import protocols as P
-
     from restore.methods import list_methods
 
     P.get_spec("coop")  # loads the plugins

@@ -8,15 +8,20 @@ import json
 import os
 
 import pytest
-from helpers import run_train_py
 import torch
+from helpers import run_train_py
 
 import trainers  # noqa: F401  registers the trainers
 from restore.analysis.feature_shift import observe_shift, relative_block_shift
 from restore.engine.config import extend_cfg, get_cfg_default
 from restore.prompting.trainer import PromptOutput
-from trainers.restore_trainer import (RestoreMaPLeModel, RestorePromptSRCModel, SurgeryAdapter, gram_norms,
-                                      restore_num_params)
+from trainers.restore_trainer import (
+    RestoreMaPLeModel,
+    RestorePromptSRCModel,
+    SurgeryAdapter,
+    gram_norms,
+    restore_num_params,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["banded", "blotchy", "braided_rope"]
@@ -438,7 +443,7 @@ def test_variant_yaml_pins_a_value_against_the_dataset_overrides():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """RESTORE (proxy shift) and RESTORE (paper shift): 2 epochs on base classes, then eval on new classes."""
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     base = tmp_path_factory.mktemp("restore_runs")
     make_synthetic("dtd", str(base / "data"), num_classes=4, images_per_class=6)

@@ -70,7 +70,7 @@ class Payload:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A synthetic DTD and a genuine one-epoch CoOp output folder (real weights to hide payloads in)."""
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     base = tmp_path_factory.mktemp("security")
     make_synthetic("dtd", str(base / "data"), num_classes=4, images_per_class=4)
@@ -331,7 +331,7 @@ def test_fewshot_cache_is_refused_or_called_corrupted(env, tmp_path, kind):
 
 def test_imagenet_preprocessed_pkl_is_refused(tmp_path):
     import datasets  # noqa: F401  registers the loaders
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
     from restore.engine.config import get_cfg_default
     from restore.engine.registry import DATASET_REGISTRY
 

@@ -319,7 +319,7 @@ class MMRL(PromptTrainer):
             raise ValueError(f"TRAINER.MMRL.ALPHA must be in [0, 1], got {node.ALPHA}")
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        from restore.data.templates import dataset_template
+        from restore.datasets.templates import dataset_template
 
         node = self.method_cfg
         template = node.TEMPLATE or dataset_template(cfg.DATASET.NAME)

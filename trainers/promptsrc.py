@@ -22,7 +22,7 @@ Reuse from other trainers (RESTORE's PromptSRC variant):
   buffers of ``model.gpa``, so it is checkpointed every epoch and training resumes exactly.
 
 Teacher templates: :data:`TEACHER_TEMPLATES` is the official 60-template ensemble (the first 60
-of CLIP's 80 ImageNet prompt-engineering templates, ``restore.data.templates``), averaged as the
+of CLIP's 80 ImageNet prompt-engineering templates, ``restore.datasets.templates``), averaged as the
 official code does: the raw text features' mean over templates, normalised once (not CLIP's
 normalise-then-average ensembling); computed once per run.
 Differences from the official code, on purpose: GPA aggregates only learnable tensors (not the
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
-from restore.data.templates import CLIP_IMAGENET_TEMPLATES_60
+from restore.datasets.templates import CLIP_IMAGENET_TEMPLATES_60
 from restore.methods import MethodSpec, register_method
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer

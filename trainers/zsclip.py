@@ -14,7 +14,7 @@ from restore.prompting.trainer import PromptModel, PromptTrainer
 
 def dataset_templates(dataset_name: str, ensemble: bool = False) -> list[str]:
     """The hand-written template of a dataset; with ``ensemble`` also CoOp's 7 ImageNet templates."""
-    from restore.data.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
+    from restore.datasets.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
     if dataset_name not in CUSTOM_TEMPLATES:
         raise KeyError(f"No hand-written template for dataset {dataset_name!r}; known: {sorted(CUSTOM_TEMPLATES)}")
