@@ -161,10 +161,10 @@ def main(argv: Optional[Sequence[str] | argparse.Namespace] = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as err:
         import traceback
 
-        log = sys.stdout if isinstance(sys.stdout, Logger) else None
-        if log is not None:
+        tee = sys.stdout if isinstance(sys.stdout, Logger) else None
+        if tee is not None:
             try:
-                traceback.print_exc(file=log.file)
+                traceback.print_exc(file=tee.file)
             except OSError:  # the log itself cannot be written (disk full): the sentence below says so
                 pass
         print(f"error: {error_message(err)}", file=sys.stderr)

@@ -235,7 +235,7 @@ def load_plugins() -> list[str]:
     try:
         points = entry_points(group=ENTRY_POINT_GROUP)  # type: ignore[call-arg]
     except TypeError:  # Python 3.9
-        points = entry_points().get(ENTRY_POINT_GROUP, [])  # type: ignore[attr-defined]
+        points = entry_points().get(ENTRY_POINT_GROUP, [])  # type: ignore[attr-defined,arg-type]
     for point in points:
         # the entry point's value is the installed module; its name, the same package in a checkout
         module, _, attr = point.value.partition(":")
