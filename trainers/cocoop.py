@@ -27,7 +27,7 @@ class CoCoOpPromptLearner(nn.Module):
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx: int, ctx_init: str) -> None:
         super().__init__()
-        self.context = TextContext(clip_model, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_mode="coop")
+        self.context = TextContext(clip_model, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_mode="all_words")
         if self.context.ctx is None:
             raise ValueError("CoCoOp needs N_CTX >= 1 (or a non-empty CTX_INIT)")
         vis_dim = clip_model.visual.output_dim

@@ -28,7 +28,7 @@ class CoOpModel(PromptModel):
     def __init__(self, clip_model: CLIP, classnames: list[str], method_cfg: Any) -> None:
         super().__init__(clip_model, classnames)
         self.prompt_learner = TextContext(
-            clip_model, classnames, n_ctx=method_cfg.N_CTX, ctx_init=method_cfg.CTX_INIT, init_mode="coop",
+            clip_model, classnames, n_ctx=method_cfg.N_CTX, ctx_init=method_cfg.CTX_INIT, init_mode="all_words",
             class_specific=method_cfg.CSC, class_token_position=method_cfg.CLASS_TOKEN_POSITION)
 
     def encode_text(self) -> torch.Tensor:
