@@ -1,19 +1,4 @@
 """The 15 CoOp-family benchmark loaders; importing this package registers them in DATASET_REGISTRY."""
 
-from . import (  # noqa: F401
-               caltech101,
-               dtd,
-               eurosat,
-               fgvc_aircraft,
-               food101,
-               imagenet,
-               imagenet_a,
-               imagenet_r,
-               imagenet_sketch,
-               imagenetv2,
-               oxford_flowers,
-               oxford_pets,
-               stanford_cars,
-               sun397,
-               ucf101,
-)
+from . import (caltech101, dtd, eurosat, fgvc_aircraft, food101, imagenet, imagenet_a, imagenet_r,  # noqa: F401
+               imagenet_sketch, imagenetv2, oxford_flowers, oxford_pets, stanford_cars, sun397, ucf101)

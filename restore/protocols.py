@@ -59,14 +59,7 @@ from restore.evaluation.results import (
     RESULTS_FILE,
     run_dir,
 )
-from restore.methods import (
-    MethodSpec,
-    config_path,
-    dataset_config,
-    get_method,
-    list_methods,
-    load_plugins,
-)
+from restore.methods import MethodSpec, config_path, dataset_config, get_method, list_methods, load_plugins
 
 __all__ = [
     "Step", "ProtocolError", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS",

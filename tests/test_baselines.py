@@ -10,30 +10,23 @@ import os
 from types import SimpleNamespace
 
 import pytest
+from helpers import run_train_py
 import torch
 import torch.nn.functional as F
-from helpers import run_train_py
 from torch import nn
 
 import trainers  # noqa: F401
 from restore.clip.tokenizer import encode, tokenize
 from restore.engine.config import extend_cfg, get_cfg_default, merge_file
 from restore.engine.registry import TRAINER_REGISTRY
-from restore.prompting.context import encode_fixed_prompts
+from restore.prompting.context import encode_fixed_prompts, zeroshot_classifier
 from trainers.cocoop import CoCoOpModel
 from trainers.coop import CoOpModel
 from trainers.ivlp import IVLPModel
 from trainers.kgcoop import KgCoOpModel, kg_loss
 from trainers.maple import MaPLeModel, maple_num_params
-from trainers.promptsrc import (
-    TEACHER_TEMPLATES,
-    GaussianPromptAggregation,
-    PromptSRCModel,
-    attach_gpa,
-    gpa_end_of_epoch,
-    gpa_weights,
-    self_consistency_losses,
-)
+from trainers.promptsrc import (TEACHER_TEMPLATES, GaussianPromptAggregation, PromptSRCModel, attach_gpa,
+                                gpa_end_of_epoch, gpa_weights, self_consistency_losses)
 from trainers.vpt import VPTModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -93,11 +93,7 @@ def test_mmd_is_fp32_under_bf16_autocast(minmax):
 
 
 def test_alignment_losses_are_fp32_under_bf16_autocast():
-    from trainers.craft.losses import (
-        relative_logits,
-        static_alignment_loss,
-        stochastic_alignment_loss,
-    )
+    from trainers.craft.losses import relative_logits, static_alignment_loss, stochastic_alignment_loss
 
     f, g, w, label = _bf16_reference_inputs()
     scale = torch.tensor(100.0)
@@ -169,9 +165,10 @@ def test_kmeans_one_cluster_is_mean_and_separates_blobs():
 
 
 def test_config_defaults_and_checks():
-    import trainers.craft  # noqa: F401
-    from restore.engine.config import ConfigError, extend_cfg, get_cfg_default
     from trainers.craft.config import check
+    from restore.engine.config import ConfigError, extend_cfg, get_cfg_default
+
+    import trainers.craft  # noqa: F401
 
     cfg = extend_cfg(get_cfg_default())
     node = cfg.TRAINER.CRAFT
@@ -200,6 +197,7 @@ def data_root(tmp_path_factory):
 
 def _args(root, out, trainer, opts=()):
     import train
+
     from restore.engine.registry import TRAINER_REGISTRY
 
     node = TRAINER_REGISTRY.get(trainer).cfg_node_name() if trainer in TRAINER_REGISTRY else trainer.upper()
@@ -233,6 +231,7 @@ def _first_batch(trainer):
 
 def _registered_hosts():
     import trainers  # noqa: F401
+
     from restore.engine.registry import TRAINER_REGISTRY
 
     return [h for h in HOSTS if h in TRAINER_REGISTRY]
@@ -249,8 +248,8 @@ def test_anchor_command_writes_class_means(data_root, tmp_path):
     from PIL import Image
 
     from restore.clip import load_clip
-    from restore.engine.data import build_transform
     from trainers.craft import anchors as craft_anchors
+    from restore.engine.data import build_transform
 
     out = tmp_path / "run"
     argv = ["--cpu", "--root", data_root, "--output-dir", str(out), "--trainer", "CoOp", "--seed", "1",
@@ -386,13 +385,8 @@ def test_stale_anchor_cache_is_recomputed(opt, value, key, data_root, tmp_path, 
     """A rerun / resume in the same OUTPUT_DIR with other anchor settings recomputes the anchors (naming
     the setting), keeps the replaced file as <path>.stale and leaves everything else in the folder alone."""
     from restore.clip import load_clip
+    from trainers.craft.anchors import STALE_SUFFIX, ensure_anchors, load_anchors, save_anchors
     from restore.engine.data import build_dataset
-    from trainers.craft.anchors import (
-        STALE_SUFFIX,
-        ensure_anchors,
-        load_anchors,
-        save_anchors,
-    )
 
     out = tmp_path / "run"
     cfg = _cfg(data_root, out, "CoOp")  # ANCHOR_NUM_SHOTS 1, seed 1, test transform, DescribableTextures
@@ -510,8 +504,8 @@ def test_template_anchors_train_deep_text_prompts_only(data_root, tmp_path):
 def test_craft_configs_merge(name):
     if "MaPLe" not in _registered_hosts():
         pytest.skip("MaPLe is not registered")
-    from restore.engine.config import extend_cfg, get_cfg_default, merge_file
     from trainers.craft.config import check
+    from restore.engine.config import extend_cfg, get_cfg_default, merge_file
 
     cfg = extend_cfg(get_cfg_default())
     merge_file(cfg, osp.join(ROOT, "configs", "trainers", "Craft", name + ".yaml"))

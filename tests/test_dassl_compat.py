@@ -58,7 +58,6 @@ if __name__ == "__main__":
 
 MINI_DATASET = '''
 import os
-import re
 from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase
 from dassl.utils import listdir_nohidden
 
@@ -226,9 +225,8 @@ def test_plain_pickle_of_datum_under_alias_names_dassls_class(tmp_path):
     Dassl's class path (the real Dassl loads nothing else); without the alias nothing changes."""
     import io
 
-    from test_data_engine import _install_fake_dassl, _remove_fake_dassl
-
     from restore.engine.data.datum import DASSL_DATUM_MODULE, Datum, load_datum_cache
+    from test_data_engine import _install_fake_dassl, _remove_fake_dassl
 
     blobs, img = _pickle_datum_in_subprocess(tmp_path, alias=True)
     for blob in blobs:

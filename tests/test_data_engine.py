@@ -15,25 +15,10 @@ import torch
 from PIL import Image
 
 from restore.engine.config import get_cfg_default
-from restore.engine.data import (
-    DASSL_DATUM_MODULE,
-    DatasetBase,
-    DatasetNotFoundError,
-    DatasetWrapper,
-    Datum,
-    MissingImageError,
-    build_data_loader,
-    build_transform,
-    dumps_datum_cache,
-    format_table,
-    load_datum_cache,
-    load_or_create_fewshot,
-    read_and_split_data,
-    read_split,
-    save_split,
-    split_trainval,
-    subsample_classes,
-)
+from restore.engine.data import (DASSL_DATUM_MODULE, DatasetBase, DatasetNotFoundError, DatasetWrapper, Datum,
+                                 MissingImageError, build_data_loader, build_transform, dumps_datum_cache,
+                                 format_table, load_datum_cache, load_or_create_fewshot, read_and_split_data,
+                                 read_split, save_split, split_trainval, subsample_classes)
 from restore.engine.data.samplers import build_sampler
 
 

@@ -15,12 +15,7 @@ from restore.datasets.catalog import BENCHMARKS
 from restore.datasets.synthetic import make_synthetic, split_sizes
 from restore.datasets.templates import CUSTOM_TEMPLATES
 from restore.engine.config import get_cfg_default
-from restore.engine.data import (
-    DataManager,
-    DatasetNotFoundError,
-    dumps_datum_cache,
-    load_datum_cache,
-)
+from restore.engine.data import DataManager, DatasetNotFoundError, dumps_datum_cache, load_datum_cache
 from restore.engine.registry import DATASET_REGISTRY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,11 +6,9 @@ import torch
 from helpers import token_ids
 
 from restore.clip.model import causal_mask
-from restore.prompting.encoders import (
-    DeepTokens,
-    PromptedTextEncoder,
-    PromptedVisionEncoder,
-)
+from restore.prompting.encoders import DeepTokens, PromptedTextEncoder, PromptedVisionEncoder
+
+
 
 
 @torch.no_grad()

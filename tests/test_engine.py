@@ -333,8 +333,8 @@ def test_crash_then_resume_keeps_log_and_only_the_final_checkpoint(tmp_path, mon
     assert _coop_parse(log) == round(accuracy, 1)
     # what the number was computed with: versions, precision, and the whole config (yacs-loadable)
     assert record["versions"]["torch"] == torch.__version__ and record["precision"] == "fp32"
-    from restore.engine.config import extend_cfg as fresh_extend
     from restore.engine.config import get_cfg_default as fresh_cfg
+    from restore.engine.config import extend_cfg as fresh_extend
 
     saved = fresh_cfg()
     fresh_extend(saved)

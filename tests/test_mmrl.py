@@ -11,13 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from restore.clip.model import CLIP, CLIPConfig, causal_mask
-from trainers.mmrl import (
-    MMRLModel,
-    mix_logits,
-    mmrl_loss,
-    rep_layer_span,
-    resolve_inference,
-)
+from trainers.mmrl import MMRLModel, mix_logits, mmrl_loss, rep_layer_span, resolve_inference
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 

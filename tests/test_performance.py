@@ -9,15 +9,10 @@ import pytest
 import torch
 from helpers import token_ids
 
+from restore.speed import main as benchmark_main
+from restore.speed import LiveTensorMemory, eval_cache_flop_ratio, speedups, synthetic_classnames
 from restore.clip.model import TINY_CONFIG
 from restore.prompting.encoders import DeepTokens, PromptedTextEncoder
-from restore.speed import (
-    LiveTensorMemory,
-    eval_cache_flop_ratio,
-    speedups,
-    synthetic_classnames,
-)
-from restore.speed import main as benchmark_main
 
 
 def _deep_groups(width: int, kind: str) -> list[DeepTokens]:

@@ -8,20 +8,15 @@ import json
 import os
 
 import pytest
-import torch
 from helpers import run_train_py
+import torch
 
 import trainers  # noqa: F401  registers the trainers
 from restore.analysis.feature_shift import observe_shift, relative_block_shift
 from restore.engine.config import extend_cfg, get_cfg_default
 from restore.prompting.trainer import PromptOutput
-from trainers.restore_trainer import (
-    RestoreMaPLeModel,
-    RestorePromptSRCModel,
-    SurgeryAdapter,
-    gram_norms,
-    restore_num_params,
-)
+from trainers.restore_trainer import (RestoreMaPLeModel, RestorePromptSRCModel, SurgeryAdapter, gram_norms,
+                                      restore_num_params)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["banded", "blotchy", "braided_rope"]

@@ -16,13 +16,7 @@ from restore.clip.loader import (
     load_clip,
     save_openai_state_dict,
 )
-from restore.clip.model import (
-    CLIP,
-    TINY_CONFIG,
-    CLIPConfig,
-    build_model,
-    config_from_state_dict,
-)
+from restore.clip.model import CLIP, TINY_CONFIG, CLIPConfig, build_model, config_from_state_dict
 from restore.clip.tokenizer import encode, tokenize
 
 __all__ = [

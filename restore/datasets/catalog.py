@@ -45,9 +45,7 @@ def resolve(name: str) -> str:
     for key, (cls, _) in BENCHMARKS.items():
         if name.lower() in (key, cls.lower()):
             return key
-    from restore.engine.registry import (
-        closest_names,  # lazy: the engine package is heavier than this table
-    )
+    from restore.engine.registry import closest_names  # lazy: the engine package is heavier than this table
 
     by_name = {alias: key for key, (cls, _) in BENCHMARKS.items() for alias in (key, cls)}
     hint = closest_names(name, by_name)

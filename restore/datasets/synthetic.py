@@ -23,13 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .catalog import (
-    BENCHMARKS,
-    CALTECH101_IGNORED,
-    CALTECH101_NEW_CNAMES,
-    EUROSAT_NEW_CNAMES,
-    resolve,
-)
+from .catalog import BENCHMARKS, CALTECH101_IGNORED, CALTECH101_NEW_CNAMES, EUROSAT_NEW_CNAMES, resolve
 
 __all__ = ["make_synthetic", "split_sizes", "main"]
 

@@ -28,11 +28,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from restore.evaluation.results import (
-    DEFAULT_OUTPUT_ROOT,
-    LOCK_FILE,
-    RANDOM_OUTPUT_ROOT,
-)
+from restore.evaluation.results import DEFAULT_OUTPUT_ROOT, LOCK_FILE, RANDOM_OUTPUT_ROOT
 
 from .distributed import is_main_process
 

@@ -25,17 +25,8 @@ from tqdm import tqdm
 from . import distributed  # DDP (torchrun) hooks, marked '# DDP' below
 from .evaluator import build_evaluator
 from .registry import TRAINER_REGISTRY, check_availability, lookup_case_insensitive
-from .utils import (
-    AverageMeter,
-    MetricMeter,
-    atomic_write_bytes,
-    atomic_write_json,
-    checkpoint_pointer,
-    load_checkpoint,
-    mkdir_if_missing,
-    resume_advice,
-    save_checkpoint,
-)
+from .utils import (AverageMeter, MetricMeter, atomic_write_bytes, atomic_write_json,
+                    checkpoint_pointer, load_checkpoint, mkdir_if_missing, resume_advice, save_checkpoint)
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"

@@ -20,12 +20,7 @@ import torch
 from torch import nn
 
 from .registry import check_availability, closest_names
-from .serialization import (
-    checkpoint_safe_globals,
-    checkpoints_trusted,
-    safe_torch_load,
-    trusted_checkpoints,
-)
+from .serialization import checkpoint_safe_globals, checkpoints_trusted, safe_torch_load, trusted_checkpoints
 
 __all__ = [
     "mkdir_if_missing", "check_isfile", "read_json", "write_json", "set_random_seed", "read_image",

@@ -23,12 +23,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from restore.clip.model import (
-    CLIP,
-    ResidualAttentionBlock,
-    VisionTransformer,
-    causal_mask,
-)
+from restore.clip.model import CLIP, ResidualAttentionBlock, VisionTransformer, causal_mask
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Craft (Sun et al., WACV 2025) as a plug-in regularizer for every prompt trainer.
 
 Importing this package registers the ``TRAINER.CRAFT`` config node and the regularizer factory;
-the package of trainers imports it, so the launcher always knows the keys. The method ``craft``\n(script name) is MaPLe with Craft switched on by its configs. Switch it on with
+``register_all`` of the trainers package imports it, so the launcher always knows the keys; the
+method ``craft`` (script name) is MaPLe with Craft switched on by its configs. Switch it on with
 ``TRAINER.CRAFT.ENABLED True`` (see ``configs/trainers/Craft/``).
 """
 

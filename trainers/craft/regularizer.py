@@ -49,12 +49,7 @@ from restore.engine.distributed import all_gather_rows
 from restore.prompting.trainer import PromptOutput, register_regularizer
 
 from .config import check, craft_node, is_enabled
-from .losses import (
-    mmd,
-    relative_logits,
-    static_alignment_loss,
-    stochastic_alignment_loss,
-)
+from .losses import mmd, relative_logits, static_alignment_loss, stochastic_alignment_loss
 
 __all__ = ["CraftRegularizer", "build_craft_regularizer", "find_text_deep_module"]
 
@@ -187,11 +182,7 @@ class CraftRegularizer:
         shared), so the global target batches are the single-process ones and each rank loads
         ``TARGET_BATCH_SIZE / world_size`` of them (the batch size is global, like the training one).
         """
-        from restore.engine.data import (
-            build_data_loader,
-            build_dataset,
-            build_transform,
-        )
+        from restore.engine.data import build_data_loader, build_dataset, build_transform
 
         from .anchors import preserved_rng, sample_per_class
 

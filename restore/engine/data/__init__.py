@@ -1,36 +1,11 @@
 """Data side of the engine: Datum, DatasetBase and split helpers, transforms, samplers, DataManager."""
 
-from .data_manager import (
-                           DataManager,
-                           DatasetWrapper,
-                           build_data_loader,
-                           build_dataset,
-                           format_table,
-)
-from .dataset_base import (
-                           DatasetBase,
-                           cache_root,
-                           fewshot_cache_path,
-                           load_or_create_fewshot,
-                           make_datums,
-                           read_and_split_data,
-                           read_classnames,
-                           read_split,
-                           save_split,
-                           split_per_class,
-                           split_trainval,
-                           subsample_classes,
-                           writable_cache,
-)
-from .datum import (
-                           DASSL_DATUM_MODULE,
-                           DatasetNotFoundError,
-                           Datum,
-                           DatumUnpickler,
-                           MissingImageError,
-                           dumps_datum_cache,
-                           load_datum_cache,
-)
+from .data_manager import DataManager, DatasetWrapper, build_data_loader, build_dataset, format_table
+from .dataset_base import (DatasetBase, cache_root, fewshot_cache_path, load_or_create_fewshot, make_datums,
+                           read_and_split_data, read_classnames, read_split, save_split, split_per_class,
+                           split_trainval, subsample_classes, writable_cache)
+from .datum import (DASSL_DATUM_MODULE, DatasetNotFoundError, Datum, DatumUnpickler, MissingImageError,
+                    dumps_datum_cache, load_datum_cache)
 from .samplers import build_sampler
 from .transforms import INTERPOLATION_MODES, build_transform
 

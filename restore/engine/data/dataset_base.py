@@ -15,20 +15,8 @@ import random
 from collections import OrderedDict, defaultdict
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from ..utils import (
-    atomic_write_bytes,
-    disk_full_error,
-    listdir_nohidden,
-    mkdir_if_missing,
-    write_json,
-)
-from .datum import (
-    DatasetNotFoundError,
-    Datum,
-    MissingImageError,
-    dumps_datum_cache,
-    load_datum_cache,
-)
+from ..utils import atomic_write_bytes, disk_full_error, listdir_nohidden, mkdir_if_missing, write_json
+from .datum import DatasetNotFoundError, Datum, MissingImageError, dumps_datum_cache, load_datum_cache
 
 __all__ = [
     "DatasetBase", "read_split", "save_split", "split_trainval", "read_and_split_data", "split_per_class",

@@ -15,18 +15,8 @@ from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 from ..utils import listdir_nohidden
-from .dataset_base import (
-    DatasetBase,
-    cache_root,
-    load_or_create_fewshot,
-    make_datums,
-    read_and_split_data,
-    read_classnames,
-    read_split,
-    save_split,
-    subsample_classes,
-    writable_cache,
-)
+from .dataset_base import (DatasetBase, cache_root, load_or_create_fewshot, make_datums, read_and_split_data,
+                           read_classnames, read_split, save_split, subsample_classes, writable_cache)
 from .datum import DatasetNotFoundError, Datum
 
 __all__ = ["BenchmarkMixin", "SplitDataset", "ImageFolderTestset", "read_wnid_folders"]

@@ -7,24 +7,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from torchvision.transforms import (
-    AutoAugment,
-    AutoAugmentPolicy,
-    CenterCrop,
-    ColorJitter,
-    Compose,
-    GaussianBlur,
-    InterpolationMode,
-    Normalize,
-    RandAugment,
-    RandomApply,
-    RandomCrop,
-    RandomGrayscale,
-    RandomHorizontalFlip,
-    RandomResizedCrop,
-    Resize,
-    ToTensor,
-)
+from torchvision.transforms import (AutoAugment, AutoAugmentPolicy, CenterCrop, ColorJitter, Compose,
+                                    GaussianBlur, InterpolationMode, Normalize, RandAugment, RandomApply,
+                                    RandomCrop, RandomGrayscale, RandomHorizontalFlip, RandomResizedCrop,
+                                    Resize, ToTensor)
 
 __all__ = ["AVAI_CHOICES", "INTERPOLATION_MODES", "build_transform", "Random2DTranslation", "Cutout",
            "GaussianNoise", "InstanceNormalization"]
