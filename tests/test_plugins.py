@@ -196,8 +196,12 @@ def test_wheel_installed_outside_the_checkout_runs_restore(tmp_path):
     import shutil
 
     source, wheels = tmp_path / "source", tmp_path / "wheels"  # a copy: the build writes build/ beside setup.py
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "output*",
-                                                                 "*.egg-info", "__pycache__", "tests"))
+    def skipped(folder: str, names: list[str]) -> set[str]:
+        top = os.path.abspath(folder) == os.path.abspath(ROOT)
+        return {n for n in names if n in (".git", ".venv", "__pycache__") or n.endswith(".egg-info")
+                or (top and (n in ("build", "dist", "tests") or n.startswith(("output", "demo_output"))))}
+
+    shutil.copytree(ROOT, source, ignore=skipped)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(wheels), str(source)], capture_output=True, text=True, timeout=300,
                            cwd=str(tmp_path))
