@@ -58,7 +58,9 @@ def _run(rank: int, world: int, port: int, data_root: str, out_base: str, result
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import datasets  # noqa: F401
-    import trainers  # noqa: F401
+    import trainers
+
+    trainers.register_all()
     from restore.engine import distributed as dist_mod
     from restore.engine.config import extend_cfg, get_cfg_default, merge_opts
     from restore.engine.trainer import build_trainer

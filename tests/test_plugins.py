@@ -190,6 +190,17 @@ def _fresh_venv(path: pathlib.Path) -> pathlib.Path:
     return path / "bin" / "python"
 
 
+def _can_build_wheels() -> bool:
+    import importlib.util
+
+    import setuptools
+
+    major_minor = tuple(int(x) for x in setuptools.__version__.split(".")[:2])
+    return importlib.util.find_spec("wheel") is not None or major_minor >= (70, 1)  # bdist_wheel built in
+
+
+@pytest.mark.skipif(not _can_build_wheels(), reason="this environment's setuptools cannot build wheels "
+                                                    "(pip install wheel, or setuptools >= 70.1)")
 def test_wheel_installed_outside_the_checkout_runs_restore(tmp_path):
     """pip wheel -> fresh venv (torch from the system site) -> python -m restore.launch --trainer RESTORE on a
     synthetic DTD, from a folder that is not the checkout; the plugins come from the wheel."""
