@@ -150,14 +150,23 @@ def print_args(args: argparse.Namespace, cfg: Any) -> None:
 
 def main(argv: Optional[Sequence[str] | argparse.Namespace] = None) -> int:
     """Parse ``argv`` (default: the process's arguments; or parsed arguments) and run; the exit status.
-    Errors are one sentence on stderr."""
+
+    A bad config or output folder is one sentence on stderr (exit 2); other errors propagate, as from
+    CoOp's ``train.py`` (:func:`cli` turns them into one sentence).
+    """
     if isinstance(argv, argparse.Namespace):
         args = argv
     else:
         args = build_parser().parse_args(list(argv) if argv is not None else None)
+    return start(args)
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``train.py`` / ``python -m restore.launch``: :func:`main`, errors as one sentence on stderr (the
+    traceback goes to the run's log.txt); the log tee it opened is closed when the run ends."""
     console = sys.stdout
     try:
-        return start(args)
+        return main(argv)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as err:
         import traceback
 
@@ -225,11 +234,6 @@ def run(args: argparse.Namespace, cfg: Any) -> int:
         if not args.no_train:
             trainer.train()
     return 0
-
-
-def cli() -> int:
-    """``train.py`` / ``python -m restore.launch``: :func:`main` on the process's arguments."""
-    return main()
 
 
 if __name__ == "__main__":

@@ -533,7 +533,7 @@ def build_jobs(ctx: Context, protocol: str, trainer: str, seeds: Sequence[int], 
 
 # --------------------------------------------------------------------------- execution
 def _run_in_process(argv: list[str], root: str) -> int:
-    """Run the launcher (:func:`restore.launch.main`) in this interpreter (one import of torch for many steps)."""
+    """Run the launcher (:func:`restore.launch.cli`) in this interpreter (one import of torch for many steps)."""
     from restore import launch
 
     with _CHILDREN.lock:
@@ -542,7 +542,7 @@ def _run_in_process(argv: list[str], root: str) -> int:
     try:
         _CHILDREN.check()
         started = True
-        rc = launch.main(argv)
+        rc = launch.cli(argv)
     except Interrupted:
         _CHILDREN.stopped += started
         raise
