@@ -177,7 +177,7 @@ def get_method(name: str) -> MethodSpec:
     raise KeyError(f"Unknown method {name!r}; registered: {', '.join(_METHODS) or 'none (no plugin loaded)'}")
 
 
-def find_method(trainer: str, config_name: str = "") -> Optional[MethodSpec]:
+def find_method(trainer: str) -> Optional[MethodSpec]:
     """The method whose label or trainer is ``trainer`` (a run folder's method name), or None."""
     try:
         return get_method(trainer)
