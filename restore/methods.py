@@ -324,10 +324,16 @@ def apply_dataset_overrides(cfg: Any, opts: Optional[Sequence[str]] = None,
         return {}
     from yacs.config import CfgNode
 
+    from restore.engine.config import ConfigError
+
     frozen = cfg.is_frozen()
     cfg.defrost()
     try:
         cfg.merge_from_other_cfg(CfgNode(_nest(applied)))
+    except (KeyError, ValueError, AssertionError) as err:
+        where = config_path(spec, spec.dataset_overrides[protocol])
+        raise ConfigError(f"{where}: the values for {cfg.DATASET.NAME} do not fit the config "
+                          f"({str(err).strip(chr(39))}): fix that entry.") from None
     finally:
         if frozen:
             cfg.freeze()

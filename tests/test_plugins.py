@@ -254,3 +254,32 @@ def test_wheel_installed_outside_the_checkout_runs_restore(tmp_path):
     # the dataset overrides came from the wheel's package data (DTD: VISION_RATIO 0.15, FS_WEIGHT 0.5)
     assert "RESTORE dataset overrides for DescribableTextures: TRAINER.RESTORE.VISION_RATIO 0.15" in proc.stdout + log
     assert record["restore"]["fs_weight"] == 0.5  # (the ratios move after the epoch: one-shot update)
+
+
+def test_dataset_overrides_precedence_and_a_bad_entry(tmp_path):
+    """Overrides change the defaults and the YAML's values, not a pinned key nor a key in the opts; a key
+    the config does not have is one ConfigError sentence naming the file."""
+    from restore.engine.config import ConfigError, extend_cfg, get_cfg_default
+    from restore.methods import MethodSpec, apply_dataset_overrides
+
+    folder = tmp_path / "configs" / "trainers" / "RESTORE" / "dataset_overrides"
+    folder.mkdir(parents=True)
+    (folder / "base2new.yaml").write_text("dtd:\n  TRAINER.RESTORE.FS_WEIGHT: 0.5\n  TRAINER.RESTORE.TEXT_RATIO: 0.3\n"
+                                          "  OPTIM.LR: 0.5\n"
+                                          "eurosat:\n  TRAINER.RESTORE.NO_SUCH_KEY: 1\n")
+    spec = MethodSpec("r", "RESTORE", dataset_overrides={"base2new": "RESTORE/dataset_overrides/base2new.yaml"},
+                      config_root=str(tmp_path / "configs"))
+
+    def cfg_for(dataset, pins=()):
+        cfg = extend_cfg(get_cfg_default())
+        cfg.DATASET.NAME, cfg.TRAINER.NAME, cfg.DATASET_OVERRIDES.PIN = dataset, "RESTORE", list(pins)
+        cfg.freeze()
+        return cfg
+
+    cfg = cfg_for("DescribableTextures", pins=["TRAINER.RESTORE.TEXT_RATIO"])
+    applied = apply_dataset_overrides(cfg, ["OPTIM.LR", "0.1"], spec=spec)
+    assert applied == {"TRAINER.RESTORE.FS_WEIGHT": 0.5}
+    assert cfg.is_frozen() and cfg.TRAINER.RESTORE.FS_WEIGHT == 0.5
+    assert cfg.TRAINER.RESTORE.TEXT_RATIO == extend_cfg(get_cfg_default()).TRAINER.RESTORE.TEXT_RATIO
+    with pytest.raises(ConfigError, match=r"base2new\.yaml: the values for EuroSAT do not fit the config .*fix that entry"):
+        apply_dataset_overrides(cfg_for("EuroSAT"), spec=spec)
