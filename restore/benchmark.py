@@ -1,6 +1,6 @@
 """Speed and memory of every registered trainer, with and without the library's exact speed-ups.
 
-    python -m restore.speed [--quick] [--json FILE] [--md FILE] [--device cpu|cuda]
+    python -m restore.benchmark [--quick] [--json FILE] [--md FILE] [--device cpu|cuda]
                                 [--trainers CoOp MaPLe ...] [--classes 47 1000] [--reps N] [--no-memory]
 
 For each registered trainer (plugins loaded; a method with nothing to train is only evaluated) and
@@ -749,7 +749,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m restore.speed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m restore.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced run, about 3 minutes on 2 CPU cores: a narrower CLIP and 100 classes "
                         "(the *_1000 keys are then measured at 100)")
     parser.add_argument("--json", type=str, default="", help="write the report as JSON here")
