@@ -40,7 +40,7 @@ def _open_clip_tokenizer_module() -> ModuleType:
         return sys.modules[name]
     package = importlib.util.find_spec("open_clip")
     locations = package.submodule_search_locations if package is not None else None
-    spec = (importlib.util.spec_from_file_location(name, f"{list(locations)[0]}/tokenizer.py")
+    spec = (importlib.util.spec_from_file_location(name, f"{next(iter(locations))}/tokenizer.py")
             if locations else None)
     if spec is None or spec.loader is None:
         import open_clip.tokenizer
@@ -50,7 +50,7 @@ def _open_clip_tokenizer_module() -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception:
+    except ImportError:  # a dependency the module imports is missing: the package import says which
         del sys.modules[name]
         import open_clip.tokenizer
 
