@@ -18,14 +18,22 @@ def token_ids(lengths: list[int], seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def run_train_py(args: list[str]) -> int:
-    """Run ``train.py``'s ``main`` in this process (a subprocess mostly spends its time importing torch)."""
+def run_train_py(args: list[str], as_cli: bool = False) -> int:
+    """Run ``train.py``'s ``main`` in this process (a subprocess mostly spends its time importing torch).
+
+    ``as_cli``: through ``train.cli`` as ``python train.py`` does, so errors become its one-line message and
+    exit status instead of exceptions.
+    """
     import train
 
-    stdout = sys.stdout
+    stdout, argv = sys.stdout, sys.argv
     try:
+        if as_cli:
+            sys.argv = ["train.py", *args]
+            return train.cli()
         return train.main(train.build_parser().parse_args(args))
     finally:
+        sys.argv = argv
         if sys.stdout is not stdout:  # train.py tees stdout into log.txt
             logger, sys.stdout = sys.stdout, stdout
             close = getattr(logger, "close", None)
