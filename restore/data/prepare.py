@@ -37,7 +37,6 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-
 from restore.clip.loader import sha256_file
 from restore.protocols import move_aside
 
@@ -166,7 +165,8 @@ def _checksum(path: str, md5: str | None, sha256: str | None) -> tuple[bool, str
         ok = got == sha256.lower()
         return ok, f"SHA256 {got}" + (" (verified)" if ok else f" instead of {sha256.lower()}")
     if md5:
-        from torchvision.datasets.utils import calculate_md5  # here: importing torchvision takes seconds
+        # imported here: importing torchvision takes seconds
+        from torchvision.datasets.utils import calculate_md5
 
         got = calculate_md5(path)
         ok = got == md5.lower()
