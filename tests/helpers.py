@@ -26,14 +26,12 @@ def run_train_py(args: list[str], as_cli: bool = False) -> int:
     """
     import train
 
-    stdout, argv = sys.stdout, sys.argv
+    stdout = sys.stdout
     try:
         if as_cli:
-            sys.argv = ["train.py", *args]
-            return train.cli()
+            return train.cli(args)
         return train.main(train.build_parser().parse_args(args))
     finally:
-        sys.argv = argv
         if sys.stdout is not stdout:  # train.py tees stdout into log.txt
             logger, sys.stdout = sys.stdout, stdout
             close = getattr(logger, "close", None)
