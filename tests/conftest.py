@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 import sys
 
+# One intra-op thread, here and in every process the tests start (train.py, scripts, spawned DDP ranks,
+# which inherit the environment): with the tiny model, threads only contend for the CI machine's 2 cores
+# (a subprocess with torch's default thread count spends about 3x the CPU time). A value set outside wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import pytest
 import torch
 
@@ -18,7 +24,6 @@ import trainers  # noqa: E402
 
 trainers.register_all()
 
-# One thread: on the 2-core CI machine, subprocess runs and intra-op threads otherwise oversubscribe.
 torch.set_num_threads(1)
 
 

@@ -18,12 +18,18 @@ def token_ids(lengths: list[int], seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def run_train_py(args: list[str]) -> int:
-    """Run ``train.py``'s ``main`` in this process (a subprocess mostly spends its time importing torch)."""
+def run_train_py(args: list[str], as_cli: bool = False) -> int:
+    """Run ``train.py``'s ``main`` in this process (a subprocess mostly spends its time importing torch).
+
+    ``as_cli``: through ``train.cli`` as ``python train.py`` does, so errors become its one-line message and
+    exit status instead of exceptions.
+    """
     import train
 
     stdout = sys.stdout
     try:
+        if as_cli:
+            return train.cli(args)
         return train.main(train.build_parser().parse_args(args))
     finally:
         if sys.stdout is not stdout:  # train.py tees stdout into log.txt

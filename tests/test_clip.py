@@ -92,10 +92,18 @@ def test_tokenize_too_long_raises_unless_truncate():
 
 
 def test_import_restore_clip_does_not_import_open_clip():
-    code = "import sys, restore.clip; assert 'open_clip' not in sys.modules, 'open_clip imported eagerly'"
+    """Neither importing restore.clip nor tokenizing imports the open_clip package (timm, huggingface_hub:
+    seconds per process); the ids are still open_clip's."""
+    code = ("import sys, restore.clip; assert 'open_clip' not in sys.modules, 'open_clip imported eagerly'\n"
+            "from restore.clip.tokenizer import tokenize\n"
+            f"ids = tokenize({TEXTS!r})\n"
+            "assert 'open_clip' not in sys.modules and 'timm' not in sys.modules, 'tokenize imported open_clip'\n"
+            "print(ids.tolist())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=root, capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
+    assert torch.equal(torch.tensor(json.loads(proc.stdout)), open_clip.tokenize(TEXTS))
 
 
 # --- loading from files ----------------------------------------------------------------------

@@ -9,7 +9,8 @@ row chosen by config (MMRL*, RESTORE-on-IVLP, MaPLe 5 / 10 epochs), the paper HM
 and new, SHOTS validation, and failure messages that point to a log only if it exists. Also: SIGTERM /
 Ctrl-C to run_all.sh stop its train.py children (also with --gpus) with one line and exit 143 / 130, and
 the same command resumes; a step whose folder another run holds fails before writing; the help text
-and the summary line.
+and the summary line. Scripts whose behaviour is not process-level run as bash runs them with their Python
+step in this process (``_script_here``): one import of torch for the module, not one per command.
 """
 
 from __future__ import annotations
@@ -47,6 +48,35 @@ def _bash(script: str, args: list[str], env: dict[str, str], check: bool = True)
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+_SCRIPT_ENV = ("DATA", "OUTPUT", "SHOTS", "CFG", "SUB")
+
+
+def _script_here(script: str, args: list[str], env: dict[str, str], monkeypatch, capsys,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """``bash scripts/SCRIPT args`` with its Python step in this process.
+
+    bash runs the script with ``PYTHON=echo``: after its own checks and exports it prints the command it
+    would ``exec``; that ``-m restore.protocols ...`` command then runs here through ``protocols.main``
+    with the script's environment (DATA, OUTPUT, SHOTS, CFG, SUB). Output and status as from the script.
+    """
+    from restore import protocols as P
+
+    echoed = _bash(script, args, {**env, "PYTHON": "echo"}).stdout.split()
+    assert echoed[:2] == ["-m", "restore.protocols"] and len(echoed) == len(args) + 3, echoed  # no spaces in args
+    for key in _SCRIPT_ENV:
+        if key in env:
+            monkeypatch.setenv(key, env[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    capsys.readouterr()
+    rc = P.main(echoed[2:])
+    captured = capsys.readouterr()
+    proc = subprocess.CompletedProcess(["bash", script, *args], rc, captured.out, captured.err)
+    if check and rc != 0:
+        raise AssertionError(f"{script} {args} failed ({rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -200,17 +230,18 @@ def test_aggregate_reads_coop_style_logs(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
-def test_base2new_grid_two_trainers_aggregate_and_skip(data_root, tmp_path, capsys):
+def test_base2new_grid_two_trainers_aggregate_and_skip(data_root, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "output")
     env = _env(data_root, out)
-    proc = _bash("run_all.sh", ["base2new", "coop,zsclip", "--datasets", "dtd,eurosat", "--seeds", "1,2",
-                                "--in-process", *OPTS], env)
+    proc = _script_here("run_all.sh", ["base2new", "coop,zsclip", "--datasets", "dtd,eurosat", "--seeds", "1,2",
+                                       "--in-process", *OPTS], env, monkeypatch, capsys)
     assert "8 jobs" in proc.stdout and "16 done" in proc.stdout and "0 failed" in proc.stdout, proc.stdout[-2000:]
     runs = sorted(glob.glob(osp.join(out, "base2new", "*", "*", "shots_2", "*", "*", "seed*", "results.json")))
     assert len(runs) == 16
     # a finished grid is skipped without running anything
     before = {p: os.path.getmtime(p) for p in runs}
-    proc = _bash("run_all.sh", ["base2new", "coop", "--datasets", "dtd,eurosat", "--seeds", "1,2", *OPTS], env)
+    proc = _script_here("run_all.sh", ["base2new", "coop", "--datasets", "dtd,eurosat", "--seeds", "1,2", *OPTS], env,
+                        monkeypatch, capsys)
     assert proc.stdout.count("skip (finished") == 8 and "8 skipped" in proc.stdout
     assert before == {p: os.path.getmtime(p) for p in runs}
 
@@ -251,7 +282,7 @@ def test_base2new_grid_two_trainers_aggregate_and_skip(data_root, tmp_path, caps
     assert len(runs_rows) == 16 and all(r["wall_time_s"] for r in runs_rows)
 
 
-def test_killed_run_resumes_and_finished_run_is_skipped(tmp_path):
+def test_killed_run_resumes_and_finished_run_is_skipped(tmp_path, monkeypatch, capsys):
     data = str(tmp_path / "data")
     synthetic.make_synthetic("dtd", data, num_classes=4, images_per_class=12)
     out = str(tmp_path / "output")
@@ -278,7 +309,7 @@ def test_killed_run_resumes_and_finished_run_is_skipped(tmp_path):
     run = osp.dirname(osp.dirname(pointer))
     assert not osp.exists(osp.join(run, "results.json")), "training finished before it could be killed"
 
-    proc = _bash("base2new/train.sh", ["coop", "dtd", "1", *opts], env)
+    proc = _script_here("base2new/train.sh", ["coop", "dtd", "1", *opts], env, monkeypatch, capsys)
     logs = sorted(glob.glob(osp.join(run, "log.txt*")))
     # the resumed run continues log.txt after a "=== resumed" line (CoOp's parser reads only log.txt)
     assert [osp.basename(p) for p in logs] == ["log.txt"]
@@ -287,22 +318,22 @@ def test_killed_run_resumes_and_finished_run_is_skipped(tmp_path):
     assert "epoch [2/2]" in resumed and "epoch [1/2]" not in resumed
     assert _results(run)["epoch"] == 2 and osp.isfile(osp.join(run, "prompt_learner", "model.pth.tar-2"))
 
-    proc = _bash("base2new/train.sh", ["coop", "dtd", "1", *opts], env)
+    proc = _script_here("base2new/train.sh", ["coop", "dtd", "1", *opts], env, monkeypatch, capsys)
     assert "skip (finished" in proc.stdout and len(glob.glob(osp.join(run, "log.txt*"))) == len(logs)
     # the test step finds epoch 2 by itself; SUB=base re-tests the model on the base classes
-    proc = _bash("base2new/test.sh", ["coop", "dtd", "1", *opts], {**env, "SUB": "base"})
+    proc = _script_here("base2new/test.sh", ["coop", "dtd", "1", *opts], {**env, "SUB": "base"}, monkeypatch, capsys)
     assert "--load-epoch 2" in proc.stdout
     test_base = run.replace("train_base", "test_base")
     assert _results(test_base)["accuracy"] == _results(run)["accuracy"]
 
 
-def test_xd_and_dg_scripts(data_root, tmp_path):
+def test_xd_and_dg_scripts(data_root, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "output")
     env = _env(data_root, out)
-    _bash("xd/train.sh", ["coop", "1", *OPTS], env)
-    proc = _bash("xd/test_xd.sh", ["coop", "dtd,eurosat", "1", *OPTS], env)
+    _script_here("xd/train.sh", ["coop", "1", *OPTS], env, monkeypatch, capsys)
+    proc = _script_here("xd/test_xd.sh", ["coop", "dtd,eurosat", "1", *OPTS], env, monkeypatch, capsys)
     assert proc.stdout.count("--load-epoch 1") == 2
-    _bash("xd/test_dg.sh", ["coop", "all", "1", *OPTS], env)
+    _script_here("xd/test_dg.sh", ["coop", "all", "1", *OPTS], env, monkeypatch, capsys)
     src = glob.glob(osp.join(out, "xd", "train", "imagenet", "shots_2", "CoOp", "*", "seed1"))[0]
     cfg = osp.basename(osp.dirname(src))
     r = _results(src)
@@ -720,15 +751,15 @@ def _stop(pids: list[int]) -> None:
 
 
 @pytest.mark.skipif(not osp.isdir("/proc"), reason="finds the runner's children in /proc")
-def test_sigterm_stops_the_sweep_and_its_child_and_a_rerun_resumes(tmp_path):
+def test_sigterm_stops_the_sweep_and_its_child_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
     data = str(tmp_path / "data")
     synthetic.make_synthetic("dtd", data, num_classes=4, images_per_class=12)
     out = str(tmp_path / "output")
     env = _env(data, out, SHOTS="4")  # 2 base classes x 4 shots, batch 1: 8 steps per epoch
     opts = ["MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "4", "OPTIM.WARMUP_EPOCH", "0",
             "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "1", "DATALOADER.TEST.BATCH_SIZE", "50"]
-    cmd = ["bash", osp.join(ROOT, "scripts", "run_all.sh"), "base2new", "coop", "--datasets", "dtd", "--seeds", "1",
-           *opts]
+    args = ["base2new", "coop", "--datasets", "dtd", "--seeds", "1", *opts]
+    cmd = ["bash", osp.join(ROOT, "scripts", "run_all.sh"), *args]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     run_glob = osp.join(out, "base2new", "train_base", "dtd", "shots_4", "CoOp", "*", "seed1")
@@ -753,8 +784,7 @@ def test_sigterm_stops_the_sweep_and_its_child_and_a_rerun_resumes(tmp_path):
     run = glob.glob(run_glob)[0]
     assert not osp.exists(osp.join(run, "results.json")), "training finished before it could be stopped"
 
-    again = subprocess.run(cmd + ["--in-process"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    again = _script_here("run_all.sh", [*args, "--in-process"], env, monkeypatch, capsys)
     resumed = open(osp.join(run, "log.txt")).read().split("=== resumed ", 1)[1]
     assert "Found checkpoint" in resumed and "Previous epoch: " in resumed and "epoch [1/4]" not in resumed
     assert _results(run)["epoch"] == 4 and osp.isfile(run.replace("train_base", "test_new") + "/results.json")

@@ -3,6 +3,8 @@
 Covers: save / auto-resume / eval-only / --load-epoch, the log block, results.json, a run killed
 mid-epoch resuming to the same final result as an uninterrupted one, bit-identical deterministic
 runs, weights-only loading of every checkpoint written, and bad input giving one clear sentence.
+train.py runs in this process (``train.cli``, as ``python train.py`` calls it), except the run that is
+killed with SIGKILL, which needs a process of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from helpers import run_train_py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,21 +65,45 @@ def env(tmp_path_factory):
     return base
 
 
-def train_cmd(env, out, *extra, trainer="CoOp", shots=4, sub="base"):
-    return [sys.executable, "train.py", "--root", str(env / "data"), "--seed", "1", "--trainer", trainer,
-            "--dataset-config-file", "configs/datasets/dtd.yaml", "--config-file", str(env / "coop_tiny.yaml"),
-            "--output-dir", str(out), *extra, "DATASET.NUM_SHOTS", str(shots), "DATASET.SUBSAMPLE_CLASSES", sub,
-            "DATASET.CACHE_DIR", str(env / "cache")]
+@pytest.fixture(autouse=True)
+def _global_torch_flags_restored():
+    """DETERMINISTIC True switches torch's process-wide deterministic mode: undo it for the next tests."""
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[2], flags[3]
 
 
-def run(cmd, **kw):
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+def train_args(env, out, *extra, trainer="CoOp", shots=4, sub="base"):
+    return ["--root", str(env / "data"), "--seed", "1", "--trainer", trainer,
+            "--dataset-config-file", os.path.join(ROOT, "configs", "datasets", "dtd.yaml"),
+            "--config-file", str(env / "coop_tiny.yaml"), "--output-dir", str(out), *extra,
+            "DATASET.NUM_SHOTS", str(shots), "DATASET.SUBSAMPLE_CLASSES", sub, "DATASET.CACHE_DIR", str(env / "cache")]
 
 
-def test_train_then_eval_only_round_trip(env):
-    out = env / "roundtrip"
-    proc = run(train_cmd(env, out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def train(env, out, *extra, opts=(), **kw) -> int:
+    """``python train.py ...`` in this process; its exit status."""
+    return run_train_py([*train_args(env, out, *extra, **kw), *opts], as_cli=True)
+
+
+@pytest.fixture(scope="module")
+def roundtrip(env):
+    """A finished 3-epoch CoOp run on the base classes (read, never changed, by the tests below)."""
+    assert train(env, env / "roundtrip") == 0
+    return env / "roundtrip"
+
+
+@pytest.fixture(scope="module")
+def deterministic_reference(env):
+    """An uninterrupted DETERMINISTIC run (8 shots asked: all 3 images per class)."""
+    out = env / "uninterrupted"
+    assert train(env, out, shots=8, opts=["DETERMINISTIC", "True"]) == 0
+    return out
+
+
+def test_train_then_eval_only_round_trip(env, roundtrip, capsys):
+    out = roundtrip
     log = (out / "log.txt").read_text()
     for line in ("Finish training", "Deploy the last-epoch model", "=> result", "* accuracy:", "* macro_f1:"):
         assert line in log
@@ -91,18 +118,16 @@ def test_train_then_eval_only_round_trip(env):
     assert f"* accuracy: {train_record['accuracy']:.1f}%" in log
 
     # eval-only with --load-epoch on base gives the same accuracy; on new classes it evaluates the new split
-    same = run(train_cmd(env, env / "eval_base", "--eval-only", "--model-dir", str(out), "--load-epoch", "3"))
-    assert same.returncode == 0, same.stderr[-2000:]
+    assert train(env, env / "eval_base", "--eval-only", "--model-dir", str(out), "--load-epoch", "3") == 0
     assert json.load(open(env / "eval_base" / "results.json"))["accuracy"] == train_record["accuracy"]
-    new = run(train_cmd(env, env / "eval_new", "--eval-only", "--model-dir", str(out), "--load-epoch", "3", sub="new"))
-    assert new.returncode == 0, new.stderr[-2000:]
+    assert train(env, env / "eval_new", "--eval-only", "--model-dir", str(out), "--load-epoch", "3", sub="new") == 0
     record = json.load(open(env / "eval_new" / "results.json"))
     assert record["split"] == "new" and record["epoch"] == 3
 
     # re-running a finished run is skipped, outputs untouched; --overwrite redoes it
     mtime = os.path.getmtime(out / "results.json")
-    again = run(train_cmd(env, out))
-    assert again.returncode == 0 and "skipping" in again.stdout
+    capsys.readouterr()
+    assert train(env, out) == 0 and "skipping" in capsys.readouterr().out
     assert os.path.getmtime(out / "results.json") == mtime
 
     # every checkpoint the library writes loads with weights_only=True
@@ -115,13 +140,13 @@ def _final_state(out):
     return torch.load(out / "prompt_learner" / "model.pth.tar-3", weights_only=True)["state_dict"]
 
 
-def test_killed_run_resumes_to_the_same_result(env):
-    reference = env / "uninterrupted"
-    assert run(train_cmd(env, reference, shots=8) + ["DETERMINISTIC", "True"]).returncode == 0
-
+def test_killed_run_resumes_to_the_same_result(env, deterministic_reference, capsys):
+    reference = deterministic_reference
     killed = env / "killed"
-    proc = subprocess.Popen(train_cmd(env, killed, shots=8) + ["DETERMINISTIC", "True"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # one intra-op thread, as in this process (conftest): the same float sums before and after the kill
+    proc = subprocess.Popen([sys.executable, "train.py", *train_args(env, killed, shots=8), "DETERMINISTIC", "True"],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
         if line.startswith("epoch [2/3] batch [2/"):
             proc.send_signal(signal.SIGKILL)  # mid-epoch 2, after epoch 1's checkpoint
@@ -131,18 +156,18 @@ def test_killed_run_resumes_to_the_same_result(env):
     assert not (killed / "results.json").exists()
     assert (killed / "prompt_learner" / "checkpoint").read_text().strip() == "model.pth.tar-1"
 
-    resumed = run(train_cmd(env, killed, shots=8) + ["DETERMINISTIC", "True"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "Found checkpoint" in resumed.stdout and "Previous epoch: 1" in resumed.stdout
+    capsys.readouterr()
+    assert train(env, killed, shots=8, opts=["DETERMINISTIC", "True"]) == 0
+    resumed = capsys.readouterr().out
+    assert "Found checkpoint" in resumed and "Previous epoch: 1" in resumed
     assert torch.equal(_final_state(killed)["prompt_learner.ctx"], _final_state(reference)["prompt_learner.ctx"])
     a, b = json.load(open(killed / "results.json")), json.load(open(reference / "results.json"))
     assert (a["accuracy"], a["macro_f1"]) == (b["accuracy"], b["macro_f1"])
 
 
-def test_deterministic_runs_are_bit_identical(env):
-    outs = [env / f"det{i}" for i in range(2)]
-    for out in outs:
-        assert run(train_cmd(env, out) + ["DETERMINISTIC", "True"]).returncode == 0
+def test_deterministic_runs_are_bit_identical(env, deterministic_reference):
+    outs = [deterministic_reference, env / "det1"]
+    assert train(env, outs[1], shots=8, opts=["DETERMINISTIC", "True"]) == 0
     assert torch.equal(_final_state(outs[0])["prompt_learner.ctx"], _final_state(outs[1])["prompt_learner.ctx"])
     logs = [[l for l in (o / "log.txt").read_text().splitlines() if l.startswith("epoch [")] for o in outs]
     numbers = [[re.findall(r"(?:loss|acc|lr) (\S+)", line) for line in log] for log in logs]
@@ -151,8 +176,7 @@ def test_deterministic_runs_are_bit_identical(env):
 
 def test_zeroshot_clip_evaluates(env):
     out = env / "zs"
-    proc = run(train_cmd(env, out, "--eval-only", trainer="zsclip", shots=-1, sub="all"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert train(env, out, "--eval-only", trainer="zsclip", shots=-1, sub="all") == 0
     record = json.load(open(out / "results.json"))
     assert record["trainer"] == "ZeroshotCLIP" and record["split"] == "all" and 0 <= record["accuracy"] <= 100
 
@@ -175,11 +199,9 @@ BAD_INPUTS = [  # (name, flags, opts, expected sentence)
 
 
 @pytest.mark.parametrize("name,flags,opts,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_gives_one_clear_sentence(env, name, flags, opts, message):
-    if not (env / "roundtrip" / "results.json").exists():
-        assert run(train_cmd(env, env / "roundtrip")).returncode == 0
+def test_bad_input_gives_one_clear_sentence(env, roundtrip, capsys, name, flags, opts, message):
     if "@csc" in flags and not (env / "csc" / "results.json").exists():
-        assert run(train_cmd(env, env / "csc") + ["TRAINER.COOP.CSC", "True"]).returncode == 0
+        assert train(env, env / "csc", opts=["TRAINER.COOP.CSC", "True"]) == 0
     if "@tiny_file" in opts and not (env / "tiny.pt").exists():
         from restore.clip import load_clip, save_openai_state_dict
 
@@ -187,12 +209,13 @@ def test_bad_input_gives_one_clear_sentence(env, name, flags, opts, message):
     places = {"@roundtrip": str(env / "roundtrip"), "@csc": str(env / "csc"), "@tiny_file": str(env / "tiny.pt")}
     flags = [places.get(a, a) for a in flags]
     opts = [places.get(a, a) for a in opts]
-    cmd = train_cmd(env, env / f"bad_{name.replace(' ', '_')}")
-    split = cmd.index("DATASET.NUM_SHOTS")  # argparse: the last --flag wins; opts stay at the end
-    proc = run(cmd[:split] + flags + cmd[split:] + opts)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    args = train_args(env, env / f"bad_{name.replace(' ', '_')}")
+    split = args.index("DATASET.NUM_SHOTS")  # argparse: the last --flag wins; opts stay at the end
+    capsys.readouterr()
+    assert run_train_py(args[:split] + flags + args[split:] + opts, as_cli=True) != 0
+    stderr = capsys.readouterr().err
+    assert message in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env, monkeypatch):
@@ -200,7 +223,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(env, monkeypatch):
     from restore.engine.trainer import build_trainer
 
     out = env / "nan"
-    args = train_script.build_parser().parse_args(train_cmd(env, out)[2:] + ["OPTIM.MAX_EPOCH", "2"])
+    args = train_script.build_parser().parse_args(train_args(env, out) + ["OPTIM.MAX_EPOCH", "2"])
     cfg = train_script.setup_cfg(args)
     trainer = build_trainer(cfg)
     calls = {"n": 0}

@@ -37,8 +37,6 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from torchvision.datasets.utils import calculate_md5
-
 from restore.clip.loader import sha256_file
 from restore.protocols import move_aside
 
@@ -167,6 +165,9 @@ def _checksum(path: str, md5: str | None, sha256: str | None) -> tuple[bool, str
         ok = got == sha256.lower()
         return ok, f"SHA256 {got}" + (" (verified)" if ok else f" instead of {sha256.lower()}")
     if md5:
+        # imported here: importing torchvision takes seconds
+        from torchvision.datasets.utils import calculate_md5
+
         got = calculate_md5(path)
         ok = got == md5.lower()
         return ok, f"MD5 {got}" + (" (verified)" if ok else f" instead of the recorded {md5.lower()}")

@@ -1,16 +1,21 @@
-"""``build_transform``: Dassl's train/test image pipelines, in Dassl's order, with its printed lines."""
+"""``build_transform``: Dassl's train/test image pipelines, in Dassl's order, with its printed lines.
+
+torchvision is imported when a pipeline is built, not with this module: its import (which pulls in
+``torch._dynamo``) costs seconds, and the command lines import this module on every start, also when
+they stop on an error before any image is read.
+"""
 
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from torchvision.transforms import (AutoAugment, AutoAugmentPolicy, CenterCrop, ColorJitter, Compose,
-                                    GaussianBlur, InterpolationMode, Normalize, RandAugment, RandomApply,
-                                    RandomCrop, RandomGrayscale, RandomHorizontalFlip, RandomResizedCrop,
-                                    Resize, ToTensor)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torchvision.transforms import Compose, InterpolationMode, Normalize
 
 __all__ = ["AVAI_CHOICES", "INTERPOLATION_MODES", "build_transform", "Random2DTranslation", "Cutout",
            "GaussianNoise", "InstanceNormalization"]
@@ -21,19 +26,40 @@ AVAI_CHOICES = [
     "randaugment_fixmatch", "randaugment2", "gaussian_noise", "colorjitter", "randomgrayscale", "gaussian_blur",
 ]
 
-INTERPOLATION_MODES = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
-}
+
+
+class _InterpolationModes(Mapping):
+    """``{"bilinear", "bicubic", "nearest"}`` -> torchvision's ``InterpolationMode``, read on first use."""
+
+    _NAMES = ("bilinear", "bicubic", "nearest")
+
+    def __getitem__(self, name: str) -> InterpolationMode:
+        if name not in self._NAMES:
+            raise KeyError(name)
+        from torchvision.transforms import InterpolationMode
+
+        return InterpolationMode[name.upper()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+INTERPOLATION_MODES: Mapping[str, InterpolationMode] = _InterpolationModes()
 
 
 class Random2DTranslation:
     """With probability p: enlarge by 1/8 and take a random (height, width) crop; else resize."""
 
     def __init__(self, height: int, width: int, p: float = 0.5,
-                 interpolation: InterpolationMode = InterpolationMode.BILINEAR) -> None:
-        self.height, self.width, self.p, self.interpolation = height, width, p, interpolation
+                 interpolation: InterpolationMode | None = None) -> None:
+        self.height, self.width, self.p = height, width, p
+        self.interpolation = INTERPOLATION_MODES["bilinear"] if interpolation is None else interpolation
 
     def __call__(self, img: Image.Image) -> Any:
         from torchvision.transforms import functional as F
@@ -109,11 +135,17 @@ def build_transform(cfg: Any, is_train: bool = True, choices: Sequence[str] | No
                              f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; expected one of {AVAI_CHOICES}")
     if cfg.INPUT.INTERPOLATION not in INTERPOLATION_MODES:
         raise ValueError(f"INPUT.INTERPOLATION must be one of {list(INTERPOLATION_MODES)}, got {cfg.INPUT.INTERPOLATION!r}")
+    from torchvision.transforms import Normalize
+
     normalize = Normalize(mean=cfg.INPUT.PIXEL_MEAN, std=cfg.INPUT.PIXEL_STD)
     return (_build_train if is_train else _build_test)(cfg, choices, normalize)
 
 
 def _build_train(cfg: Any, choices: list[str], normalize: Normalize) -> Compose:
+    from torchvision.transforms import (AutoAugment, AutoAugmentPolicy, ColorJitter, Compose, GaussianBlur,
+                                        RandAugment, RandomApply, RandomCrop, RandomGrayscale,
+                                        RandomHorizontalFlip, RandomResizedCrop, Resize, ToTensor)
+
     print("Building transform_train")
     inp = cfg.INPUT
     size = tuple(inp.SIZE)
@@ -175,6 +207,8 @@ def _build_train(cfg: Any, choices: list[str], normalize: Normalize) -> Compose:
 
 
 def _build_test(cfg: Any, choices: list[str], normalize: Normalize) -> Compose:
+    from torchvision.transforms import CenterCrop, Compose, Resize, ToTensor
+
     print("Building transform_test")
     size = tuple(cfg.INPUT.SIZE)
     interp = INTERPOLATION_MODES[cfg.INPUT.INTERPOLATION]
