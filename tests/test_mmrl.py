@@ -340,13 +340,8 @@ def test_train_py_applies_published_per_dataset_values_before_user_opts(dataset,
     assert (node.REG_WEIGHT, node.REP_DIM) == (3.0, 64)
 
 
-def test_mmrl_dataset_opts_cli_has_no_light_switch(capsys):
-    from trainers.mmrl import _main
-
-    assert _main(["eurosat"]) == 0
-    assert capsys.readouterr().out.split() == ["TRAINER.MMRL.REG_WEIGHT", "0.01", "TRAINER.MMRL.REP_DIM", "2048"]
-    with pytest.raises(SystemExit):  # MMRL* needs no switch: EuroSAT keeps d_r 2048 under it too
-        _main(["eurosat", "--light"])
+def test_mmrl_dataset_opts_have_no_light_switch():
+    assert mmrl_dataset_opts("eurosat") == ["TRAINER.MMRL.REG_WEIGHT", "0.01", "TRAINER.MMRL.REP_DIM", "2048"]
     with pytest.raises(TypeError):
         mmrl_dataset_opts("eurosat", "base2new", True)  # config_dir is keyword-only: no silent old call
 

@@ -16,7 +16,6 @@ import torch
 import trainers  # noqa: F401  registers every trainer
 from restore.engine.config import extend_cfg, get_cfg_default
 from restore.engine.registry import TRAINER_REGISTRY
-from restore.engine.trainer import TrainerBase
 from restore.prompting.trainer import PromptModel
 
 TRAINER_NAMES = sorted(TRAINER_REGISTRY.registered_names())
@@ -61,26 +60,10 @@ def make_cfg(name: str, **node_overrides: Any) -> Any:
     return cfg
 
 
-def lightweight_trainer(name: str, cfg: Any, classnames: list[str]) -> Any:
-    """A trainer instance with cfg and device set, without data loaders (enough for build_prompt_model)."""
-    cls = TRAINER_REGISTRY.get(name)
-    trainer = object.__new__(cls)
-    TrainerBase.__init__(trainer)
-    trainer.cfg = cfg
-    trainer.device = torch.device("cpu")
-    trainer.precision = "fp32"
-    trainer.autocast_dtype = None
-    trainer.num_classes = len(classnames)
-    trainer.lab2cname = dict(enumerate(classnames))
-    trainer.max_epoch = cfg.OPTIM.MAX_EPOCH
-    return trainer
-
-
 def build_model(name: str, clip_model: Any, classnames: list[str], seed: int = 0, **node_overrides: Any) -> PromptModel:
     cfg = make_cfg(name, **node_overrides)
-    trainer = lightweight_trainer(name, cfg, classnames)
     torch.manual_seed(seed)
-    model = trainer.build_prompt_model(cfg, list(classnames), copy.deepcopy(clip_model))
+    model = TRAINER_REGISTRY.get(name).build_prompt_model(cfg, list(classnames), copy.deepcopy(clip_model))
     model.freeze()
     return model
 

@@ -15,7 +15,8 @@ import torch
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import TextContext
-from restore.prompting.trainer import PromptModel, PromptTrainer
+from restore.prompting.model import PromptModel
+from restore.prompting.trainer import PromptTrainer
 
 
 class CoOpModel(PromptModel):
@@ -32,7 +33,8 @@ class CoOpModel(PromptModel):
             class_specific=method_cfg.CSC, class_token_position=method_cfg.CLASS_TOKEN_POSITION)
 
     def encode_text(self) -> torch.Tensor:
-        return self.text_encoder(self.prompt_learner(), self.prompt_learner.eot_index).features
+        return self.text_encoder(self.prompt_learner(), self.prompt_learner.eot_index,
+                                 observer=self.observer("text")).features
 
 
 @TRAINER_REGISTRY.register()
@@ -43,5 +45,6 @@ class CoOp(PromptTrainer):
     default_cfg: dict[str, Any] = {"N_CTX": 16, "CSC": False, "CTX_INIT": "", "PREC": "auto",
                                    "CLASS_TOKEN_POSITION": "end"}
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        return CoOpModel(clip_model, classnames, self.method_cfg)
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        return CoOpModel(clip_model, classnames, cls.method_node(cfg))

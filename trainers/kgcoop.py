@@ -25,7 +25,8 @@ from restore.clip.model import CLIP
 from restore.data.templates import CUSTOM_TEMPLATES, dataset_template
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import zeroshot_classifier
-from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
+from restore.prompting.model import PromptModel, PromptOutput
+from restore.prompting.trainer import PromptTrainer
 
 from .coop import CoOpModel
 
@@ -74,7 +75,7 @@ class KgCoOp(PromptTrainer):
     default_cfg: dict[str, Any] = {"N_CTX": 4, "CSC": False, "CTX_INIT": "a photo of a", "PREC": "auto",
                                    "CLASS_TOKEN_POSITION": "end", "W": 8.0, "DISTANCE": "cosine"}
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         template = dataset_template(cfg.DATASET.NAME, KGCOOP_TEMPLATES)
-        clip_model.to(getattr(self, "device", torch.device("cpu")))  # teacher features on the training device
-        return KgCoOpModel(clip_model, classnames, self.method_cfg, template)
+        return KgCoOpModel(clip_model, classnames, cls.method_node(cfg), template)

@@ -10,7 +10,7 @@ Reusing :class:`MaPLeModel` (RESTORE subclasses it)
 * :meth:`MaPLeModel.deep_vision_tokens`: the vision prompts of layers ``1..depth-1`` fed to the
   image tower; override it to substitute them (default: the projections of the text prompts).
 * :meth:`adapt_text_features` / :meth:`adapt_image_features` (from
-  :class:`trainers.ivlp.DeepPromptModel`): identity here; override to add surgery adapters on the
+  :class:`restore.prompting.model.DeepPromptModel`): identity here; override to add surgery adapters on the
   projected features before L2 normalisation (training and evaluation alike).
 * :meth:`encode_text_output` / :meth:`encode_image_output`: full encoder outputs (``return_hidden``).
 * ``loss(output, label)`` is cross-entropy; override and call ``super().loss`` to add terms.
@@ -26,9 +26,8 @@ from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.deep import CoupledPrompts
 from restore.prompting.encoders import DeepTokens
-from restore.prompting.trainer import PromptModel, PromptTrainer
-
-from .ivlp import DeepPromptModel
+from restore.prompting.model import DeepPromptModel, PromptModel
+from restore.prompting.trainer import PromptTrainer
 
 
 def maple_num_params(n_ctx: int, depth: int, text_width: int, vision_width: int) -> int:
@@ -65,6 +64,7 @@ class MaPLe(PromptTrainer):
     model_name = "MultiModalPromptLearner"
     default_cfg: dict[str, Any] = {"N_CTX": 2, "CTX_INIT": "a photo of a", "PREC": "auto", "PROMPT_DEPTH": 9}
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        node = self.method_cfg
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        node = cls.method_node(cfg)
         return MaPLeModel(clip_model, classnames, n_ctx=node.N_CTX, depth=node.PROMPT_DEPTH, ctx_init=node.CTX_INIT)

@@ -45,7 +45,8 @@ from restore.engine.config import per_dataset_opts
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import clean_classname, encode_fixed_prompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput, LayerObserver
-from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
+from restore.prompting.model import PromptModel, PromptOutput
+from restore.prompting.trainer import PromptTrainer
 
 __all__ = ["MMRL", "MMRLModel", "RepresentationLearner", "mmrl_loss", "mix_logits", "resolve_inference",
            "rep_layer_span", "mmrl_dataset_opts", "PROTOCOLS", "INFERENCE_MODES", "MIX_MODES"]
@@ -233,7 +234,7 @@ class MMRLModel(PromptModel):
         """Text tower over the template prompts with rep tokens after BOT (EOT index + K)."""
         embeddings = self.text_encoder.embed(self.token_ids)
         return self.text_encoder(embeddings, self.token_ids.argmax(dim=-1), self.text_deep(),
-                                 return_hidden=return_hidden, observer=observer)
+                                 return_hidden=return_hidden, observer=observer or self.observer("text"))
 
     def encode_text(self) -> torch.Tensor:
         return self.encode_text_output().features
@@ -241,7 +242,8 @@ class MMRLModel(PromptModel):
     def encode_image_output(self, image: torch.Tensor, return_hidden: bool = False,
                             observer: LayerObserver | None = None) -> EncoderOutput:
         """Image tower with rep tokens after CLS."""
-        return self.image_encoder(image, self.vision_deep(), return_hidden=return_hidden, observer=observer)
+        return self.image_encoder(image, self.vision_deep(), return_hidden=return_hidden,
+                                  observer=observer or self.observer("vision"))
 
     def image_features_pair(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f_c, f_r), not normalised: CLS through the frozen proj, mean of LN'd rep tokens through proj_rep."""
@@ -302,8 +304,7 @@ def mmrl_dataset_opts(dataset: str, protocol: str = "base2new", *, config_dir: s
     every other dataset keeps the config's d_r. Pass these opts *after* the config file and
     *before* your own opts so that yours win.
 
-    ``train.py`` applies them itself (``MMRL.dataset_defaults``); ``python -m trainers.mmrl
-    <dataset>`` prints them, for a CoOp-style codebase whose train.py does not.
+    ``train.py`` applies them itself (``MMRL.dataset_defaults``).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -316,6 +317,7 @@ def mmrl_dataset_opts(dataset: str, protocol: str = "base2new", *, config_dir: s
 # --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
+@TRAINER_REGISTRY.register()
 class MMRL(PromptTrainer):
     """Multi-Modal Representation Learning (node ``TRAINER.MMRL``).
 
@@ -354,14 +356,16 @@ class MMRL(PromptTrainer):
         if not 0.0 <= node.ALPHA <= 1.0:
             raise ValueError(f"TRAINER.MMRL.ALPHA must be in [0, 1], got {node.ALPHA}")
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    _checkpoint_dataset: str | None = None  # set on the instance when a checkpoint is loaded
+    _loaded_checkpoint = False
+
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         from restore.data.templates import dataset_template
 
-        node = self.method_cfg
+        node = cls.method_node(cfg)
         template = node.TEMPLATE or dataset_template(cfg.DATASET.NAME)
         print(f"MMRL text template: {template!r}")
-        self._checkpoint_dataset: str | None = None
-        self._loaded_checkpoint = False
         return MMRLModel(clip_model, classnames, template, n_rep_tokens=node.N_REP_TOKENS, rep_dim=node.REP_DIM,
                          rep_layers=node.REP_LAYERS, alpha=node.ALPHA, reg_weight=node.REG_WEIGHT, mix=node.MIX)
 
@@ -401,25 +405,3 @@ class MMRL(PromptTrainer):
         super().check_checkpoint_metadata(checkpoint, path)
         self._loaded_checkpoint = True
         self._checkpoint_dataset = checkpoint.get("dataset")
-
-
-if __name__ != "__main__":  # under ``python -m trainers.mmrl`` only the imported module registers
-    TRAINER_REGISTRY.register(MMRL)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trainers.mmrl dtd [--protocol base2new]`` prints the per-dataset opts (MMRL and MMRL*)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Print MMRL's per-dataset config opts for train.py (the same for MMRL and MMRL*: "
-                    "EuroSAT keeps d_r 2048, as in the paper's d_r ablation)")
-    parser.add_argument("dataset")
-    parser.add_argument("--protocol", default="base2new", choices=PROTOCOLS)
-    args = parser.parse_args(argv)
-    print(" ".join(mmrl_dataset_opts(args.dataset, args.protocol)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

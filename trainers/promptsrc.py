@@ -42,7 +42,8 @@ from restore.clip.model import CLIP
 from restore.data.templates import CLIP_IMAGENET_TEMPLATES_60
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import zeroshot_classifier
-from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
+from restore.prompting.model import PromptModel, PromptOutput
+from restore.prompting.trainer import PromptTrainer
 
 from .ivlp import IVLPModel
 
@@ -230,14 +231,15 @@ class PromptSRC(PromptTrainer):
     # Integers as in the official defaults, so the official yamls and ``TRAINER.PROMPTSRC.GPA_MEAN 15``
     # merge under yacs' strict typing.
 
-    def create_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptSRCModel:
+    @classmethod
+    def create_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptSRCModel:
         """The model without GPA (subclasses return their own PromptSRCModel subclass)."""
-        return PromptSRCModel(clip_model, classnames, self.method_cfg)
+        return PromptSRCModel(clip_model, classnames, cls.method_node(cfg))
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        clip_model.to(getattr(self, "device", torch.device("cpu")))  # teacher text features on the training device
-        model = self.create_model(cfg, classnames, clip_model)
-        node = self.method_cfg
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        model = cls.create_model(cfg, classnames, clip_model)
+        node = cls.method_node(cfg)
         attach_gpa(model, cfg.OPTIM.MAX_EPOCH, float(node.GPA_MEAN), float(node.GPA_STD))
         return model
 

@@ -1,7 +1,7 @@
 """VPT (deep visual prompt tuning, Jia et al. 2022) on CLIP, as in the MaPLe repository.
 
 Learnable tokens in the image tower only; the class text is fixed: "<CTX_INIT> <class>." ("a
-photo of a {}.") encoded once by the frozen text tower (see :class:`trainers.ivlp.DeepPromptModel`).
+photo of a {}.") encoded once by the frozen text tower (see :class:`restore.prompting.model.DeepPromptModel`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from typing import Any, Sequence
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.deep import IndependentPrompts
-from restore.prompting.trainer import PromptModel, PromptTrainer
+from restore.prompting.model import DeepPromptModel, PromptModel
+from restore.prompting.trainer import PromptTrainer
 
-from .ivlp import IVLP_OFFICIAL_KEYS, DeepPromptModel
+from .ivlp import IVLP_OFFICIAL_KEYS
 
 
 class VPTModel(DeepPromptModel):
@@ -36,5 +37,6 @@ class VPT(PromptTrainer):
     default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "CTX_INIT": "a photo of a", "PREC": "auto",
                                    "PROMPT_DEPTH_VISION": 1}
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        return VPTModel(clip_model, classnames, self.method_cfg)
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        return VPTModel(clip_model, classnames, cls.method_node(cfg))
