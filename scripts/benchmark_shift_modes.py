@@ -17,7 +17,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from restore.clip.model import CLIP, TINY_CONFIG, CLIPConfig  # noqa: E402
 from restore.engine.config import extend_cfg, get_cfg_default  # noqa: E402
-from trainers.restore_trainer import build_restore_model  # noqa: E402
+from trainers.restore_trainer import RestoreMaPLeModel  # noqa: E402
 
 
 def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size: int = 4, steps: int = 5,
@@ -46,7 +46,7 @@ def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size:
     for mode in modes:
         node = cfg.TRAINER.RESTORE.clone()
         node.SHIFT = mode
-        model = build_restore_model(clip, classnames, node).to(dev)
+        model = RestoreMaPLeModel(clip, classnames, node).to(dev)
         model.freeze()
         models[mode] = model.train()
         optims[mode] = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -7,7 +7,7 @@ The single-branch variants of the RESTORE paper are configs, not classes:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
@@ -29,7 +29,7 @@ IVLP_OFFICIAL_KEYS: OfficialKeys = (
 class IVLPModel(DeepPromptModel):
     """Independent per-layer prompts in both towers (a tower with 0 tokens or depth 0 is left alone)."""
 
-    official_keys = IVLP_OFFICIAL_KEYS
+    official_keys: ClassVar[OfficialKeys] = IVLP_OFFICIAL_KEYS
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any) -> None:
         super().__init__(clip_model, classnames)

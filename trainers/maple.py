@@ -18,7 +18,7 @@ Reusing :class:`MaPLeModel` (RESTORE subclasses it)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.deep import CoupledPrompts
 from restore.prompting.encoders import DeepTokens
 from restore.prompting.model import DeepPromptModel, PromptModel
+from restore.prompting.official import OfficialKeys
 from restore.prompting.trainer import PromptTrainer
 
 
@@ -40,7 +41,7 @@ class MaPLeModel(DeepPromptModel):
     """Frozen CLIP + :class:`CoupledPrompts`; see the module docstring for the hooks."""
 
     prompt_learner: CoupledPrompts
-    official_keys = ((r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
+    official_keys: ClassVar[OfficialKeys] = ((r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
                      (r"prompt_learner\.((proj|compound_prompts_text|compound_prompt_projections)(\..+)?)",
                       r"prompt_learner.\1"))
 

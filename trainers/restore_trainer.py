@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import logging
 import os.path as osp
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -66,6 +66,7 @@ from restore.engine.config import per_dataset_opts
 from restore.engine.distributed import mean_over_ranks
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.model import DeepPromptModel, PromptModel, PromptOutput
+from restore.prompting.official import OfficialKeys
 from restore.prompting.shift import observe_shift
 from restore.prompting.trainer import PromptTrainer
 
@@ -297,7 +298,7 @@ class RestoreModel(DeepPromptModel):
     restore: ShiftGuidedSurgery
     # The official RESTORE code (MaPLe_FSA) released no weights and its adapter names are not
     # documented: its checkpoints are not read.
-    official_keys = ()
+    official_keys: ClassVar[OfficialKeys] = ()
 
     @property
     def fs_layers(self) -> list[int]:

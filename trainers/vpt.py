@@ -6,12 +6,13 @@ photo of a {}.") encoded once by the frozen text tower (see :class:`restore.prom
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.model import DeepPromptModel, PromptModel
+from restore.prompting.official import OfficialKeys
 from restore.prompting.trainer import PromptTrainer
 
 from .ivlp import IVLP_OFFICIAL_KEYS
@@ -20,7 +21,7 @@ from .ivlp import IVLP_OFFICIAL_KEYS
 class VPTModel(DeepPromptModel):
     """Vision prompts at layers ``0..PROMPT_DEPTH_VISION-1``; fixed hand-written text."""
 
-    official_keys = IVLP_OFFICIAL_KEYS
+    official_keys: ClassVar[OfficialKeys] = IVLP_OFFICIAL_KEYS
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any) -> None:
         super().__init__(clip_model, classnames)
