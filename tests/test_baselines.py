@@ -40,7 +40,7 @@ def clip(tiny_clip):
 
 
 def node(name: str, **overrides):
-    return SimpleNamespace(**{**TRAINER_REGISTRY.get(name).default_cfg, **overrides})
+    return SimpleNamespace(**{**TRAINER_REGISTRY.get(name).all_options().defaults(), **overrides})
 
 
 def images(n: int = 2, seed: int = 1) -> torch.Tensor:

@@ -22,7 +22,7 @@ from restore.prompting.trainer import PromptModel
 
 TRAINER_NAMES = sorted(TRAINER_REGISTRY.registered_names())
 
-# Per trainer: small values of its own TRAINER.<NAME> node for the tiny backbone (default: its default_cfg).
+# Per trainer: small values of its own TRAINER.<NAME> node for the tiny backbone (default: its declared options).
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "CoOp": {"N_CTX": 4},
     "CoCoOp": {"N_CTX": 4},

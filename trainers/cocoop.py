@@ -17,6 +17,7 @@ from torch import nn
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.options import Option, Options
 from restore.prompting.context import TextContext
 from restore.prompting.deep import text_width
 from restore.prompting.model import PromptModel, PromptOutput
@@ -83,7 +84,9 @@ class CoCoOp(PromptTrainer):
     """Conditional Context Optimization."""
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"N_CTX": 16, "CTX_INIT": "", "PREC": "auto"}
+    options = Options(
+        Option("N_CTX", 16, "learnable context tokens", minimum=1),
+        Option("CTX_INIT", "", "words initialising the context (empty: random init)"))
 
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:

@@ -14,6 +14,7 @@ import torch
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.options import Option, Options
 from restore.prompting.context import TextContext
 from restore.prompting.model import PromptModel
 from restore.prompting.trainer import PromptTrainer
@@ -42,8 +43,11 @@ class CoOp(PromptTrainer):
     """Context Optimization."""
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"N_CTX": 16, "CSC": False, "CTX_INIT": "", "PREC": "auto",
-                                   "CLASS_TOKEN_POSITION": "end"}
+    options = Options(
+        Option("N_CTX", 16, "learnable context tokens", minimum=1),
+        Option("CSC", False, "class-specific context (one context per class)"),
+        Option("CTX_INIT", "", "words initialising the context (empty: random init)"),
+        Option("CLASS_TOKEN_POSITION", "end", "where the class name goes", choices=("end", "middle", "front")))
 
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Sequence
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.options import Option, Options
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.model import DeepPromptModel, PromptModel
 from restore.prompting.official import OfficialKeys, shifted
@@ -44,8 +45,12 @@ class IVLP(PromptTrainer):
     """Independent Vision-Language Prompting (both towers, or one of them via config)."""
 
     model_name = "VLPromptLearner"
-    default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "N_CTX_TEXT": 2, "CTX_INIT": "a photo of a", "PREC": "auto",
-                                   "PROMPT_DEPTH_VISION": 9, "PROMPT_DEPTH_TEXT": 9}
+    options = Options(
+        Option("N_CTX_VISION", 2, "vision prompt tokens per layer (0: no vision prompts)", minimum=0),
+        Option("N_CTX_TEXT", 2, "text prompt tokens per layer (0: no text prompts)", minimum=0),
+        Option("CTX_INIT", "a photo of a", "words whose embeddings initialise the layer-0 text context"),
+        Option("PROMPT_DEPTH_VISION", 9, "prompted vision layers, from layer 0 (0: none)", minimum=0),
+        Option("PROMPT_DEPTH_TEXT", 9, "prompted text layers, from layer 0 (0: none)", minimum=0))
 
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:

@@ -24,6 +24,7 @@ import torch
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.options import Option, Options
 from restore.prompting.deep import CoupledPrompts
 from restore.prompting.encoders import DeepTokens
 from restore.prompting.model import DeepPromptModel, PromptModel
@@ -63,7 +64,10 @@ class MaPLe(PromptTrainer):
     """Multi-modal Prompt Learning."""
 
     model_name = "MultiModalPromptLearner"
-    default_cfg: dict[str, Any] = {"N_CTX": 2, "CTX_INIT": "a photo of a", "PREC": "auto", "PROMPT_DEPTH": 9}
+    options = Options(
+        Option("N_CTX", 2, "prompt tokens per layer (text; the vision ones are their projections)", minimum=1),
+        Option("CTX_INIT", "a photo of a", "words whose embeddings initialise the layer-0 text context"),
+        Option("PROMPT_DEPTH", 9, "prompted layers in both towers, from layer 0", minimum=1))
 
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:

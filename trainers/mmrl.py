@@ -1,6 +1,6 @@
 """MMRL: Multi-Modal Representation Learning for vision-language models (Guo & Gu, CVPR 2025).
 
-Method (see shared/reference/mmrl.md for the full specification):
+Method (MMRL, Guo et al., CVPR 2025):
 
 * A shared, learnable representation space ``R`` (K tokens of dimension d_r, N(0, 0.02^2)).
   For every layer j of ``REP_LAYERS`` (1-based, contiguous, default 6..12) a Linear map per
@@ -43,10 +43,14 @@ from restore.clip.model import CLIP
 from restore.clip.tokenizer import tokenize
 from restore.engine.config import per_dataset_opts
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.log import get_logger
+from restore.options import Option, Options
 from restore.prompting.context import clean_classname, encode_fixed_prompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput, LayerObserver
 from restore.prompting.model import PromptModel, PromptOutput
 from restore.prompting.trainer import PromptTrainer
+
+logger = get_logger(__name__)
 
 __all__ = ["MMRL", "MMRLModel", "RepresentationLearner", "mmrl_loss", "mix_logits", "resolve_inference",
            "rep_layer_span", "mmrl_dataset_opts", "PROTOCOLS", "INFERENCE_MODES", "MIX_MODES"]
@@ -328,33 +332,27 @@ class MMRL(PromptTrainer):
     """
 
     model_name = "MultiModalRepresentationLearner"
-    default_cfg: dict[str, Any] = {
-        "ALPHA": 0.7,
-        "REG_WEIGHT": 1.0,
-        "REP_LAYERS": [6, 7, 8, 9, 10, 11, 12],
-        "REP_DIM": 512,
-        "N_REP_TOKENS": 5,
-        "PREC": "amp",
-        "TEMPLATE": "",
-        "INFERENCE": "auto",
-        "MIX": "logits",
-    }
+    options = Options(
+        Option("ALPHA", 0.7, "weight of the class-token logits against the representation-token ones",
+               minimum=0.0, maximum=1.0),
+        Option("REG_WEIGHT", 1.0, "weight of the regularisation to the frozen CLIP features (lambda)", minimum=0),
+        Option("REP_LAYERS", [6, 7, 8, 9, 10, 11, 12], "1-based layers that get representation tokens"),
+        Option("REP_DIM", 512, "width of the shared representation space (d_r)", minimum=1),
+        Option("N_REP_TOKENS", 5, "representation tokens per layer (K)", minimum=1),
+        Option("PREC", "amp", "working precision on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32",
+               choices=("auto", "fp32", "fp16", "amp", "bf16")),
+        Option("TEMPLATE", "", "text template with {} for the class (empty: the dataset's template)"),
+        Option("INFERENCE", "auto", "decoupled inference head (auto: by protocol and split)", choices=INFERENCE_MODES),
+        Option("MIX", "logits", "how the two heads are mixed", choices=MIX_MODES))
 
     # the published per-dataset lambda / d_r, merged by train.py as the official train.py does
     dataset_opts_hook = staticmethod(mmrl_dataset_opts)
 
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)
-        node = cfg.TRAINER.MMRL
         if cfg.PROTOCOL not in PROTOCOLS:
             raise ValueError(f"PROTOCOL must be one of {PROTOCOLS} for MMRL's decoupled inference, "
                              f"got {cfg.PROTOCOL!r}")
-        if node.INFERENCE not in INFERENCE_MODES:
-            raise ValueError(f"TRAINER.MMRL.INFERENCE must be one of {INFERENCE_MODES}, got {node.INFERENCE!r}")
-        if node.MIX not in MIX_MODES:
-            raise ValueError(f"TRAINER.MMRL.MIX must be one of {MIX_MODES}, got {node.MIX!r}")
-        if not 0.0 <= node.ALPHA <= 1.0:
-            raise ValueError(f"TRAINER.MMRL.ALPHA must be in [0, 1], got {node.ALPHA}")
 
     _checkpoint_dataset: str | None = None  # set on the instance when a checkpoint is loaded
     _loaded_checkpoint = False
@@ -365,7 +363,7 @@ class MMRL(PromptTrainer):
 
         node = cls.method_node(cfg)
         template = node.TEMPLATE or dataset_template(cfg.DATASET.NAME)
-        print(f"MMRL text template: {template!r}")
+        logger.info(f"MMRL text template: {template!r}")
         return MMRLModel(clip_model, classnames, template, n_rep_tokens=node.N_REP_TOKENS, rep_dim=node.REP_DIM,
                          rep_layers=node.REP_LAYERS, alpha=node.ALPHA, reg_weight=node.REG_WEIGHT, mix=node.MIX)
 
@@ -389,7 +387,7 @@ class MMRL(PromptTrainer):
         self.model.inference = self.inference_mode()
         head = "class + representation" if self.model.inference == "mixed" else "class token only"
         mix = f", mixing {self.model.mix}" if self.model.inference == "mixed" else ""
-        print(f"MMRL decoupled inference: {head}{mix} (PROTOCOL {self.cfg.PROTOCOL}, SUBSAMPLE_CLASSES "
+        logger.info(f"MMRL decoupled inference: {head}{mix} (PROTOCOL {self.cfg.PROTOCOL}, SUBSAMPLE_CLASSES "
               f"{self.cfg.DATASET.SUBSAMPLE_CLASSES}, INFERENCE {self.method_cfg.INFERENCE})")
         return super().test(split)
 

@@ -41,11 +41,15 @@ from torch import nn
 from restore.clip.model import CLIP
 from restore.data.templates import CLIP_IMAGENET_TEMPLATES_60
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.log import get_logger
+from restore.options import Option, Options
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.model import PromptModel, PromptOutput
 from restore.prompting.trainer import PromptTrainer
 
 from .ivlp import IVLPModel
+
+logger = get_logger(__name__)
 
 TEACHER_TEMPLATES: list[str] = list(CLIP_IMAGENET_TEMPLATES_60)
 
@@ -168,7 +172,7 @@ def gpa_end_of_epoch(model: PromptModel, epoch: int, max_epoch: int) -> None:
     gpa.accumulate(model, epoch)
     if epoch + 1 == max_epoch:
         gpa.apply(model)
-        print(f"GPA: loaded the Gaussian-weighted average of {max_epoch} epochs into the prompts")
+        logger.info(f"GPA: loaded the Gaussian-weighted average of {max_epoch} epochs into the prompts")
 
 
 # --------------------------------------------------------------------------- model and trainer
@@ -225,9 +229,16 @@ class PromptSRC(PromptTrainer):
     """Self-regulating prompts with Gaussian prompt aggregation."""
 
     model_name = "VLPromptLearner"
-    default_cfg: dict[str, Any] = {"N_CTX_VISION": 4, "N_CTX_TEXT": 4, "CTX_INIT": "a photo of a", "PREC": "auto",
-                                   "PROMPT_DEPTH_VISION": 9, "PROMPT_DEPTH_TEXT": 9, "TEXT_LOSS_WEIGHT": 25,
-                                   "IMAGE_LOSS_WEIGHT": 10, "GPA_MEAN": 15, "GPA_STD": 1}
+    options = Options(
+        Option("N_CTX_VISION", 4, "vision prompt tokens per layer", minimum=0),
+        Option("N_CTX_TEXT", 4, "text prompt tokens per layer", minimum=0),
+        Option("CTX_INIT", "a photo of a", "words whose embeddings initialise the layer-0 text context"),
+        Option("PROMPT_DEPTH_VISION", 9, "prompted vision layers, from layer 0", minimum=0),
+        Option("PROMPT_DEPTH_TEXT", 9, "prompted text layers, from layer 0", minimum=0),
+        Option("TEXT_LOSS_WEIGHT", 25, "weight of the L1 loss to the frozen-CLIP text features", minimum=0),
+        Option("IMAGE_LOSS_WEIGHT", 10, "weight of the L1 loss to the frozen-CLIP image features", minimum=0),
+        Option("GPA_MEAN", 15, "mean (epoch) of the Gaussian prompt aggregation weights"),
+        Option("GPA_STD", 1, "standard deviation (epochs) of the Gaussian prompt aggregation weights", minimum=0))
     # Integers as in the official defaults, so the official yamls and ``TRAINER.PROMPTSRC.GPA_MEAN 15``
     # merge under yacs' strict typing.
 

@@ -45,7 +45,7 @@ The buffer ``ratio_updated_epoch`` records the last epoch whose update was appli
 runs before that epoch's checkpoint is written, so resuming never applies an update twice nor
 skips one.
 
-Per-dataset settings (official run lists, restore.md §3.9) live in
+Per-dataset settings (the official run lists) live in
 ``configs/trainers/RESTORE/datasets/<dataset>.yaml``; :func:`restore_dataset_opts` turns one into
 ``train.py`` opts, which ``train.py`` merges itself before the command-line opts
 (``RESTORE.dataset_opts_hook``). The folder
@@ -54,7 +54,6 @@ is found two levels above this file: a copy of the trainer elsewhere needs ``con
 
 from __future__ import annotations
 
-import logging
 import os.path as osp
 from typing import Any, ClassVar, Sequence
 
@@ -65,6 +64,8 @@ from restore.clip.model import CLIP, LayerNorm, QuickGELU
 from restore.engine.config import per_dataset_opts
 from restore.engine.distributed import mean_over_ranks
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.log import get_logger
+from restore.options import Option, Options
 from restore.prompting.model import DeepPromptModel, PromptModel, PromptOutput
 from restore.prompting.official import OfficialKeys
 from restore.prompting.shift import observe_shift
@@ -79,7 +80,7 @@ __all__ = ["RESTORE", "RestoreMaPLeModel", "RestorePromptSRCModel", "RestoreIVLP
            "restore_num_params", "adapter_num_params", "restore_dataset_opts",
            "SHIFT_MODES", "RATIO_SCHEDULES"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 SHIFT_MODES = ("prompt", "feature")
 RATIO_SCHEDULES = ("one_shot", "per_epoch", "fixed")
@@ -459,46 +460,48 @@ class RESTORE(PromptTrainer):
     """RESTORE (node ``TRAINER.RESTORE``); see the module docstring for every key."""
 
     model_name = "MultiModalPromptLearner"
-    default_cfg: dict[str, Any] = {
-        "BASE": "maple",               # "maple" | "promptsrc" | "ivlp" (the FS-loss analysis on IVLP)
-        "N_CTX": 2,                    # MaPLe base: tokens per layer
-        "CTX_INIT": "a photo of a",
-        "PROMPT_DEPTH": 9,             # MaPLe base: prompted layers 0..8
-        "PREC": "auto",
-        "SHIFT": "prompt",             # "prompt" (official proxy) | "feature" (paper definition)
-        "FS_WEIGHT": 1.0,              # lambda (official FS_LOSS_R; DTD 0.5)
-        "FS_LAYERS": "deep",           # "deep" (layers 1..depth-1, official) | "prompted" (0..depth-1)
-        "FEATURE_NORM": "none",        # feature mode: "none" | "first_step"
-        "FEATURE_REF_STEPS": 1,        # feature mode + first_step: steps averaged into the reference
-        "FEATURE_EPS": 1e-6,
-        "USE_SURGERY": True,
-        "TEXT_RATIO": 0.1,             # initial r_t (official TEXT_CALIB_R; per-dataset yaml)
-        "VISION_RATIO": 0.1,           # initial r_v (official VIS_CALIB_R; per-dataset yaml)
-        "RATIO_SCHEDULE": "one_shot",  # "one_shot" | "per_epoch" | "fixed"
-        "RATIO_UPDATE_EPOCH": -1,      # one_shot: 0-based epoch after which to update (-1: MAX_EPOCH // 3)
-        "RATIO_STEP_TEXT": 0.02,
-        "RATIO_STEP_VISION": 0.005,
-        "ADAPTER_HIDDEN": 0,           # hidden width of the surgery adapters (0: ADAPTER_RATIO * embed_dim)
-        "ADAPTER_RATIO": 4.0,          # 4 -> 512-2048-512 (official); e.g. 0.25 for a bottleneck
-        "ADAPTER_FINAL_ACT": False,    # trailing QuickGELU (PromptSRC bytecode build)
-        "PROMPTSRC": {                 # BASE promptsrc: PromptSRC's own keys (official PromptSRC defaults)
-            "N_CTX_TEXT": 4, "N_CTX_VISION": 4, "PROMPT_DEPTH_TEXT": 9, "PROMPT_DEPTH_VISION": 9,
-            "TEXT_LOSS_WEIGHT": 25.0, "IMAGE_LOSS_WEIGHT": 10.0, "USE_GPA": True, "GPA_MEAN": 15.0, "GPA_STD": 1.0,
-        },
-        "IVLP": {                      # BASE ivlp: IVLP's prompt keys (the official analysis yaml: 2+2 tokens, depth 12)
-            "N_CTX_TEXT": 2, "N_CTX_VISION": 2, "PROMPT_DEPTH_TEXT": 12, "PROMPT_DEPTH_VISION": 12,
-        },
-    }
-
-    def check_cfg(self, cfg: Any) -> None:
-        super().check_cfg(cfg)
-        node = cfg.TRAINER.RESTORE
-        for key, allowed in (("BASE", BASES), ("SHIFT", SHIFT_MODES), ("RATIO_SCHEDULE", RATIO_SCHEDULES),
-                             ("FS_LAYERS", FS_LAYER_SETS), ("FEATURE_NORM", FEATURE_NORMS)):
-            if node[key] not in allowed:
-                raise ValueError(f"TRAINER.RESTORE.{key} must be one of {allowed}, got {node[key]!r}")
-        if node.FS_WEIGHT < 0:
-            raise ValueError(f"TRAINER.RESTORE.FS_WEIGHT must be >= 0, got {node.FS_WEIGHT}")
+    options = Options(
+        Option("BASE", "maple", "prompts RESTORE is built on (ivlp: the FS-loss analysis on IVLP prompts)",
+               choices=BASES),
+        Option("N_CTX", 2, "MaPLe base: prompt tokens per layer", minimum=1),
+        Option("CTX_INIT", "a photo of a", "words whose embeddings initialise the layer-0 text context"),
+        Option("PROMPT_DEPTH", 9, "MaPLe base: prompted layers 0..PROMPT_DEPTH-1", minimum=1),
+        Option("SHIFT", "prompt", "shift definition: prompt (official Gram-norm proxy) or feature (paper, Eq. 6)",
+               choices=SHIFT_MODES),
+        Option("FS_WEIGHT", 1.0, "lambda of the feature-shift consistency loss (0 turns it off; DTD 0.5)", minimum=0),
+        Option("FS_LAYERS", "deep", "layers in the loss: deep (1..depth-1, official) or prompted (0..depth-1)",
+               choices=FS_LAYER_SETS),
+        Option("FEATURE_NORM", "none", "feature mode: divide the shifts by their first-step values (first_step)",
+               choices=FEATURE_NORMS),
+        Option("FEATURE_REF_STEPS", 1, "feature mode + first_step: steps averaged into the reference", minimum=1),
+        Option("FEATURE_EPS", 1e-6, "denominator epsilon of the relative feature shift", minimum=0),
+        Option("USE_SURGERY", True, "add the surgery adapters on the projected features"),
+        Option("TEXT_RATIO", 0.1, "initial text surgery ratio r_t (official TEXT_CALIB_R)"),
+        Option("VISION_RATIO", 0.1, "initial vision surgery ratio r_v (official VIS_CALIB_R)"),
+        Option("RATIO_SCHEDULE", "one_shot", "when the ratios grow with the measured shift", choices=RATIO_SCHEDULES),
+        Option("RATIO_UPDATE_EPOCH", -1, "one_shot: 0-based epoch after which to update (-1: MAX_EPOCH // 3)"),
+        Option("RATIO_STEP_TEXT", 0.02, "text ratio increment per unit of mean text shift"),
+        Option("RATIO_STEP_VISION", 0.005, "vision ratio increment per unit of mean vision shift"),
+        Option("ADAPTER_HIDDEN", 0, "hidden width of the surgery adapters (0: ADAPTER_RATIO * embed_dim)", minimum=0),
+        Option("ADAPTER_RATIO", 4.0, "hidden width / embed_dim when ADAPTER_HIDDEN is 0 (4: official)", minimum=0),
+        Option("ADAPTER_FINAL_ACT", False, "trailing QuickGELU in the adapters (PromptSRC bytecode build)"),
+        Option("PROMPTSRC.N_CTX_TEXT", 4, "PromptSRC base: text prompt tokens per layer", minimum=0),
+        Option("PROMPTSRC.N_CTX_VISION", 4, "PromptSRC base: vision prompt tokens per layer", minimum=0),
+        Option("PROMPTSRC.PROMPT_DEPTH_TEXT", 9, "PromptSRC base: prompted text layers", minimum=0),
+        Option("PROMPTSRC.PROMPT_DEPTH_VISION", 9, "PromptSRC base: prompted vision layers", minimum=0),
+        Option("PROMPTSRC.TEXT_LOSS_WEIGHT", 25.0, "PromptSRC base: L1 weight to the frozen text features", minimum=0),
+        Option("PROMPTSRC.IMAGE_LOSS_WEIGHT", 10.0, "PromptSRC base: L1 weight to the frozen image features",
+               minimum=0),
+        Option("PROMPTSRC.USE_GPA", True, "PromptSRC base: Gaussian prompt aggregation"),
+        Option("PROMPTSRC.GPA_MEAN", 15.0, "PromptSRC base: mean epoch of the GPA weights"),
+        Option("PROMPTSRC.GPA_STD", 1.0, "PromptSRC base: standard deviation of the GPA weights", minimum=0),
+        Option("IVLP.N_CTX_TEXT", 2, "IVLP base: text prompt tokens per layer", minimum=0),
+        Option("IVLP.N_CTX_VISION", 2, "IVLP base: vision prompt tokens per layer", minimum=0),
+        Option("IVLP.PROMPT_DEPTH_TEXT", 12, "IVLP base: prompted text layers", minimum=0),
+        Option("IVLP.PROMPT_DEPTH_VISION", 12, "IVLP base: prompted vision layers", minimum=0),
+        removed={"USE_FS_LOSS": "FS_WEIGHT alone switches the feature-shift loss (FS_WEIGHT 0.0 turns it off); "
+                                "delete USE_FS_LOSS from your config or options."},
+    )
 
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
@@ -517,14 +520,14 @@ class RESTORE(PromptTrainer):
         surgery = self.model.restore
         surgery.reset_epoch_stats()
         if surgery.use_surgery:
-            print(f"RESTORE surgery ratios: text {float(surgery.text_ratio):.6f}, "
+            logger.info(f"RESTORE surgery ratios: text {float(surgery.text_ratio):.6f}, "
                   f"vision {float(surgery.vision_ratio):.6f}")
 
     def after_epoch(self) -> None:
         model = self.model
         update = model.maybe_update_ratios(self.epoch, self.max_epoch)
         if update is not None:
-            print(f"RESTORE guided update after epoch {self.epoch + 1}: text ratio +{update[0]:.6f} -> "
+            logger.info(f"RESTORE guided update after epoch {self.epoch + 1}: text ratio +{update[0]:.6f} -> "
                   f"{float(model.restore.text_ratio):.6f}, vision ratio +{update[1]:.6f} -> "
                   f"{float(model.restore.vision_ratio):.6f}")
         if getattr(model, "gpa", None) is not None:

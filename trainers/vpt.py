@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Sequence
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.options import Option, Options
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.model import DeepPromptModel, PromptModel
 from restore.prompting.official import OfficialKeys
@@ -35,8 +36,10 @@ class VPT(PromptTrainer):
     """Visual Prompt Tuning (shallow with PROMPT_DEPTH_VISION 1, deep above)."""
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "CTX_INIT": "a photo of a", "PREC": "auto",
-                                   "PROMPT_DEPTH_VISION": 1}
+    options = Options(
+        Option("N_CTX_VISION", 2, "vision prompt tokens per layer", minimum=1),
+        Option("CTX_INIT", "a photo of a", "the fixed text before the class name"),
+        Option("PROMPT_DEPTH_VISION", 1, "prompted vision layers (1: shallow VPT, more: deep)", minimum=1))
 
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:

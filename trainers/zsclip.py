@@ -8,6 +8,7 @@ import torch
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.options import Option, Options
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.model import PromptModel
 from restore.prompting.trainer import PromptTrainer
@@ -46,7 +47,8 @@ class ZeroshotCLIP(PromptTrainer):
 
     model_name = "zeroshot"
     aliases = ("zsclip",)
-    default_cfg: dict[str, Any] = {"PREC": "auto", "ENSEMBLE": False}
+    options = Options(
+        Option("ENSEMBLE", False, "average CLIP's ImageNet prompt templates instead of the dataset's one prompt"))
 
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:

@@ -1,6 +1,6 @@
 """Layer-0 text context shared by the CoOp family: prompts ``[SOS][ctx][class tokens . EOT]``.
 
-One implementation of the conventions every trainer relies on (dassl_compat.md §11.2): class
+One implementation of the conventions every trainer relies on (as in the official CoOp-family code): class
 names with ``_`` -> space, prompt = prefix + " " + name + ".", the SOS embedding and the class
 suffix held as class-dependent (non-persistent) buffers, and two ways to initialise from
 ``CTX_INIT``:

@@ -2,7 +2,7 @@
 
 Both expose ``text_deep()`` and ``vision_deep()`` returning :class:`DeepTokens` groups for the
 prompted encoders, and keep the layer-0 text context in a :class:`TextContext`. Conventions
-(dassl_compat.md §11.3, restore.md §3.1): vision prompts are appended after the patch tokens at
+(those of the official CoOp-family code): vision prompts are appended after the patch tokens at
 layer 0 and overwritten at deeper layers; deep text prompts overwrite positions ``1..n`` from
 layer 1 on; deeper layers without prompts let the tokens propagate.
 """

@@ -19,6 +19,7 @@ from torch import nn
 
 from restore.clip.model import CLIP
 from restore.engine.utils import CheckpointError
+from restore.log import get_logger
 
 from .encoders import (
     DeepTokens,
@@ -28,6 +29,8 @@ from .encoders import (
     PromptedVisionEncoder,
 )
 from .official import OfficialKeys, is_official_state, rename_official_state
+
+logger = get_logger(__name__)
 
 FROZEN_PREFIXES = ("clip.", "frozen_")
 
@@ -172,7 +175,7 @@ class PromptModel(nn.Module):
         official = bool(self.official_keys) and is_official_state(state)  # our own keys never match it
         if official:
             state = self.complete_official_state(rename_official_state(state, self.official_keys))
-            print(f"{source}: a checkpoint of the official {type(self).__name__} code; read its {len(state)} "
+            logger.info(f"{source}: a checkpoint of the official {type(self).__name__} code; read its {len(state)} "
                   "learned tensors (frozen CLIP weights and class-dependent buffers dropped)")
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

@@ -11,21 +11,28 @@ regularizers (Craft) that attach to any trainer by config.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from restore.clip.model import CLIP
-from restore.engine.config import add_node
+from restore.engine.config import add_node, register_removed_key
 from restore.engine.distributed import average_gradients
 from restore.engine.evaluator import compute_accuracy
 from restore.engine.optim import build_lr_scheduler, build_optimizer
 from restore.engine.trainer import TrainerX
 from restore.engine.utils import CheckpointError
+from restore.log import get_logger
+from restore.options import Option, Options
 
 from .model import PromptModel, PromptOutput
 
+logger = get_logger(__name__)
+
 PRECISIONS = ("auto", "fp32", "fp16", "amp", "bf16")
+COMMON_OPTIONS = Options(
+    Option("PREC", "auto", "working precision on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32",
+           choices=PRECISIONS))
 
 
 Regularizer = Callable[["PromptTrainer", torch.Tensor, torch.Tensor, PromptOutput], tuple[torch.Tensor, dict[str, float]]]
@@ -62,11 +69,12 @@ class PromptTrainer(TrainerX):
     """A TrainerX for CLIP prompt learning; subclasses implement :meth:`build_prompt_model`.
 
     Class attributes: ``model_name`` (the registered name, i.e. the checkpoint folder) and
-    ``default_cfg`` (the trainer's own ``TRAINER.<NAME>`` node, declared once).
+    ``options`` (the trainer's own ``TRAINER.<NAME>`` keys with types and help, declared once;
+    ``PREC`` is added for every trainer, see :func:`all_options`).
     """
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"PREC": "auto"}
+    options: ClassVar[Options] = Options()
     #: ``(dataset, protocol) -> opts``: the method's published per-dataset settings (MMRL's lambda,
     #: RESTORE's ratios), merged by ``train.py`` before the command-line opts (:meth:`dataset_defaults`).
     dataset_opts_hook: Callable[[str, str], list[str]] | None = None
@@ -86,8 +94,16 @@ class PromptTrainer(TrainerX):
         return cls.__name__.upper()
 
     @classmethod
+    def all_options(cls) -> Options:
+        """The trainer's declared options plus the ones every PromptTrainer has (``PREC``)."""
+        return COMMON_OPTIONS + cls.options
+
+    @classmethod
     def extend_cfg(cls, cfg: Any) -> None:
-        add_node(cfg, f"TRAINER.{cls.cfg_node_name()}", dict(cls.default_cfg))
+        options = cls.all_options()
+        add_node(cfg, f"TRAINER.{cls.cfg_node_name()}", options.defaults())
+        for key, sentence in options.removed.items():
+            register_removed_key(cfg, f"TRAINER.{cls.cfg_node_name()}.{key}", sentence)
 
     @classmethod
     def method_node(cls, cfg: Any) -> Any:
@@ -103,8 +119,7 @@ class PromptTrainer(TrainerX):
         if node is None:
             raise ValueError(f"cfg.TRAINER.{self.cfg_node_name()} is missing: call restore.engine.config.extend_cfg(cfg) "
                              "in your train.py's extend_cfg (see README, 'Use a trainer in your own codebase').")
-        if node.PREC not in PRECISIONS:
-            raise ValueError(f"TRAINER.{self.cfg_node_name()}.PREC must be one of {PRECISIONS}, got {node.PREC!r}")
+        self.all_options().validate(node, f"TRAINER.{self.cfg_node_name()}")
 
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
@@ -126,21 +141,21 @@ class PromptTrainer(TrainerX):
     def build_model(self) -> None:
         cfg = self.cfg
         classnames = self.dm.dataset.classnames
-        print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
+        logger.info(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
         clip_model = self.load_backbone().to(self.device)  # methods may compute teacher features while building
         requested = self.method_cfg.PREC
         self.precision = resolve_precision(requested, self.device)
         self.autocast_dtype = autocast_dtype(self.precision, self.device)
         if self.device.type != "cuda" and requested not in ("fp32", "auto"):
-            print(f"Note: PREC {requested} needs CUDA; running in fp32 on {self.device}")
+            logger.info(f"Note: PREC {requested} needs CUDA; running in fp32 on {self.device}")
         elif requested == "auto":
-            print(f"Precision: PREC auto -> {self.precision} on {self.device}")
-        print(f"Building {type(self).__name__}")
+            logger.info(f"Precision: PREC auto -> {self.precision} on {self.device}")
+        logger.info(f"Building {type(self).__name__}")
         self.model = self.build_prompt_model(cfg, classnames, clip_model)
         learnable = self.model.freeze()
-        print(f"Parameters to be updated: {sorted(learnable)}")
+        logger.info(f"Parameters to be updated: {sorted(learnable)}")
         n_learn = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        print(f"# learnable parameters: {n_learn:,}")
+        logger.info(f"# learnable parameters: {n_learn:,}")
         if cfg.MODEL.INIT_WEIGHTS:
             from restore.engine.utils import load_pretrained_weights
 
