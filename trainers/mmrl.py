@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import os.path as osp
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -384,9 +384,10 @@ class MMRL(PromptTrainer):
 
     @torch.no_grad()
     def test(self, split: str | None = None) -> float:
-        self.model.inference = self.inference_mode()
-        head = "class + representation" if self.model.inference == "mixed" else "class token only"
-        mix = f", mixing {self.model.mix}" if self.model.inference == "mixed" else ""
+        model = cast(MMRLModel, self.model)
+        model.inference = self.inference_mode()
+        head = "class + representation" if model.inference == "mixed" else "class token only"
+        mix = f", mixing {model.mix}" if model.inference == "mixed" else ""
         logger.info(f"MMRL decoupled inference: {head}{mix} (PROTOCOL {self.cfg.PROTOCOL}, SUBSAMPLE_CLASSES "
               f"{self.cfg.DATASET.SUBSAMPLE_CLASSES}, INFERENCE {self.method_cfg.INFERENCE})")
         return super().test(split)

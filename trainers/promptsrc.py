@@ -150,7 +150,7 @@ class GaussianPromptAggregation(nn.Module):
         return weight
 
     @torch.no_grad()
-    def apply(self, model: nn.Module) -> None:
+    def load_average(self, model: nn.Module) -> None:
         """Copy the aggregate into the model's tensors (in their own dtype)."""
         params = dict(model.named_parameters())
         for name in self.names:
@@ -171,7 +171,7 @@ def gpa_end_of_epoch(model: PromptModel, epoch: int, max_epoch: int) -> None:
         raise RuntimeError(f"GPA weights were built for {gpa.max_epoch} epochs but training runs {max_epoch}")
     gpa.accumulate(model, epoch)
     if epoch + 1 == max_epoch:
-        gpa.apply(model)
+        gpa.load_average(model)
         logger.info(f"GPA: loaded the Gaussian-weighted average of {max_epoch} epochs into the prompts")
 
 

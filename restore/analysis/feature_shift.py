@@ -79,8 +79,8 @@ def measure_model_shift(model: nn.Module, images: Iterable[torch.Tensor], max_im
     model.eval()
     device = device or next(model.parameters()).device
     ctx = autocast or contextlib.nullcontext
-    n_text = model.text_encoder.num_layers
-    n_vision = model.image_encoder.num_layers
+    n_text = int(model.text_encoder.num_layers)
+    n_vision = int(model.image_encoder.num_layers)
     n_layers = max(n_text, n_vision)
     with ctx(), observe_shift(model) as rec:
         model.encode_text()

@@ -459,7 +459,7 @@ def _merge(states: list[dict[str, Any]]) -> dict[str, Any]:
             elif isinstance(value, list):
                 merged[key] = cur + value
             elif isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
-                out = defaultdict(list) if isinstance(cur, defaultdict) else {}
+                out: dict[Any, list] = defaultdict(list) if isinstance(cur, defaultdict) else {}
                 for d in (cur, value):
                     for k, v in d.items():
                         out[k] = out.get(k, []) + list(v)

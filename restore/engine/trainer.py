@@ -15,7 +15,7 @@ import os.path as osp
 import random
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ class TrainerBase:
         self._models: "OrderedDict[str, nn.Module]" = OrderedDict()
         self._optims: "OrderedDict[str, Any]" = OrderedDict()
         self._scheds: "OrderedDict[str, Any]" = OrderedDict()
-        self._writer = None
+        self._writer: Any = None
 
     def register_model(self, name: str = "model", model: nn.Module | None = None, optim: Any = None,
                        sched: Any = None) -> None:
@@ -104,7 +104,7 @@ class TrainerBase:
             raise AttributeError("Cannot assign model before super().__init__() call")
         if name in self._models:
             raise AssertionError("Found duplicate model names")
-        self._models[name] = model
+        self._models[name] = cast(nn.Module, model)
         self._optims[name] = optim
         self._scheds[name] = sched
         # DDP: trainers that call loss.backward() / optim.step() themselves (official MaPLe, IVLP,
@@ -131,7 +131,7 @@ class TrainerBase:
         return names_real
 
     # --- checkpoint content hooks (overridden by prompt trainers to save only what is learned) ---
-    def checkpoint_state_dict(self, name: str) -> "OrderedDict[str, torch.Tensor]":
+    def checkpoint_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         return self._models[name].state_dict()
 
     def load_checkpoint_state_dict(self, name: str, state_dict: dict[str, torch.Tensor], path: str) -> None:
@@ -341,6 +341,8 @@ class TrainerBase:
 class SimpleTrainer(TrainerBase):
     """Builds data, model and evaluator from cfg; owns the test loop and ``results.json``."""
 
+    model: nn.Module
+
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.time_created = time.time()
@@ -352,7 +354,7 @@ class SimpleTrainer(TrainerBase):
         self.output_dir = cfg.OUTPUT_DIR
         self.cfg = cfg
         self.loaded_epoch: int | None = None
-        self.train_images = 0  # global: summed over DDP ranks once per epoch (results.json train_images_per_s)
+        self.train_images: int | float = 0  # global: summed over DDP ranks once per epoch (results.json train_images_per_s)
         self.train_seconds = 0.0  # this rank's training wall time (ranks are in lock-step; rank 0's is written)
         self.build_data_loader()
         self.build_model()
@@ -470,11 +472,11 @@ class SimpleTrainer(TrainerBase):
                 images += label.shape[0]
         seconds = time.time() - start
         results = distributed.evaluate(self.evaluator)  # DDP: metrics over every rank's shard
-        images = distributed.all_reduce_sum(images)  # DDP
+        total_images = distributed.all_reduce_sum(images)  # DDP
         for k, v in results.items():
             self.write_scalar(f"{split}/{k}", v, self.epoch)
         if split == "test":
-            self.write_results(results, split, images, seconds)
+            self.write_results(results, split, total_images, seconds)
         return list(results.values())[0]
 
     def inference_context(self) -> Any:
@@ -486,7 +488,7 @@ class SimpleTrainer(TrainerBase):
     def results_metadata(self) -> dict[str, Any]:
         return {}
 
-    def write_results(self, results: dict[str, float], split: str, images: int, seconds: float) -> str:
+    def write_results(self, results: dict[str, float], split: str, images: int | float, seconds: float) -> str:
         """Write ``OUTPUT_DIR/results.json`` (atomically) for scripts and aggregation."""
         path = osp.join(self.output_dir, RESULTS_FILE)
         if not distributed.is_main_process():  # DDP: only rank 0 writes results

@@ -209,6 +209,11 @@ def tolist_if_not(x: Any) -> list:
     return x if isinstance(x, list) else [x]
 
 
+def _flush_and_sync(f: Any) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
 class Logger:
     """Tee of stdout into a file; ``flush`` fsyncs the file (Dassl semantics)."""
 
@@ -230,7 +235,7 @@ class Logger:
     def flush(self) -> None:
         self.console.flush()
         if self.file is not None:
-            self._to_file(lambda f: (f.flush(), os.fsync(f.fileno())))
+            self._to_file(_flush_and_sync)
 
     def _to_file(self, action: Callable[[Any], Any]) -> None:
         """Write to the log; a full disk stops the tee (the console goes on) and raises DiskFullError once."""

@@ -263,7 +263,8 @@ def parse_directory(directory: str, end_signal: str | Sequence[str] = "Finish tr
     return out
 
 
-def _print_summary(directory: str, values: list[float], keyword: str, use_ci95: bool) -> tuple[float, float]:
+def _print_summary(directory: str, values: list[float], keyword: str,
+                   use_ci95: bool) -> tuple[float | None, float | None]:
     mean, std = mean_std(values)
     spread = ci95(std, len(values)) if use_ci95 else std
     logger.info("===")

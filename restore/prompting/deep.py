@@ -88,7 +88,9 @@ class CoupledPrompts(nn.Module):
 
     @property
     def ctx(self) -> torch.Tensor:
-        return self.text_context.ctx
+        ctx = self.text_context.ctx
+        assert ctx is not None  # n_ctx >= 1 is checked in __init__
+        return ctx
 
     def deep_text_tokens(self) -> list[torch.Tensor]:
         """The text prompts of layers 1..depth-1 (what RESTORE's official shift proxy measures)."""

@@ -18,7 +18,7 @@ the EOT index moves with insertions before it. The text tower runs only up to th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 from torch import nn
@@ -219,7 +219,7 @@ class PromptedTextEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.resblocks[0].mlp.c_fc.weight.dtype
+        return cast(torch.dtype, self.transformer.resblocks[0].mlp.c_fc.weight.dtype)
 
     @property
     def width(self) -> int:

@@ -56,6 +56,8 @@ class PromptModel(nn.Module):
     #: How the method's official code names the learned tensors in its checkpoints (see
     #: :mod:`restore.prompting.official`); empty: official checkpoints are not read.
     official_keys: ClassVar[OfficialKeys] = ()
+    text_encoder: PromptedTextEncoder
+    image_encoder: PromptedVisionEncoder
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str]) -> None:
         super().__init__()

@@ -232,7 +232,8 @@ def split_trainval(trainval: Sequence[Datum], p_val: float = 0.2) -> tuple[list[
     p_trn = 1 - p_val
     logger.info(f"Splitting trainval into {p_trn:.0%} train and {p_val:.0%} val")
     tracker = DatasetBase.split_dataset_by_label(trainval)
-    train, val = [], []
+    train: list[Datum] = []
+    val: list[Datum] = []
     for label, items in tracker.items():
         idxs = list(range(len(items)))
         random.shuffle(idxs)
@@ -368,7 +369,7 @@ def load_or_create_fewshot(cfg: Any, dataset_dir: str, train: list[Datum], val: 
                 "was moved or changed since the cache was written. Delete the cache file to re-sample.")
         return new_train, new_val
     new_train, new_val = _sample_fewshot(train, val, num_shots)
-    data: dict[str, Any] = {"train": new_train}
+    data = {"train": new_train}
     if new_val is not None:
         data["val"] = new_val
     logger.info(f"Saving preprocessed few-shot data to {path}")
