@@ -12,19 +12,12 @@ from typing import Any, ClassVar, Sequence
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.options import Option, Options
-from restore.prompting.deep import IndependentPrompts
+from restore.prompting.deep import INDEPENDENT_PROMPTS_OFFICIAL_KEYS, IndependentPrompts
 from restore.prompting.model import DeepPromptModel, PromptModel
-from restore.prompting.official import OfficialKeys, shifted
+from restore.prompting.official import OfficialKeys
 from restore.prompting.trainer import PromptTrainer
 
-#: The official IVLP / VPT / PromptSRC code keeps layer k's deep prompt in block k of each tower
-#: (``VPT_shallow``, k >= 1) and the vision layer-0 prompt on the image encoder (``VPT``).
-IVLP_OFFICIAL_KEYS: OfficialKeys = (
-    (r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
-    (r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow", shifted("prompt_learner.text_prompts.{}")),
-    (r"image_encoder\.VPT", "prompt_learner.vision_prompts.0"),
-    (r"image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow", shifted("prompt_learner.vision_prompts.{}", offset=0)),
-)
+IVLP_OFFICIAL_KEYS: OfficialKeys = INDEPENDENT_PROMPTS_OFFICIAL_KEYS
 
 
 class IVLPModel(DeepPromptModel):

@@ -23,7 +23,7 @@ over the prompted layers ``k`` (``FS_LAYERS "deep"``: layers 1..depth-1, the off
   persistent buffers (``fs_ref_text``/``fs_ref_vision``), so they are saved in checkpoints and a
   resumed run keeps them (the official code re-captures them on resume, resetting the loss).
 * ``"feature"`` (paper, Eq. 6): the relative change of each block's output with vs without the
-  prompts on the same input, measured by :mod:`restore.analysis.feature_shift` during the training
+  prompts on the same input, measured by :mod:`restore.prompting.shift` during the training
   forward (one extra no-grad pass of every prompted block). ``FEATURE_NORM "first_step"`` divides by
   the value averaged over the first ``FEATURE_REF_STEPS`` steps (also persistent buffers).
 
