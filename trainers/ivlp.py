@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Sequence
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
 from restore.prompting.deep import INDEPENDENT_PROMPTS_OFFICIAL_KEYS, IndependentPrompts
 from restore.prompting.model import DeepPromptModel, PromptModel
@@ -33,7 +33,6 @@ class IVLPModel(DeepPromptModel):
             ctx_init=method_cfg.CTX_INIT)
 
 
-@TRAINER_REGISTRY.register()
 class IVLP(PromptTrainer):
     """Independent Vision-Language Prompting (both towers, or one of them via config)."""
 
@@ -48,3 +47,7 @@ class IVLP(PromptTrainer):
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return IVLPModel(clip_model, classnames, cls.method_node(cfg))
+
+
+SPEC = register_method(MethodSpec("ivlp", "IVLP", aliases=("independentvl",),
+                  configs={"base2new": ("IVLP/vit_b16_c2_ep5_batch4_2+2ctx",)}), IVLP)

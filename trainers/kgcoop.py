@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from restore.clip.model import CLIP
 from restore.data.templates import CUSTOM_TEMPLATES, dataset_template
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.model import PromptModel, PromptOutput
@@ -68,7 +68,6 @@ class KgCoOpModel(CoOpModel):
         return loss, {"loss": loss.item(), "loss_ce": ce.item(), "loss_kg": kg.item()}
 
 
-@TRAINER_REGISTRY.register()
 class KgCoOp(PromptTrainer):
     """Knowledge-guided Context Optimization."""
 
@@ -86,3 +85,6 @@ class KgCoOp(PromptTrainer):
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         template = dataset_template(cfg.DATASET.NAME, KGCOOP_TEMPLATES)
         return KgCoOpModel(clip_model, classnames, cls.method_node(cfg), template)
+
+
+SPEC = register_method(MethodSpec("kgcoop", "KgCoOp", configs={"base2new": ("KgCoOp/vit_b16_ep100_ctxv1",)}), KgCoOp)

@@ -45,26 +45,22 @@ The buffer ``ratio_updated_epoch`` records the last epoch whose update was appli
 runs before that epoch's checkpoint is written, so resuming never applies an update twice nor
 skips one.
 
-Per-dataset settings (the official run lists) live in
-``configs/trainers/RESTORE/datasets/<dataset>.yaml``; :func:`restore_dataset_opts` turns one into
-``train.py`` opts, which ``train.py`` merges itself before the command-line opts
-(``RESTORE.dataset_opts_hook``). The folder
-is found two levels above this file: a copy of the trainer elsewhere needs ``configs/`` there too.
+Per-dataset settings (official run lists): the method's dataset overrides,
+``configs/trainers/RESTORE/dataset_overrides/<protocol>.yaml``, applied by the launcher
+(:func:`restore.methods.apply_dataset_overrides`; ``python -m restore.methods --overrides dtd`` prints them).
 """
 
 from __future__ import annotations
 
-import os.path as osp
 from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from restore.clip.model import CLIP, LayerNorm, QuickGELU
-from restore.engine.config import per_dataset_opts
 from restore.engine.distributed import mean_over_ranks
-from restore.engine.registry import TRAINER_REGISTRY
 from restore.log import get_logger
+from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
 from restore.prompting.model import DeepPromptModel, PromptModel, PromptOutput
 from restore.prompting.official import OfficialKeys
@@ -77,7 +73,7 @@ from .promptsrc import PromptSRCModel, attach_gpa, gpa_end_of_epoch
 
 __all__ = ["RESTORE", "RestoreMaPLeModel", "RestorePromptSRCModel", "RestoreIVLPModel", "ShiftGuidedSurgery",
            "SurgeryAdapter", "gram_norms",
-           "restore_num_params", "adapter_num_params", "restore_dataset_opts",
+           "restore_num_params", "adapter_num_params", "SPEC", "benchmark_shift_modes",
            "SHIFT_MODES", "RATIO_SCHEDULES"]
 
 logger = get_logger(__name__)
@@ -88,8 +84,6 @@ FS_LAYER_SETS = ("deep", "prompted")
 FEATURE_NORMS = ("none", "first_step")
 BASES = ("maple", "promptsrc", "ivlp")
 
-_REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DATASET_CONFIG_DIR = osp.join(_REPO_ROOT, "configs", "trainers", "RESTORE", "datasets")
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +449,6 @@ class RestoreIVLPModel(RestoreModel, IVLPModel):
 # Trainer
 # --------------------------------------------------------------------------------------------
 
-@TRAINER_REGISTRY.register()
 class RESTORE(PromptTrainer):
     """RESTORE (node ``TRAINER.RESTORE``); see the module docstring for every key."""
 
@@ -544,35 +537,72 @@ class RESTORE(PromptTrainer):
         return meta
 
 
-# --------------------------------------------------------------------------------------------
-# Per-dataset settings
-# --------------------------------------------------------------------------------------------
+_OVERRIDES = "RESTORE/dataset_overrides/"
+SPEC = register_method(MethodSpec(
+    "restore", "RESTORE", published="MaPLe+RESTORE",
+    published_by_config={"vit_b16_c2_ep10_batch4_2+2ctx_ivlp": None,  # the paper's IVLP + L_fs analysis: no row
+                         "vit_b16_c2_ep10_batch4_4+4ctx_promptsrc": "PromptSRC+RESTORE"},
+    configs={"base2new": ("RESTORE/vit_b16_c2_ep10_batch4_2ctx",),
+             "xd": ("RESTORE/vit_b16_c2_ep10_batch4_2ctx_cross_datasets",)},
+    dataset_overrides={"base2new": _OVERRIDES + "base2new.yaml", "few_shot": _OVERRIDES + "base2new.yaml",
+                       "cross_dataset": _OVERRIDES + "cross_dataset.yaml",
+                       "domain_generalization": _OVERRIDES + "cross_dataset.yaml"},
+    extras={"benchmark_pair": {"baseline": "MaPLe", "variants": {"feature": {"SHIFT": "feature"}}}},
+), RESTORE)
 
-PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization", "few_shot")
 
+def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size: int = 4, steps: int = 5,
+                          warmup: int = 2, device: str = "cpu", precision: str = "fp32",
+                          modes: Sequence[str] = ("prompt", "feature")) -> dict[str, float]:
+    """Milliseconds per training step (forward + loss + backward + SGD step) for each SHIFT mode.
 
-
-
-
-
-def restore_dataset_opts(dataset: str, protocol: str = "base2new", config_dir: str | None = None) -> list[str]:
-    """Per-dataset RESTORE settings as ``train.py`` opts.
-
-    ``dataset``: a configs/datasets stem ("dtd") or DATASET.NAME ("DescribableTextures"). Reads
-    ``configs/trainers/RESTORE/datasets/<stem>.yaml`` (initial surgery ratios and lambda of the
-    official run list), e.g. ``["TRAINER.RESTORE.TEXT_RATIO", "0.1", "TRAINER.RESTORE.VISION_RATIO",
-    "0.15", "TRAINER.RESTORE.FS_WEIGHT", "0.5"]`` for DTD. A dataset without a file gives ``[]``.
-    For ``cross_dataset`` / ``domain_generalization`` only the source (ImageNet) gets settings: the
-    targets are evaluated with the ratios stored in the checkpoint. Pass these opts before your own
-    so that yours win.
+    ``arch``: "tiny" (the test CLIP) or "vit_b16" (ViT-B/16 widths, random weights: same cost as the
+    real backbone). ``precision`` "fp16"/"bf16" autocast on CUDA. Returns ``{mode: ms_per_step}``,
+    plus ``"feature_overhead"`` (ratio - 1) when both modes are measured.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    stem, opts = per_dataset_opts(config_dir or DATASET_CONFIG_DIR, dataset, "RESTORE")
-    if protocol in ("cross_dataset", "domain_generalization") and stem != "imagenet":
-        return []
-    return opts
+    import time
 
+    from restore.clip.model import TINY_CONFIG, CLIPConfig
+    from restore.engine.config import extend_cfg, get_cfg_default
 
-# train.py merges the per-dataset settings before the command-line opts, as the protocol scripts pass them
-RESTORE.dataset_opts_hook = staticmethod(restore_dataset_opts)
+    configs = {"tiny": TINY_CONFIG,
+               "vit_b16": CLIPConfig(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                                     vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+                                     transformer_heads=8, transformer_layers=12)}
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    clip = CLIP(configs[arch]).eval().to(dev)
+    classnames = [f"class number {i}" for i in range(num_classes)]
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if dev.type == "cuda" else None
+    images = torch.randn(batch_size, 3, clip.visual.input_resolution, clip.visual.input_resolution, device=dev)
+    labels = torch.randint(0, num_classes, (batch_size,), device=dev)
+    models, optims, times = {}, {}, {}
+    for mode in modes:
+        node = cfg.TRAINER.RESTORE.clone()
+        node.SHIFT = mode
+        model = RestoreMaPLeModel(clip, classnames, node).to(dev)
+        model.freeze()
+        models[mode] = model.train()
+        optims[mode] = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        times[mode] = []
+    for step in range(warmup + steps):  # modes interleaved step by step: fair under a varying machine load
+        for mode in modes:
+            model, optim = models[mode], optims[mode]
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.autocast("cuda", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False):
+                loss, _ = model.loss(model(images), labels)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= warmup:
+                times[mode].append(time.perf_counter() - start)
+    results = {mode: 1000 * sorted(t)[len(t) // 2] for mode, t in times.items()}  # medians
+    if "prompt" in results and "feature" in results:
+        results["feature_overhead"] = results["feature"] / results["prompt"] - 1
+    return results

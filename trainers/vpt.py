@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Sequence
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
 from restore.prompting.deep import INDEPENDENT_PROMPTS_OFFICIAL_KEYS, IndependentPrompts
 from restore.prompting.model import DeepPromptModel, PromptModel
@@ -30,7 +30,6 @@ class VPTModel(DeepPromptModel):
             depth_vision=method_cfg.PROMPT_DEPTH_VISION, ctx_init=method_cfg.CTX_INIT)
 
 
-@TRAINER_REGISTRY.register()
 class VPT(PromptTrainer):
     """Visual Prompt Tuning (shallow with PROMPT_DEPTH_VISION 1, deep above)."""
 
@@ -43,3 +42,6 @@ class VPT(PromptTrainer):
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return VPTModel(clip_model, classnames, cls.method_node(cfg))
+
+
+SPEC = register_method(MethodSpec("vpt", "VPT", configs={"base2new": ("VPT/vit_b16_c2_ep5_batch4_4",)}), VPT)

@@ -75,20 +75,6 @@ class PromptTrainer(TrainerX):
 
     model_name = "prompt_learner"
     options: ClassVar[Options] = Options()
-    #: ``(dataset, protocol) -> opts``: the method's published per-dataset settings (MMRL's lambda,
-    #: RESTORE's ratios), merged by ``train.py`` before the command-line opts (:meth:`dataset_defaults`).
-    dataset_opts_hook: Callable[[str, str], list[str]] | None = None
-
-    @classmethod
-    def dataset_defaults(cls, cfg: Any) -> list[str]:
-        """The per-dataset opts for ``cfg``'s dataset and protocol; ``[]`` where none are published."""
-        if cls.dataset_opts_hook is None:
-            return []
-        try:
-            return list(cls.dataset_opts_hook(str(cfg.DATASET.NAME), str(cfg.PROTOCOL)))
-        except ValueError:  # a dataset or protocol without published values
-            return []
-
     @classmethod
     def cfg_node_name(cls) -> str:
         return cls.__name__.upper()
@@ -96,6 +82,10 @@ class PromptTrainer(TrainerX):
     @classmethod
     def all_options(cls) -> Options:
         """The trainer's declared options plus the ones every PromptTrainer has (``PREC``)."""
+        legacy = getattr(cls, "default_cfg", None)  # an undocumented dict of defaults (older plugins)
+        if isinstance(legacy, dict):
+            return COMMON_OPTIONS + Options(*(Option(k, v, "(no help text)") for k, v in legacy.items()
+                                              if not isinstance(v, dict))) + cls.options
         return COMMON_OPTIONS + cls.options
 
     @classmethod
