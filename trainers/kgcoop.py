@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from restore.clip.model import CLIP
-from restore.data.templates import CUSTOM_TEMPLATES, dataset_template
+from restore.datasets.templates import CUSTOM_TEMPLATES, dataset_template
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
 from restore.prompting.context import zeroshot_classifier
