@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m restore.options",
                                      description="Print a trainer's config options (TRAINER.<NAME>.*) with help")
-    parser.add_argument("trainer", help="registered trainer name, e.g. RESTORE")
+    parser.add_argument("trainer", help="registered trainer name")
     parser.add_argument("--plugins", nargs="*", default=["trainers"],
                         help="packages to import first so that they register their trainers (default: trainers)")
     args = parser.parse_args(argv)

@@ -12,12 +12,20 @@ from typing import Any, ClassVar, Sequence
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
-from restore.prompting.deep import INDEPENDENT_PROMPTS_OFFICIAL_KEYS, IndependentPrompts
+from restore.prompting.deep import IndependentPrompts
 from restore.prompting.model import DeepPromptModel, PromptModel
-from restore.prompting.official import OfficialKeys
+from restore.prompting.official import OfficialKeys, shifted
 from restore.prompting.trainer import PromptTrainer
 
-IVLP_OFFICIAL_KEYS: OfficialKeys = INDEPENDENT_PROMPTS_OFFICIAL_KEYS
+#: Where the official IVLP / VPT / PromptSRC code keeps the independent prompts: layer k's deep
+#: prompt in block k of each tower (``VPT_shallow``, k >= 1), the vision layer-0 prompt on the image
+#: encoder (``VPT``), the text layer-0 context as ``prompt_learner.ctx``.
+IVLP_OFFICIAL_KEYS: OfficialKeys = (
+    (r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
+    (r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow", shifted("prompt_learner.text_prompts.{}")),
+    (r"image_encoder\.VPT", "prompt_learner.vision_prompts.0"),
+    (r"image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow", shifted("prompt_learner.vision_prompts.{}", offset=0)),
+)
 
 
 class IVLPModel(DeepPromptModel):

@@ -11,17 +11,19 @@ from typing import Any, ClassVar, Sequence
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
-from restore.prompting.deep import INDEPENDENT_PROMPTS_OFFICIAL_KEYS, IndependentPrompts
+from restore.prompting.deep import IndependentPrompts
 from restore.prompting.model import DeepPromptModel, PromptModel
 from restore.prompting.official import OfficialKeys
 from restore.prompting.trainer import PromptTrainer
+
+from .ivlp import IVLP_OFFICIAL_KEYS
 
 
 
 class VPTModel(DeepPromptModel):
     """Vision prompts at layers ``0..PROMPT_DEPTH_VISION-1``; fixed hand-written text."""
 
-    official_keys: ClassVar[OfficialKeys] = INDEPENDENT_PROMPTS_OFFICIAL_KEYS
+    official_keys: ClassVar[OfficialKeys] = IVLP_OFFICIAL_KEYS
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any) -> None:
         super().__init__(clip_model, classnames)

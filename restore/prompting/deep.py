@@ -19,7 +19,6 @@ from restore.clip.model import CLIP
 
 from .context import TextContext
 from .encoders import DeepTokens, vision_transformer
-from .official import OfficialKeys, shifted
 
 
 def _normal_tokens(count: int, n_tokens: int, width: int, std: float = 0.02) -> nn.ParameterList:
@@ -33,17 +32,6 @@ def text_width(clip_model: CLIP) -> int:
 def vision_width(clip_model: CLIP) -> int:
     """Token width of the ViT image tower (a clear error for a ResNet tower)."""
     return vision_transformer(clip_model.visual).transformer.width
-
-
-#: Where the official code of the independent-prompt methods keeps these tensors: layer k's deep
-#: prompt in block k of each tower (``VPT_shallow``, k >= 1), the vision layer-0 prompt on the image
-#: encoder (``VPT``), the text layer-0 context as ``prompt_learner.ctx``.
-INDEPENDENT_PROMPTS_OFFICIAL_KEYS: OfficialKeys = (
-    (r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
-    (r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow", shifted("prompt_learner.text_prompts.{}")),
-    (r"image_encoder\.VPT", "prompt_learner.vision_prompts.0"),
-    (r"image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow", shifted("prompt_learner.vision_prompts.{}", offset=0)),
-)
 
 
 class IndependentPrompts(nn.Module):
