@@ -48,3 +48,14 @@ def _restore_stdout():
         if close is not None and hasattr(current, "console"):
             close()
         sys.stdout = original
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--regenerate-references", action="store_true", default=False,
+                     help="rewrite tests/data/reference/*.json (the frozen per-method logits) from the current "
+                          "code instead of comparing against them; review the diff before committing")
+
+
+@pytest.fixture
+def regenerate_references(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--regenerate-references"))

@@ -19,7 +19,7 @@ import trainers  # noqa: F401
 from restore.clip.tokenizer import encode, tokenize
 from restore.engine.config import extend_cfg, get_cfg_default, merge_file
 from restore.engine.registry import TRAINER_REGISTRY
-from restore.prompting.context import encode_fixed_prompts, zeroshot_classifier
+from restore.prompting.context import encode_fixed_prompts
 from trainers.cocoop import CoCoOpModel
 from trainers.coop import CoOpModel
 from trainers.ivlp import IVLPModel
@@ -40,7 +40,7 @@ def clip(tiny_clip):
 
 
 def node(name: str, **overrides):
-    return SimpleNamespace(**{**TRAINER_REGISTRY.get(name).default_cfg, **overrides})
+    return SimpleNamespace(**{**TRAINER_REGISTRY.get(name).all_options().defaults(), **overrides})
 
 
 def images(n: int = 2, seed: int = 1) -> torch.Tensor:
@@ -293,10 +293,8 @@ def test_kgcoop_teacher_uses_kgcoop_templates(clip):
     cfg = get_cfg_default()
     extend_cfg(cfg)
     cfg.DATASET.NAME = "DescribableTextures"
-    trainer = KgCoOp.__new__(KgCoOp)
-    trainer.cfg, trainer.device = cfg, torch.device("cpu")
-    assert trainer.method_cfg.DISTANCE == "cosine"
-    model = trainer.build_prompt_model(cfg, CLASSES, clip)
+    assert KgCoOp.method_node(cfg).DISTANCE == "cosine"
+    model = KgCoOp.build_prompt_model(cfg, CLASSES, clip)
     assert model.template == "a photo of a {}, a type of texture."
 
 

@@ -102,7 +102,8 @@ def _run(rank: int, world: int, port: int, data_root: str, out_base: str, result
             target = regs[0]._target_loader if regs else None
             torch.save({"losses": [s["loss"] for s in steps], "steps": steps, "grads": grads,
                         "ctx": trainer.model.prompt_learner.ctx.detach().clone(),
-                        "ratios": [float(getattr(trainer.model, k, float("nan"))) for k in ("text_ratio", "vision_ratio")],
+                        "ratios": [float(getattr(getattr(trainer.model, "restore", None), k, float("nan")))
+                                   for k in ("text_ratio", "vision_ratio")],
                         "local_batches": len(trainer.train_loader_x),
                         "local_batch_size": trainer.train_loader_x.batch_size,
                         "target_batch_size": target.batch_size if target is not None else None,

@@ -80,7 +80,7 @@ def test_prompt_mode_fs_loss_against_hand_computation(tiny_clip):
     ref_t = [frob_gram(p.detach()) for p in learner.compound_prompts_text]
     ref_v = [frob_gram((lin(p)).detach()) for lin, p in zip(learner.compound_prompt_projections,
                                                               learner.compound_prompts_text)]
-    assert torch.allclose(model.fs_ref_text.double(), torch.stack(ref_t), atol=1e-5)
+    assert torch.allclose(model.restore.fs_ref_text.double(), torch.stack(ref_t), atol=1e-5)
     with torch.no_grad():  # move the prompts: text layer k scaled by (1 + k/4), vision maps unchanged
         for k, p in enumerate(learner.compound_prompts_text):
             p.mul_(1 + k / 4)
@@ -217,7 +217,7 @@ def test_working_precision_keeps_shift_and_ratio_in_fp32(tiny_clip):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             s_t, s_v = model.prompt_shifts()
     assert torch.equal(s_t, s_t32) and torch.equal(s_v, s_v32)  # MaPLe's projected vision prompts in fp32
-    adapter = model.visual_adapter
+    adapter = model.restore.visual_adapter
     x = torch.randn(3, adapter.up.in_features).bfloat16()
     r = torch.tensor(0.101864)  # bf16 would make it 0.101562
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -243,11 +243,11 @@ def test_one_shot_ratio_update_by_hand_and_grows_with_shift(tiny_clip):
                           zip(learner.compound_prompt_projections, learner.compound_prompts_text)]).mean()
     assert model.maybe_update_ratios(2, 10) is None  # fires only after epoch index 10 // 3 = 3
     assert model.maybe_update_ratios(3, 10) is not None
-    assert float(model.text_ratio) == pytest.approx(0.1 + 0.02 * float(mean_t), rel=1e-5)
-    assert float(model.vision_ratio) == pytest.approx(0.01 + 0.005 * float(mean_v), rel=1e-5)
-    assert int(model.ratio_updated_epoch) == 3
-    before = float(model.text_ratio)
-    assert model.maybe_update_ratios(3, 10) is None and float(model.text_ratio) == before  # once only
+    assert float(model.restore.text_ratio) == pytest.approx(0.1 + 0.02 * float(mean_t), rel=1e-5)
+    assert float(model.restore.vision_ratio) == pytest.approx(0.01 + 0.005 * float(mean_v), rel=1e-5)
+    assert int(model.restore.ratio_updated_epoch) == 3
+    before = float(model.restore.text_ratio)
+    assert model.maybe_update_ratios(3, 10) is None and float(model.restore.text_ratio) == before  # once only
     # larger prompts -> larger shift -> larger coefficient
     small, large = build(tiny_clip), build(tiny_clip)
     with torch.no_grad():
@@ -255,7 +255,7 @@ def test_one_shot_ratio_update_by_hand_and_grows_with_shift(tiny_clip):
             p.mul_(3)
     small.maybe_update_ratios(3, 10)
     large.maybe_update_ratios(3, 10)
-    assert float(large.text_ratio) > float(small.text_ratio) and float(large.vision_ratio) > float(small.vision_ratio)
+    assert float(large.restore.text_ratio) > float(small.restore.text_ratio) and float(large.restore.vision_ratio) > float(small.restore.vision_ratio)
     # E = 2 (cross-dataset config): after epoch index 0
     assert build(tiny_clip).maybe_update_ratios(0, 2) is not None
 
@@ -265,21 +265,21 @@ def test_ratio_schedules_per_epoch_and_fixed(tiny_clip):
     values = []
     for epoch in range(3):
         assert model.maybe_update_ratios(epoch, 3) is not None
-        values.append(float(model.text_ratio))
+        values.append(float(model.restore.text_ratio))
     assert values[0] < values[1] < values[2]
     assert model.maybe_update_ratios(2, 3) is None  # an epoch is never applied twice (resume)
     fixed = build(tiny_clip, RATIO_SCHEDULE="fixed", TEXT_RATIO=0.2)
     assert all(fixed.maybe_update_ratios(e, 10) is None for e in range(10))
-    assert float(fixed.text_ratio) == pytest.approx(0.2)
+    assert float(fixed.restore.text_ratio) == pytest.approx(0.2)
     # feature mode: the update uses the epoch's mean measured shift
     feat = build(tiny_clip, SHIFT="feature", TEXT_RATIO=0.1, VISION_RATIO=0.1)
-    feat.reset_epoch_stats()
+    feat.restore.reset_epoch_stats()
     out = feat(images())
     feat.loss(out, torch.tensor([0, 1]))
     s_t, s_v = out.extras["shift_text"].detach().mean(), out.extras["shift_vision"].detach().mean()
     feat.maybe_update_ratios(3, 10)
-    assert float(feat.text_ratio) == pytest.approx(0.1 + 0.02 * float(s_t), rel=1e-4)
-    assert float(feat.vision_ratio) == pytest.approx(0.1 + 0.005 * float(s_v), rel=1e-4)
+    assert float(feat.restore.text_ratio) == pytest.approx(0.1 + 0.02 * float(s_t), rel=1e-4)
+    assert float(feat.restore.vision_ratio) == pytest.approx(0.1 + 0.005 * float(s_v), rel=1e-4)
 
 
 # ------------------------------------------------------------------ checkpoints, gradients, sizes
@@ -295,7 +295,8 @@ def test_resume_keeps_reference_norms_and_ratios(tiny_clip, shift):
     optim.step()
     model.maybe_update_ratios(3, 10)
     state = model.checkpoint_state()
-    for key in ("fs_ref_text", "fs_ref_vision", "fs_ref_steps", "text_ratio", "vision_ratio", "ratio_updated_epoch"):
+    for key in ("restore." + k for k in ("fs_ref_text", "fs_ref_vision", "fs_ref_steps", "text_ratio", "vision_ratio",
+                                          "ratio_updated_epoch")):
         assert key in state
     assert not any(k.startswith("clip.") for k in state)
     torch.manual_seed(123)
@@ -308,8 +309,23 @@ def test_resume_keeps_reference_norms_and_ratios(tiny_clip, shift):
     _, summary2 = resumed.loss(resumed(images(seed=5)), label)  # must not re-capture the references
     assert summary2["loss_fs"] == pytest.approx(summary["loss_fs"], rel=1e-5)
     assert summary["loss_fs"] > 0
-    assert torch.equal(resumed.fs_ref_text, state["fs_ref_text"])
+    assert torch.equal(resumed.restore.fs_ref_text, state["restore.fs_ref_text"])
     assert resumed.maybe_update_ratios(3, 10) is None  # the one-shot update already happened
+
+
+def test_checkpoints_with_the_old_top_level_keys_still_load(tiny_clip):
+    """Before RESTORE's additions became the composed ``restore.`` module they were top-level keys."""
+    model = build(tiny_clip, seed=0)
+    model.restore.text_ratio.fill_(0.37)
+    model.restore.fs_ref_text.fill_(2.5)
+    state = model.checkpoint_state()
+    old = {k.removeprefix("restore."): v for k, v in state.items()}
+    assert "text_ratio" in old and any(k.startswith("visual_adapter.") for k in old)
+    other = build(tiny_clip, seed=5)
+    other.load_checkpoint_state(old, "old.pth")
+    assert float(other.restore.text_ratio) == pytest.approx(0.37)
+    assert torch.equal(other.restore.fs_ref_text, torch.full_like(other.restore.fs_ref_text, 2.5))
+    assert torch.equal(other.restore.visual_adapter.up.weight, model.restore.visual_adapter.up.weight)
 
 
 @pytest.mark.parametrize("shift", ["prompt", "feature"])
@@ -319,9 +335,9 @@ def test_gradients_reach_exactly_the_learnable_parameters(tiny_clip, shift):
     learnable = {n for n, p in model.named_parameters() if p.requires_grad}
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert learnable == with_grad
-    assert all(n.startswith(("prompt_learner.", "text_adapter.", "visual_adapter.")) for n in learnable)
+    assert all(n.startswith(("prompt_learner.", "restore.text_adapter.", "restore.visual_adapter.")) for n in learnable)
     assert any(n.startswith("prompt_learner.compound_prompt_projections.") for n in learnable)
-    assert any(n.startswith("text_adapter.") for n in learnable) and any(n.startswith("visual_adapter.") for n in learnable)
+    assert any(n.startswith("restore.text_adapter.") for n in learnable) and any(n.startswith("restore.visual_adapter.") for n in learnable)
     assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("clip."))
     names = {n for n, _ in model.named_parameters()}
     assert "text_ratio" not in names and "vision_ratio" not in names  # buffers: never trained
@@ -334,7 +350,7 @@ def test_promptsrc_variant_reuses_promptsrc_losses(tiny_clip):
     assert {"loss_ce", "loss_text", "loss_image", "loss_kl", "loss_fs"} <= set(summary)
     assert len(model.fs_layers) == 8 and model.prompt_learner.vision_prompts[1].shape[0] == 4
     loss.backward()
-    assert model.prompt_learner.text_prompts[0].grad is not None and model.visual_adapter.up.weight.grad is not None
+    assert model.prompt_learner.text_prompts[0].grad is not None and model.restore.visual_adapter.up.weight.grad is not None
 
 
 def test_ivlp_analysis_variant_config_and_loss(tiny_clip):
@@ -357,7 +373,7 @@ def test_ivlp_analysis_variant_config_and_loss(tiny_clip):
     model.freeze()
     model.train()
     learner = model.prompt_learner
-    assert model.fs_layers == list(range(1, depth)) and not hasattr(model, "text_adapter")
+    assert model.fs_layers == list(range(1, depth)) and model.restore.text_adapter is None
     out = model(images())
     loss, summary = model.loss(out, torch.tensor([0, 1]))
     assert summary["loss_fs"] == 0.0  # references = this first step
@@ -474,8 +490,8 @@ def test_end_to_end_base_then_new(runs):
         assert eval_res["restore"]["text_ratio"] > 0.1
         ckpt = torch.load(train_dir / "MultiModalPromptLearner" / "model.pth.tar-2", weights_only=True)
         # prompt mode: the first-step references are in the checkpoint; feature mode (FEATURE_NORM none) needs none
-        assert int(ckpt["state_dict"]["fs_ref_steps"]) == (1 if name == "prompt" else 0)
-        assert (float(ckpt["state_dict"]["fs_ref_text"].min()) > 0) == (name == "prompt")
+        assert int(ckpt["state_dict"]["restore.fs_ref_steps"]) == (1 if name == "prompt" else 0)
+        assert (float(ckpt["state_dict"]["restore.fs_ref_text"].min()) > 0) == (name == "prompt")
         assert 0 <= eval_res["accuracy"] <= 100
 
 

@@ -8,6 +8,8 @@ them to ``TINY_OVERRIDES``; trainers that learn nothing are listed in ``NOTHING_
 from __future__ import annotations
 
 import copy
+import json
+import os
 from typing import Any
 
 import pytest
@@ -16,12 +18,11 @@ import torch
 import trainers  # noqa: F401  registers every trainer
 from restore.engine.config import extend_cfg, get_cfg_default
 from restore.engine.registry import TRAINER_REGISTRY
-from restore.engine.trainer import TrainerBase
 from restore.prompting.trainer import PromptModel
 
 TRAINER_NAMES = sorted(TRAINER_REGISTRY.registered_names())
 
-# Per trainer: small values of its own TRAINER.<NAME> node for the tiny backbone (default: its default_cfg).
+# Per trainer: small values of its own TRAINER.<NAME> node for the tiny backbone (default: its declared options).
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "CoOp": {"N_CTX": 4},
     "CoCoOp": {"N_CTX": 4},
@@ -61,26 +62,10 @@ def make_cfg(name: str, **node_overrides: Any) -> Any:
     return cfg
 
 
-def lightweight_trainer(name: str, cfg: Any, classnames: list[str]) -> Any:
-    """A trainer instance with cfg and device set, without data loaders (enough for build_prompt_model)."""
-    cls = TRAINER_REGISTRY.get(name)
-    trainer = object.__new__(cls)
-    TrainerBase.__init__(trainer)
-    trainer.cfg = cfg
-    trainer.device = torch.device("cpu")
-    trainer.precision = "fp32"
-    trainer.autocast_dtype = None
-    trainer.num_classes = len(classnames)
-    trainer.lab2cname = dict(enumerate(classnames))
-    trainer.max_epoch = cfg.OPTIM.MAX_EPOCH
-    return trainer
-
-
 def build_model(name: str, clip_model: Any, classnames: list[str], seed: int = 0, **node_overrides: Any) -> PromptModel:
     cfg = make_cfg(name, **node_overrides)
-    trainer = lightweight_trainer(name, cfg, classnames)
     torch.manual_seed(seed)
-    model = trainer.build_prompt_model(cfg, list(classnames), copy.deepcopy(clip_model))
+    model = TRAINER_REGISTRY.get(name).build_prompt_model(cfg, list(classnames), copy.deepcopy(clip_model))
     model.freeze()
     return model
 
@@ -300,3 +285,86 @@ def test_resnet_in_the_bf16_working_precision_keeps_batchnorm_fp32(name, tiny_rn
     _train_step(trainer, _batch(2, 5, 224, device, seed=1))()
     assert torch.equal(bn.running_var, tiny_rn_clip.visual.layer2[0].bn2.running_var)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- frozen reference logits
+
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference")
+
+
+@pytest.mark.parametrize("name", TRAINER_NAMES)
+def test_logits_match_the_frozen_reference(name, tiny_clip, images, regenerate_references):
+    """Each method's evaluation logits on the seeded tiny CLIP equal the stored ones (a silent change of
+    initialisation order, prompt placement or feature path fails here). After an intended change run
+    ``pytest tests/test_trainers.py -k reference --regenerate-references`` and review the diff."""
+    model = build_model(name, tiny_clip, BASE_CLASSES, seed=0).eval()
+    with torch.no_grad():
+        logits = model(images[:2]).logits.float()
+    path = os.path.join(REFERENCE_DIR, f"{name}.json")
+    if regenerate_references:
+        os.makedirs(REFERENCE_DIR, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"trainer": name, "classes": BASE_CLASSES, "logits": logits.tolist()}, f, indent=1)
+        pytest.skip(f"wrote {path}")
+    if not os.path.isfile(path):
+        pytest.fail(f"No reference logits for {name}: run pytest tests/test_trainers.py -k reference "
+                    "--regenerate-references and commit the new file.")
+    with open(path) as f:
+        reference = torch.tensor(json.load(f)["logits"])
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- each trainer reads its own node
+
+SHARED_TRAINER_NODES = {"NAME", "CRAFT"}
+
+
+class _RecordingNode(dict):
+    """A read-only stand-in for a yacs node that records every dotted key read through it."""
+
+    def __init__(self, node: Any, path: str, seen: set[str]) -> None:
+        super().__init__()
+        for key, value in node.items():
+            dict.__setitem__(self, key, _RecordingNode(value, f"{path}{key}.", seen) if isinstance(value, dict)
+                             else value)
+        self._path, self._seen = path, seen
+
+    def __getitem__(self, key: str) -> Any:
+        self._seen.add(self._path + key)
+        return dict.__getitem__(self, key)
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        if key not in self:
+            raise AttributeError(key)
+        return self[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def clone(self) -> Any:
+        from yacs.config import CfgNode
+
+        self._seen.add(self._path.rstrip(".") + ".*")
+        return CfgNode(copy.deepcopy({k: (v.clone() if isinstance(v, _RecordingNode) else v)
+                                      for k, v in self.items()}))
+
+
+@pytest.mark.parametrize("name", TRAINER_NAMES)
+def test_each_trainer_reads_only_its_own_config_node(name, tiny_clip):
+    cfg = make_cfg(name)
+    seen: set[str] = set()
+    own = TRAINER_REGISTRY.get(name).cfg_node_name()
+    TRAINER_REGISTRY.get(name).build_prompt_model(_RecordingNode(cfg, "", seen), list(BASE_CLASSES),
+                                                  copy.deepcopy(tiny_clip))
+    trainer_nodes = {key.split(".")[1] for key in seen if key.startswith("TRAINER.") and key.count(".") >= 1}
+    assert f"TRAINER.{own}" in {k.rsplit(".", 1)[0] for k in seen} or f"TRAINER.{own}.*" in seen, sorted(seen)
+    assert trainer_nodes <= {own} | SHARED_TRAINER_NODES, sorted(seen)
+
+
+def test_the_recording_node_sees_a_read_of_another_trainers_node():
+    seen: set[str] = set()
+    node = _RecordingNode(make_cfg("CoOp"), "", seen)
+    assert node.TRAINER.COOP.N_CTX == 4 and node.TRAINER["COCOOP"] is not None
+    assert {"TRAINER.COOP.N_CTX", "TRAINER.COCOOP"} <= seen

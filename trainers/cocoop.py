@@ -17,9 +17,11 @@ from torch import nn
 
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
+from restore.options import Option, Options
 from restore.prompting.context import TextContext
 from restore.prompting.deep import text_width
-from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
+from restore.prompting.model import PromptModel, PromptOutput
+from restore.prompting.trainer import PromptTrainer
 
 
 class CoCoOpPromptLearner(nn.Module):
@@ -62,7 +64,7 @@ class CoCoOpModel(PromptModel):
     def encode_text(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """Class text features (C, D) for one context (default: the learned ctx without image bias)."""
         context = self.prompt_learner.context
-        return self.text_encoder(context(ctx), context.eot_index).features
+        return self.text_encoder(context(ctx), context.eot_index, observer=self.observer("text")).features
 
     def forward(self, image: torch.Tensor) -> PromptOutput:
         image_features = F.normalize(self.encode_image(image).float(), dim=-1)
@@ -81,10 +83,13 @@ class CoCoOp(PromptTrainer):
     """Conditional Context Optimization."""
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"N_CTX": 16, "CTX_INIT": "", "PREC": "auto"}
+    options = Options(
+        Option("N_CTX", 16, "learnable context tokens", minimum=1),
+        Option("CTX_INIT", "", "words initialising the context (empty: random init)"))
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        node = self.method_cfg
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        node = cls.method_node(cfg)
         return CoCoOpModel(clip_model, classnames, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT)
 
 

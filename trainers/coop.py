@@ -14,8 +14,10 @@ import torch
 
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
+from restore.options import Option, Options
 from restore.prompting.context import TextContext
-from restore.prompting.trainer import PromptModel, PromptTrainer
+from restore.prompting.model import PromptModel
+from restore.prompting.trainer import PromptTrainer
 
 
 class CoOpModel(PromptModel):
@@ -32,18 +34,23 @@ class CoOpModel(PromptModel):
             class_specific=method_cfg.CSC, class_token_position=method_cfg.CLASS_TOKEN_POSITION)
 
     def encode_text(self) -> torch.Tensor:
-        return self.text_encoder(self.prompt_learner(), self.prompt_learner.eot_index).features
+        return self.text_encoder(self.prompt_learner(), self.prompt_learner.eot_index,
+                                 observer=self.observer("text")).features
 
 
 class CoOp(PromptTrainer):
     """Context Optimization."""
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"N_CTX": 16, "CSC": False, "CTX_INIT": "", "PREC": "auto",
-                                   "CLASS_TOKEN_POSITION": "end"}
+    options = Options(
+        Option("N_CTX", 16, "learnable context tokens", minimum=1),
+        Option("CSC", False, "class-specific context (one context per class)"),
+        Option("CTX_INIT", "", "words initialising the context (empty: random init)"),
+        Option("CLASS_TOKEN_POSITION", "end", "where the class name goes", choices=("end", "middle", "front")))
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        return CoOpModel(clip_model, classnames, self.method_cfg)
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        return CoOpModel(clip_model, classnames, cls.method_node(cfg))
 
 
 SPEC = register_method(MethodSpec("coop", "CoOp", configs={

@@ -1,9 +1,5 @@
 """IVLP: independent vision-language deep prompts (Rasheed et al. / Khattak et al., MaPLe repo).
 
-Also home of :class:`DeepPromptModel`, the small base every deep-prompt trainer builds on (VPT,
-IVLP, PromptSRC, MaPLe and the RESTORE variants): it owns ``self.prompt_learner`` (a module with
-``text_context``, ``text_deep()`` and ``vision_deep()``) and runs the shared prompted encoders.
-
 The single-branch variants of the RESTORE paper are configs, not classes:
 ``N_CTX_VISION 0`` / ``PROMPT_DEPTH_VISION 0`` gives language-only prompting, ``N_CTX_TEXT 0`` /
 ``PROMPT_DEPTH_TEXT 0`` vision-only prompting (the text is then the fixed "<CTX_INIT> <class>.").
@@ -11,20 +7,19 @@ The single-branch variants of the RESTORE paper are configs, not classes:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
-import torch
-from torch import nn
+from typing import Any, ClassVar, Sequence
 
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
+from restore.options import Option, Options
 from restore.prompting.deep import IndependentPrompts
-from restore.prompting.encoders import DeepTokens, EncoderOutput
+from restore.prompting.model import DeepPromptModel, PromptModel
 from restore.prompting.official import OfficialKeys, shifted
-from restore.prompting.trainer import PromptModel, PromptTrainer
+from restore.prompting.trainer import PromptTrainer
 
-#: The official IVLP / VPT / PromptSRC code keeps layer k's deep prompt in block k of each tower
-#: (``VPT_shallow``, k >= 1) and the vision layer-0 prompt on the image encoder (``VPT``).
+#: Where the official IVLP / VPT / PromptSRC code keeps the independent prompts: layer k's deep
+#: prompt in block k of each tower (``VPT_shallow``, k >= 1), the vision layer-0 prompt on the image
+#: encoder (``VPT``), the text layer-0 context as ``prompt_learner.ctx``.
 IVLP_OFFICIAL_KEYS: OfficialKeys = (
     (r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
     (r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow", shifted("prompt_learner.text_prompts.{}")),
@@ -33,78 +28,10 @@ IVLP_OFFICIAL_KEYS: OfficialKeys = (
 )
 
 
-class DeepPromptModel(PromptModel):
-    """Base for models whose prompts are layer-0 text context + deep tokens in either tower.
-
-    Subclasses set ``self.prompt_learner`` (IndependentPrompts, CoupledPrompts or alike). Hooks,
-    all identity / pass-through here, for methods built on top (e.g. RESTORE):
-
-    * :meth:`text_deep` / :meth:`vision_deep`: the :class:`DeepTokens` groups given to each tower.
-    * :meth:`adapt_text_features` / :meth:`adapt_image_features`: applied to the projected,
-      un-normalised features (``(C, D)`` / ``(B, D)``) in training and evaluation, e.g. surgery
-      adapters. They are applied after the text cache, so they may hold learnable parameters.
-    * :meth:`encode_text_output` / :meth:`encode_image_output`: the full encoder outputs (hidden
-      states with ``return_hidden=True``) for feature-shift analyses.
-
-    When the text side has nothing to learn (vision-only prompting) the text features are computed
-    once without gradient and reused, per device and dtype.
-    """
-
-    prompt_learner: nn.Module
-
-    def __init__(self, clip_model: CLIP, classnames: Sequence[str]) -> None:
-        super().__init__(clip_model, classnames)
-        self._fixed_text: tuple[tuple[Any, ...], torch.Tensor] | None = None
-
-    # --- hooks ---
-    def text_deep(self) -> list[DeepTokens]:
-        return self.prompt_learner.text_deep()
-
-    def vision_deep(self) -> list[DeepTokens]:
-        return self.prompt_learner.vision_deep()
-
-    def adapt_text_features(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-    def adapt_image_features(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-    # --- encoders ---
-    @property
-    def text_is_learned(self) -> bool:
-        """Whether the class text depends on learnable prompt tokens."""
-        return self.prompt_learner.text_context.ctx is not None or len(self.text_deep()) > 0
-
-    def encode_text_output(self, **kwargs: Any) -> EncoderOutput:
-        context = self.prompt_learner.text_context
-        return self.text_encoder(context(), context.eot_index, self.text_deep(), **kwargs)
-
-    def encode_image_output(self, image: torch.Tensor, **kwargs: Any) -> EncoderOutput:
-        return self.image_encoder(image, self.vision_deep(), **kwargs)
-
-    def prompted_text_features(self) -> torch.Tensor:
-        """Class text features before :meth:`adapt_text_features`."""
-        if self.text_is_learned:
-            return self.encode_text_output().features
-        device = self.clip.text_projection.device
-        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        key = (device, self.text_encoder.dtype, autocast)
-        if self._fixed_text is None or self._fixed_text[0] != key:
-            with torch.no_grad():
-                self._fixed_text = (key, self.encode_text_output().features)
-        return self._fixed_text[1]
-
-    def encode_text(self) -> torch.Tensor:
-        return self.adapt_text_features(self.prompted_text_features())
-
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return self.adapt_image_features(self.encode_image_output(image).features)
-
-
 class IVLPModel(DeepPromptModel):
     """Independent per-layer prompts in both towers (a tower with 0 tokens or depth 0 is left alone)."""
 
-    official_keys = IVLP_OFFICIAL_KEYS
+    official_keys: ClassVar[OfficialKeys] = IVLP_OFFICIAL_KEYS
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any) -> None:
         super().__init__(clip_model, classnames)
@@ -118,11 +45,16 @@ class IVLP(PromptTrainer):
     """Independent Vision-Language Prompting (both towers, or one of them via config)."""
 
     model_name = "VLPromptLearner"
-    default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "N_CTX_TEXT": 2, "CTX_INIT": "a photo of a", "PREC": "auto",
-                                   "PROMPT_DEPTH_VISION": 9, "PROMPT_DEPTH_TEXT": 9}
+    options = Options(
+        Option("N_CTX_VISION", 2, "vision prompt tokens per layer (0: no vision prompts)", minimum=0),
+        Option("N_CTX_TEXT", 2, "text prompt tokens per layer (0: no text prompts)", minimum=0),
+        Option("CTX_INIT", "a photo of a", "words whose embeddings initialise the layer-0 text context"),
+        Option("PROMPT_DEPTH_VISION", 9, "prompted vision layers, from layer 0 (0: none)", minimum=0),
+        Option("PROMPT_DEPTH_TEXT", 9, "prompted text layers, from layer 0 (0: none)", minimum=0))
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        return IVLPModel(clip_model, classnames, self.method_cfg)
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        return IVLPModel(clip_model, classnames, cls.method_node(cfg))
 
 
 SPEC = register_method(MethodSpec("ivlp", "IVLP", aliases=("independentvl",),

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from restore.clip.model import CLIP
 from restore.datasets.templates import CUSTOM_TEMPLATES, dataset_template
 from restore.methods import MethodSpec, register_method
+from restore.options import Option, Options
 from restore.prompting.context import zeroshot_classifier
-from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
+from restore.prompting.model import PromptModel, PromptOutput
+from restore.prompting.trainer import PromptTrainer
 
 from .coop import CoOpModel
 
@@ -70,13 +72,19 @@ class KgCoOp(PromptTrainer):
     """Knowledge-guided Context Optimization."""
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"N_CTX": 4, "CSC": False, "CTX_INIT": "a photo of a", "PREC": "auto",
-                                   "CLASS_TOKEN_POSITION": "end", "W": 8.0, "DISTANCE": "cosine"}
+    options = Options(
+        Option("N_CTX", 4, "learnable context tokens", minimum=1),
+        Option("CSC", False, "class-specific context (one context per class)"),
+        Option("CTX_INIT", "a photo of a", "words initialising the context (empty: random init)"),
+        Option("CLASS_TOKEN_POSITION", "end", "where the class name goes", choices=("end", "middle", "front")),
+        Option("W", 8.0, "weight of the knowledge-guided loss (distance to the hand-crafted prompt's features)",
+               minimum=0),
+        Option("DISTANCE", "cosine", "distance of the knowledge-guided loss", choices=DISTANCES))
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         template = dataset_template(cfg.DATASET.NAME, KGCOOP_TEMPLATES)
-        clip_model.to(getattr(self, "device", torch.device("cpu")))  # teacher features on the training device
-        return KgCoOpModel(clip_model, classnames, self.method_cfg, template)
+        return KgCoOpModel(clip_model, classnames, cls.method_node(cfg), template)
 
 
 SPEC = register_method(MethodSpec("kgcoop", "KgCoOp", configs={"base2new": ("KgCoOp/vit_b16_ep100_ctxv1",)}), KgCoOp)

@@ -10,7 +10,7 @@ Reusing :class:`MaPLeModel` (RESTORE subclasses it)
 * :meth:`MaPLeModel.deep_vision_tokens`: the vision prompts of layers ``1..depth-1`` fed to the
   image tower; override it to substitute them (default: the projections of the text prompts).
 * :meth:`adapt_text_features` / :meth:`adapt_image_features` (from
-  :class:`trainers.ivlp.DeepPromptModel`): identity here; override to add surgery adapters on the
+  :class:`restore.prompting.model.DeepPromptModel`): identity here; override to add surgery adapters on the
   projected features before L2 normalisation (training and evaluation alike).
 * :meth:`encode_text_output` / :meth:`encode_image_output`: full encoder outputs (``return_hidden``).
 * ``loss(output, label)`` is cross-entropy; override and call ``super().loss`` to add terms.
@@ -18,17 +18,18 @@ Reusing :class:`MaPLeModel` (RESTORE subclasses it)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
+from restore.options import Option, Options
 from restore.prompting.deep import CoupledPrompts
 from restore.prompting.encoders import DeepTokens
-from restore.prompting.trainer import PromptModel, PromptTrainer
-
-from .ivlp import DeepPromptModel
+from restore.prompting.model import DeepPromptModel, PromptModel
+from restore.prompting.official import OfficialKeys
+from restore.prompting.trainer import PromptTrainer
 
 
 def maple_num_params(n_ctx: int, depth: int, text_width: int, vision_width: int) -> int:
@@ -41,7 +42,7 @@ class MaPLeModel(DeepPromptModel):
     """Frozen CLIP + :class:`CoupledPrompts`; see the module docstring for the hooks."""
 
     prompt_learner: CoupledPrompts
-    official_keys = ((r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
+    official_keys: ClassVar[OfficialKeys] = ((r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
                      (r"prompt_learner\.((proj|compound_prompts_text|compound_prompt_projections)(\..+)?)",
                       r"prompt_learner.\1"))
 
@@ -62,10 +63,14 @@ class MaPLe(PromptTrainer):
     """Multi-modal Prompt Learning."""
 
     model_name = "MultiModalPromptLearner"
-    default_cfg: dict[str, Any] = {"N_CTX": 2, "CTX_INIT": "a photo of a", "PREC": "auto", "PROMPT_DEPTH": 9}
+    options = Options(
+        Option("N_CTX", 2, "prompt tokens per layer (text; the vision ones are their projections)", minimum=1),
+        Option("CTX_INIT", "a photo of a", "words whose embeddings initialise the layer-0 text context"),
+        Option("PROMPT_DEPTH", 9, "prompted layers in both towers, from layer 0", minimum=1))
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        node = self.method_cfg
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        node = cls.method_node(cfg)
         return MaPLeModel(clip_model, classnames, n_ctx=node.N_CTX, depth=node.PROMPT_DEPTH, ctx_init=node.CTX_INIT)
 
 

@@ -1,6 +1,6 @@
 """MMRL: Multi-Modal Representation Learning for vision-language models (Guo & Gu, CVPR 2025).
 
-Method (see shared/reference/mmrl.md for the full specification):
+Method (MMRL, Guo et al., CVPR 2025):
 
 * A shared, learnable representation space ``R`` (K tokens of dimension d_r, N(0, 0.02^2)).
   For every layer j of ``REP_LAYERS`` (1-based, contiguous, default 6..12) a Linear map per
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,15 @@ from torch import nn
 
 from restore.clip.model import CLIP
 from restore.clip.tokenizer import tokenize
+from restore.log import get_logger
 from restore.methods import MethodSpec, register_method
+from restore.options import Option, Options
 from restore.prompting.context import clean_classname, encode_fixed_prompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput, LayerObserver
-from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
+from restore.prompting.model import PromptModel, PromptOutput
+from restore.prompting.trainer import PromptTrainer
+
+logger = get_logger(__name__)
 
 __all__ = ["MMRL", "MMRLModel", "RepresentationLearner", "mmrl_loss", "mix_logits", "resolve_inference",
            "rep_layer_span", "SPEC", "PROTOCOLS", "INFERENCE_MODES", "MIX_MODES"]
@@ -229,7 +234,7 @@ class MMRLModel(PromptModel):
         """Text tower over the template prompts with rep tokens after BOT (EOT index + K)."""
         embeddings = self.text_encoder.embed(self.token_ids)
         return self.text_encoder(embeddings, self.token_ids.argmax(dim=-1), self.text_deep(),
-                                 return_hidden=return_hidden, observer=observer)
+                                 return_hidden=return_hidden, observer=observer or self.observer("text"))
 
     def encode_text(self) -> torch.Tensor:
         return self.encode_text_output().features
@@ -237,7 +242,8 @@ class MMRLModel(PromptModel):
     def encode_image_output(self, image: torch.Tensor, return_hidden: bool = False,
                             observer: LayerObserver | None = None) -> EncoderOutput:
         """Image tower with rep tokens after CLS."""
-        return self.image_encoder(image, self.vision_deep(), return_hidden=return_hidden, observer=observer)
+        return self.image_encoder(image, self.vision_deep(), return_hidden=return_hidden,
+                                  observer=observer or self.observer("vision"))
 
     def image_features_pair(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f_c, f_r), not normalised: CLS through the frozen proj, mean of LN'd rep tokens through proj_rep."""
@@ -293,39 +299,35 @@ class MMRL(PromptTrainer):
     """
 
     model_name = "MultiModalRepresentationLearner"
-    default_cfg: dict[str, Any] = {
-        "ALPHA": 0.7,
-        "REG_WEIGHT": 1.0,
-        "REP_LAYERS": [6, 7, 8, 9, 10, 11, 12],
-        "REP_DIM": 512,
-        "N_REP_TOKENS": 5,
-        "PREC": "amp",
-        "TEMPLATE": "",
-        "INFERENCE": "auto",
-        "MIX": "logits",
-    }
+    options = Options(
+        Option("ALPHA", 0.7, "weight of the class-token logits against the representation-token ones",
+               minimum=0.0, maximum=1.0),
+        Option("REG_WEIGHT", 1.0, "weight of the regularisation to the frozen CLIP features (lambda)", minimum=0),
+        Option("REP_LAYERS", [6, 7, 8, 9, 10, 11, 12], "1-based layers that get representation tokens"),
+        Option("REP_DIM", 512, "width of the shared representation space (d_r)", minimum=1),
+        Option("N_REP_TOKENS", 5, "representation tokens per layer (K)", minimum=1),
+        Option("PREC", "amp", "working precision on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32",
+               choices=("auto", "fp32", "fp16", "amp", "bf16")),
+        Option("TEMPLATE", "", "text template with {} for the class (empty: the dataset's template)"),
+        Option("INFERENCE", "auto", "decoupled inference head (auto: by protocol and split)", choices=INFERENCE_MODES),
+        Option("MIX", "logits", "how the two heads are mixed", choices=MIX_MODES))
 
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)
-        node = cfg.TRAINER.MMRL
         if cfg.PROTOCOL not in PROTOCOLS:
             raise ValueError(f"PROTOCOL must be one of {PROTOCOLS} for MMRL's decoupled inference, "
                              f"got {cfg.PROTOCOL!r}")
-        if node.INFERENCE not in INFERENCE_MODES:
-            raise ValueError(f"TRAINER.MMRL.INFERENCE must be one of {INFERENCE_MODES}, got {node.INFERENCE!r}")
-        if node.MIX not in MIX_MODES:
-            raise ValueError(f"TRAINER.MMRL.MIX must be one of {MIX_MODES}, got {node.MIX!r}")
-        if not 0.0 <= node.ALPHA <= 1.0:
-            raise ValueError(f"TRAINER.MMRL.ALPHA must be in [0, 1], got {node.ALPHA}")
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    _checkpoint_dataset: str | None = None  # set on the instance when a checkpoint is loaded
+    _loaded_checkpoint = False
+
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         from restore.datasets.templates import dataset_template
 
-        node = self.method_cfg
+        node = cls.method_node(cfg)
         template = node.TEMPLATE or dataset_template(cfg.DATASET.NAME)
-        print(f"MMRL text template: {template!r}")
-        self._checkpoint_dataset: str | None = None
-        self._loaded_checkpoint = False
+        logger.info(f"MMRL text template: {template!r}")
         return MMRLModel(clip_model, classnames, template, n_rep_tokens=node.N_REP_TOKENS, rep_dim=node.REP_DIM,
                          rep_layers=node.REP_LAYERS, alpha=node.ALPHA, reg_weight=node.REG_WEIGHT, mix=node.MIX)
 
@@ -346,10 +348,11 @@ class MMRL(PromptTrainer):
 
     @torch.no_grad()
     def test(self, split: str | None = None) -> float:
-        self.model.inference = self.inference_mode()
-        head = "class + representation" if self.model.inference == "mixed" else "class token only"
-        mix = f", mixing {self.model.mix}" if self.model.inference == "mixed" else ""
-        print(f"MMRL decoupled inference: {head}{mix} (PROTOCOL {self.cfg.PROTOCOL}, SUBSAMPLE_CLASSES "
+        model = cast(MMRLModel, self.model)
+        model.inference = self.inference_mode()
+        head = "class + representation" if model.inference == "mixed" else "class token only"
+        mix = f", mixing {model.mix}" if model.inference == "mixed" else ""
+        logger.info(f"MMRL decoupled inference: {head}{mix} (PROTOCOL {self.cfg.PROTOCOL}, SUBSAMPLE_CLASSES "
               f"{self.cfg.DATASET.SUBSAMPLE_CLASSES}, INFERENCE {self.method_cfg.INFERENCE})")
         return super().test(split)
 

@@ -40,11 +40,16 @@ from torch import nn
 
 from restore.clip.model import CLIP
 from restore.datasets.templates import CLIP_IMAGENET_TEMPLATES_60
+from restore.log import get_logger
 from restore.methods import MethodSpec, register_method
+from restore.options import Option, Options
 from restore.prompting.context import zeroshot_classifier
-from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
+from restore.prompting.model import PromptModel, PromptOutput
+from restore.prompting.trainer import PromptTrainer
 
 from .ivlp import IVLPModel
+
+logger = get_logger(__name__)
 
 TEACHER_TEMPLATES: list[str] = list(CLIP_IMAGENET_TEMPLATES_60)
 
@@ -145,7 +150,7 @@ class GaussianPromptAggregation(nn.Module):
         return weight
 
     @torch.no_grad()
-    def apply(self, model: nn.Module) -> None:
+    def load_average(self, model: nn.Module) -> None:
         """Copy the aggregate into the model's tensors (in their own dtype)."""
         params = dict(model.named_parameters())
         for name in self.names:
@@ -166,8 +171,8 @@ def gpa_end_of_epoch(model: PromptModel, epoch: int, max_epoch: int) -> None:
         raise RuntimeError(f"GPA weights were built for {gpa.max_epoch} epochs but training runs {max_epoch}")
     gpa.accumulate(model, epoch)
     if epoch + 1 == max_epoch:
-        gpa.apply(model)
-        print(f"GPA: loaded the Gaussian-weighted average of {max_epoch} epochs into the prompts")
+        gpa.load_average(model)
+        logger.info(f"GPA: loaded the Gaussian-weighted average of {max_epoch} epochs into the prompts")
 
 
 # --------------------------------------------------------------------------- model and trainer
@@ -223,20 +228,28 @@ class PromptSRC(PromptTrainer):
     """Self-regulating prompts with Gaussian prompt aggregation."""
 
     model_name = "VLPromptLearner"
-    default_cfg: dict[str, Any] = {"N_CTX_VISION": 4, "N_CTX_TEXT": 4, "CTX_INIT": "a photo of a", "PREC": "auto",
-                                   "PROMPT_DEPTH_VISION": 9, "PROMPT_DEPTH_TEXT": 9, "TEXT_LOSS_WEIGHT": 25,
-                                   "IMAGE_LOSS_WEIGHT": 10, "GPA_MEAN": 15, "GPA_STD": 1}
+    options = Options(
+        Option("N_CTX_VISION", 4, "vision prompt tokens per layer", minimum=0),
+        Option("N_CTX_TEXT", 4, "text prompt tokens per layer", minimum=0),
+        Option("CTX_INIT", "a photo of a", "words whose embeddings initialise the layer-0 text context"),
+        Option("PROMPT_DEPTH_VISION", 9, "prompted vision layers, from layer 0", minimum=0),
+        Option("PROMPT_DEPTH_TEXT", 9, "prompted text layers, from layer 0", minimum=0),
+        Option("TEXT_LOSS_WEIGHT", 25, "weight of the L1 loss to the frozen-CLIP text features", minimum=0),
+        Option("IMAGE_LOSS_WEIGHT", 10, "weight of the L1 loss to the frozen-CLIP image features", minimum=0),
+        Option("GPA_MEAN", 15, "mean (epoch) of the Gaussian prompt aggregation weights"),
+        Option("GPA_STD", 1, "standard deviation (epochs) of the Gaussian prompt aggregation weights", minimum=0))
     # Integers as in the official defaults, so the official yamls and ``TRAINER.PROMPTSRC.GPA_MEAN 15``
     # merge under yacs' strict typing.
 
-    def create_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptSRCModel:
+    @classmethod
+    def create_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptSRCModel:
         """The model without GPA (subclasses return their own PromptSRCModel subclass)."""
-        return PromptSRCModel(clip_model, classnames, self.method_cfg)
+        return PromptSRCModel(clip_model, classnames, cls.method_node(cfg))
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        clip_model.to(getattr(self, "device", torch.device("cpu")))  # teacher text features on the training device
-        model = self.create_model(cfg, classnames, clip_model)
-        node = self.method_cfg
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        model = cls.create_model(cfg, classnames, clip_model)
+        node = cls.method_node(cfg)
         attach_gpa(model, cfg.OPTIM.MAX_EPOCH, float(node.GPA_MEAN), float(node.GPA_STD))
         return model
 

@@ -23,7 +23,7 @@ over the prompted layers ``k`` (``FS_LAYERS "deep"``: layers 1..depth-1, the off
   persistent buffers (``fs_ref_text``/``fs_ref_vision``), so they are saved in checkpoints and a
   resumed run keeps them (the official code re-captures them on resume, resetting the loss).
 * ``"feature"`` (paper, Eq. 6): the relative change of each block's output with vs without the
-  prompts on the same input, measured by :mod:`restore.analysis.feature_shift` during the training
+  prompts on the same input, measured by :mod:`restore.prompting.shift` during the training
   forward (one extra no-grad pass of every prompted block). ``FEATURE_NORM "first_step"`` divides by
   the value averaged over the first ``FEATURE_REF_STEPS`` steps (also persistent buffers).
 
@@ -52,24 +52,31 @@ Per-dataset settings (official run lists): the method's dataset overrides,
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from restore.analysis.feature_shift import observe_shift
 from restore.clip.model import CLIP, LayerNorm, QuickGELU
 from restore.engine.distributed import mean_over_ranks
+from restore.log import get_logger
 from restore.methods import MethodSpec, register_method
-from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
+from restore.options import Option, Options
+from restore.prompting.model import DeepPromptModel, PromptModel, PromptOutput
+from restore.prompting.official import OfficialKeys
+from restore.prompting.shift import observe_shift
+from restore.prompting.trainer import PromptTrainer
 
 from .ivlp import IVLPModel
 from .maple import MaPLeModel, maple_num_params
 from .promptsrc import PromptSRCModel, attach_gpa, gpa_end_of_epoch
 
-__all__ = ["RESTORE", "RestoreMaPLeModel", "RestorePromptSRCModel", "RestoreIVLPModel", "SurgeryAdapter", "gram_norms",
+__all__ = ["RESTORE", "RestoreMaPLeModel", "RestorePromptSRCModel", "RestoreIVLPModel", "ShiftGuidedSurgery",
+           "SurgeryAdapter", "gram_norms",
            "restore_num_params", "adapter_num_params", "SPEC", "benchmark_shift_modes",
            "SHIFT_MODES", "RATIO_SCHEDULES"]
+
+logger = get_logger(__name__)
 
 SHIFT_MODES = ("prompt", "feature")
 RATIO_SCHEDULES = ("one_shot", "per_epoch", "fixed")
@@ -139,24 +146,25 @@ def restore_num_params(n_ctx: int = 2, depth: int = 9, text_width: int = 512, vi
 
 
 # --------------------------------------------------------------------------------------------
-# The model: what RESTORE adds to a deep-prompt model
+# What RESTORE adds to a deep-prompt model, as one composed module
 # --------------------------------------------------------------------------------------------
 
-class RestoreMixin:
-    """Feature-shift consistency loss + surgery adapters + guided ratios, on a DeepPromptModel.
+#: Checkpoint keys written before the additions moved under ``restore.`` (mapped on load).
+_LEGACY_KEYS = ("fs_ref_text", "fs_ref_vision", "fs_ref_steps", "text_ratio", "vision_ratio", "ratio_updated_epoch",
+                "text_adapter.", "visual_adapter.")
 
-    The host class provides ``prompt_learner``, ``adapt_*_features`` hooks, ``forward``/``loss`` and
-    :meth:`layer_prompt_tokens` (per-layer text and vision prompt tensors for the proxy).
+
+class ShiftGuidedSurgery(nn.Module):
+    """Feature-shift consistency state + surgery adapters + guided ratios (the ``restore.`` submodule).
+
+    It knows nothing of the prompts: the host model gives it the per-layer shifts (Gram norms of
+    the prompt tokens, or the feature shifts observed in the forward) and the projected features.
     """
 
-    fs_layers: list[int]
-    # The official RESTORE code (MaPLe_FSA) released no weights and its adapter names are not
-    # documented: its checkpoints are not read.
-    official_keys: tuple = ()
-
-    def _setup_restore(self, node: Any, text_depth: int, vision_depth: int) -> None:
+    def __init__(self, node: Any, embed_dim: int, text_depth: int, vision_depth: int) -> None:
+        super().__init__()
         self.shift_mode = str(node.SHIFT)
-        self.fs_weight = float(node.FS_WEIGHT) if bool(node.USE_FS_LOSS) else 0.0
+        self.fs_weight = float(node.FS_WEIGHT)
         first = 1 if node.FS_LAYERS == "deep" else 0
         self.fs_layers = list(range(first, min(text_depth, vision_depth)))
         if self.fs_weight > 0 and not self.fs_layers:
@@ -171,70 +179,37 @@ class RestoreMixin:
         self.ratio_step_vision = float(node.RATIO_STEP_VISION)
         self.use_surgery = bool(node.USE_SURGERY)
         k = len(self.fs_layers)
-        reg = self.register_buffer  # type: ignore[attr-defined]
-        reg("fs_ref_text", torch.zeros(k))
-        reg("fs_ref_vision", torch.zeros(k))
-        reg("fs_ref_steps", torch.zeros((), dtype=torch.long))
-        reg("text_ratio", torch.tensor(float(node.TEXT_RATIO)))
-        reg("vision_ratio", torch.tensor(float(node.VISION_RATIO)))
-        reg("ratio_updated_epoch", torch.tensor(-1, dtype=torch.long))
+        self.register_buffer("fs_ref_text", torch.zeros(k))
+        self.register_buffer("fs_ref_vision", torch.zeros(k))
+        self.register_buffer("fs_ref_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("text_ratio", torch.tensor(float(node.TEXT_RATIO)))
+        self.register_buffer("vision_ratio", torch.tensor(float(node.VISION_RATIO)))
+        self.register_buffer("ratio_updated_epoch", torch.tensor(-1, dtype=torch.long))
+        self.text_adapter: SurgeryAdapter | None = None
+        self.visual_adapter: SurgeryAdapter | None = None
         if self.use_surgery:
-            clip = self.clip  # type: ignore[attr-defined]
-            dim = clip.text_projection.shape[1]
-            hidden = adapter_hidden_dim(dim, int(node.ADAPTER_HIDDEN), float(node.ADAPTER_RATIO))
-            device = clip.text_projection.device
-            self.text_adapter = SurgeryAdapter(dim, hidden, bool(node.ADAPTER_FINAL_ACT)).to(device)
-            self.visual_adapter = SurgeryAdapter(dim, hidden, bool(node.ADAPTER_FINAL_ACT)).to(device)
+            hidden = adapter_hidden_dim(embed_dim, int(node.ADAPTER_HIDDEN), float(node.ADAPTER_RATIO))
+            self.text_adapter = SurgeryAdapter(embed_dim, hidden, bool(node.ADAPTER_FINAL_ACT))
+            self.visual_adapter = SurgeryAdapter(embed_dim, hidden, bool(node.ADAPTER_FINAL_ACT))
         self._epoch_shift_sum = [0.0, 0.0]
         self._epoch_shift_count = 0
 
-    # --- surgery (DeepPromptModel hooks) ---
-    def adapt_text_features(self, features: torch.Tensor) -> torch.Tensor:
-        features = super().adapt_text_features(features)  # type: ignore[misc]
-        return self.text_adapter.mix(features, self.text_ratio) if self.use_surgery else features
+    # --- surgery ---
+    def adapt_text(self, features: torch.Tensor) -> torch.Tensor:
+        return self.text_adapter.mix(features, self.text_ratio) if self.text_adapter is not None else features
 
-    def adapt_image_features(self, features: torch.Tensor) -> torch.Tensor:
-        features = super().adapt_image_features(features)  # type: ignore[misc]
-        return self.visual_adapter.mix(features, self.vision_ratio) if self.use_surgery else features
+    def adapt_image(self, features: torch.Tensor) -> torch.Tensor:
+        return self.visual_adapter.mix(features, self.vision_ratio) if self.visual_adapter is not None else features
 
     # --- shifts ---
-    def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        raise NotImplementedError
-
-    def prompt_shifts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw proxy shifts (Gram norms) of the FS layers: text (K,), vision (K,), all in fp32.
-
-        Autocast is off here, so prompts derived from the learnable fp32 ones (MaPLe's projected
-        vision prompts) are computed in fp32 too, not in the working precision of the forward.
-        """
-        device_type = self.text_ratio.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            text, vision = self.layer_prompt_tokens()
-            return gram_norms([text[k] for k in self.fs_layers]), gram_norms([vision[k] for k in self.fs_layers])
+    def gram_shifts(self, text: dict[int, torch.Tensor], vision: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gram-norm proxy shifts of the FS layers from per-layer prompt tokens: text (K,), vision (K,)."""
+        return gram_norms([text[k] for k in self.fs_layers]), gram_norms([vision[k] for k in self.fs_layers])
 
     @property
     def needs_feature_shift(self) -> bool:
         guided = self.use_surgery and self.ratio_schedule != "fixed"
         return self.shift_mode == "feature" and (self.fs_weight > 0 or guided)
-
-    def forward(self, image: torch.Tensor) -> PromptOutput:
-        if not (self.training and self.needs_feature_shift):  # type: ignore[attr-defined]
-            return super().forward(image)  # type: ignore[misc]
-        with observe_shift(self, self.fs_layers, self.fs_layers, eps=self.feature_eps) as rec:  # type: ignore[arg-type]
-            output = super().forward(image)  # type: ignore[misc]
-        device = output.logits.device
-        # under DDP: the global batch's shifts (equal shards), so L_fs, its references and the
-        # guided ratio update are those of one process
-        output.extras["shift_text"] = mean_over_ranks(rec.text.vector(self.fs_layers, device))
-        output.extras["shift_vision"] = mean_over_ranks(rec.vision.vector(self.fs_layers, device))
-        return output
-
-    def raw_shifts(self, output: PromptOutput | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.shift_mode == "prompt":
-            return self.prompt_shifts()
-        if output is None or "shift_text" not in output.extras:
-            raise RuntimeError("feature-mode shifts come from a training forward (model.train())")
-        return output.extras["shift_text"], output.extras["shift_vision"]
 
     @torch.no_grad()
     def _update_reference(self, s_t: torch.Tensor, s_v: torch.Tensor) -> None:
@@ -249,7 +224,7 @@ class RestoreMixin:
         """Divide by the first-step references (captured here while training), unless FEATURE_NORM is none."""
         if self.feature_norm == "none":
             return s_t, s_v
-        if self.training:  # type: ignore[attr-defined]
+        if self.training:
             self._update_reference(s_t, s_v)
         if int(self.fs_ref_steps) == 0:
             raise RuntimeError("The feature-shift references are captured by the first training step; "
@@ -258,41 +233,25 @@ class RestoreMixin:
         ref_v = self.fs_ref_vision.to(s_v.device).clamp_min(1e-12)
         return s_t / ref_t, s_v / ref_v
 
-    def fs_loss(self, output: PromptOutput | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``sum_k (s_t,k - s_v,k)^2`` (normalised shifts, fp32) and the raw shifts."""
-        s_t, s_v = self.raw_shifts(output)
-        s_t, s_v = s_t.float(), s_v.float()
-        n_t, n_v = self.normalised_shifts(s_t, s_v)
-        return ((n_t - n_v) ** 2).sum(), s_t, s_v
+    def consistency(self, s_t: torch.Tensor, s_v: torch.Tensor) -> torch.Tensor:
+        """``sum_k (s_t,k - s_v,k)^2`` of the normalised shifts, in fp32."""
+        n_t, n_v = self.normalised_shifts(s_t.float(), s_v.float())
+        return ((n_t - n_v) ** 2).sum()
 
-    def loss(self, output: PromptOutput, label: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, summary = super().loss(output, label)  # type: ignore[misc]
-        if self.fs_weight > 0:
-            fs, s_t, s_v = self.fs_loss(output)
-            loss = loss + self.fs_weight * fs
-            summary["loss_fs"] = fs.item()
-            summary["loss"] = loss.item()
-        elif self.needs_feature_shift:
-            s_t, s_v = self.raw_shifts(output)
-        else:
-            return loss, summary
+    def record_feature_shift(self, s_t: torch.Tensor, s_v: torch.Tensor) -> None:
+        """Accumulate a training step's feature shifts for the epoch's guided update."""
         if self.shift_mode == "feature" and s_t.numel():
             self._epoch_shift_sum[0] += float(s_t.detach().mean())
             self._epoch_shift_sum[1] += float(s_v.detach().mean())
             self._epoch_shift_count += 1
-        return loss, summary
 
     # --- guided ratios ---
     def reset_epoch_stats(self) -> None:
         self._epoch_shift_sum = [0.0, 0.0]
         self._epoch_shift_count = 0
 
-    def mean_raw_shifts(self) -> tuple[float, float] | None:
-        """The shift means driving the ratio update (None when unknown, e.g. no feature-mode step yet)."""
-        if self.shift_mode == "prompt":
-            with torch.no_grad():
-                s_t, s_v = self.prompt_shifts()
-            return (float(s_t.mean()), float(s_v.mean())) if s_t.numel() else None
+    def mean_feature_shifts(self) -> tuple[float, float] | None:
+        """The epoch's mean feature shifts (None before any feature-mode step)."""
         if self._epoch_shift_count == 0:
             return None
         return self._epoch_shift_sum[0] / self._epoch_shift_count, self._epoch_shift_sum[1] / self._epoch_shift_count
@@ -307,14 +266,8 @@ class RestoreMixin:
         return epoch == target and last < 0
 
     @torch.no_grad()
-    def maybe_update_ratios(self, epoch: int, max_epoch: int) -> tuple[float, float] | None:
-        """Apply the guided update after epoch ``epoch`` (0-based) if due; returns the increments."""
-        if not self.ratio_update_due(epoch, max_epoch):
-            return None
-        means = self.mean_raw_shifts()
-        if means is None:
-            print("Note: no feature shift measured this epoch; surgery ratios not updated")
-            return None
+    def update_ratios(self, means: tuple[float, float], epoch: int) -> tuple[float, float]:
+        """``r += step * mean shift`` per modality, recorded as applied after ``epoch``; returns the increments."""
         d_t, d_v = self.ratio_step_text * means[0], self.ratio_step_vision * means[1]
         self.text_ratio.add_(d_t)
         self.vision_ratio.add_(d_v)
@@ -322,13 +275,119 @@ class RestoreMixin:
         return d_t, d_v
 
 
-class RestoreMaPLeModel(RestoreMixin, MaPLeModel):
+def build_shift_guided_surgery(model: DeepPromptModel, node: Any, text_depth: int,
+                               vision_depth: int) -> ShiftGuidedSurgery:
+    """The composed module for ``model``, on the device of its CLIP."""
+    clip = model.clip
+    return ShiftGuidedSurgery(node, clip.text_projection.shape[1], text_depth, vision_depth).to(
+        clip.text_projection.device)
+
+
+class RestoreModel(DeepPromptModel):
+    """What every RESTORE model does with its ``self.restore`` (a :class:`ShiftGuidedSurgery`).
+
+    Subclasses are the deep-prompt bases with RESTORE composed in; they implement
+    :meth:`layer_prompt_tokens` (per-layer text and vision prompt tensors for the proxy).
+    """
+
+    restore: ShiftGuidedSurgery
+    # The official RESTORE code (MaPLe_FSA) released no weights and its adapter names are not
+    # documented: its checkpoints are not read.
+    official_keys: ClassVar[OfficialKeys] = ()
+
+    @property
+    def fs_layers(self) -> list[int]:
+        return self.restore.fs_layers
+
+    def adapt_text_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.restore.adapt_text(super().adapt_text_features(features))
+
+    def adapt_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.restore.adapt_image(super().adapt_image_features(features))
+
+    def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        raise NotImplementedError
+
+    def prompt_shifts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw proxy shifts (Gram norms) of the FS layers: text (K,), vision (K,), all in fp32.
+
+        Autocast is off here, so prompts derived from the learnable fp32 ones (MaPLe's projected
+        vision prompts) are computed in fp32 too, not in the working precision of the forward.
+        """
+        with torch.autocast(device_type=self.restore.text_ratio.device.type, enabled=False):
+            return self.restore.gram_shifts(*self.layer_prompt_tokens())
+
+    def forward(self, image: torch.Tensor) -> PromptOutput:
+        surgery = self.restore
+        if not (self.training and surgery.needs_feature_shift):
+            return super().forward(image)
+        with observe_shift(self, surgery.fs_layers, surgery.fs_layers, eps=surgery.feature_eps) as rec:
+            output = super().forward(image)
+        device = output.logits.device
+        # under DDP: the global batch's shifts (equal shards), so L_fs, its references and the
+        # guided ratio update are those of one process
+        output.extras["shift_text"] = mean_over_ranks(rec.text.vector(surgery.fs_layers, device))
+        output.extras["shift_vision"] = mean_over_ranks(rec.vision.vector(surgery.fs_layers, device))
+        return output
+
+    def raw_shifts(self, output: PromptOutput | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.restore.shift_mode == "prompt":
+            return self.prompt_shifts()
+        if output is None or "shift_text" not in output.extras:
+            raise RuntimeError("feature-mode shifts come from a training forward (model.train())")
+        return output.extras["shift_text"], output.extras["shift_vision"]
+
+    def fs_loss(self, output: PromptOutput | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``sum_k (s_t,k - s_v,k)^2`` (normalised shifts, fp32) and the raw shifts."""
+        s_t, s_v = self.raw_shifts(output)
+        s_t, s_v = s_t.float(), s_v.float()
+        return self.restore.consistency(s_t, s_v), s_t, s_v
+
+    def loss(self, output: PromptOutput, label: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, summary = super().loss(output, label)
+        surgery = self.restore
+        if surgery.fs_weight > 0:
+            fs, s_t, s_v = self.fs_loss(output)
+            loss = loss + surgery.fs_weight * fs
+            summary["loss_fs"] = fs.item()
+            summary["loss"] = loss.item()
+        elif surgery.needs_feature_shift:
+            s_t, s_v = self.raw_shifts(output)
+        else:
+            return loss, summary
+        surgery.record_feature_shift(s_t, s_v)
+        return loss, summary
+
+    def mean_raw_shifts(self) -> tuple[float, float] | None:
+        """The shift means driving the ratio update (None when unknown, e.g. no feature-mode step yet)."""
+        if self.restore.shift_mode == "prompt":
+            with torch.no_grad():
+                s_t, s_v = self.prompt_shifts()
+            return (float(s_t.mean()), float(s_v.mean())) if s_t.numel() else None
+        return self.restore.mean_feature_shifts()
+
+    def maybe_update_ratios(self, epoch: int, max_epoch: int) -> tuple[float, float] | None:
+        """Apply the guided update after epoch ``epoch`` (0-based) if due; returns the increments."""
+        if not self.restore.ratio_update_due(epoch, max_epoch):
+            return None
+        means = self.mean_raw_shifts()
+        if means is None:
+            logger.info("Note: no feature shift measured this epoch; surgery ratios not updated")
+            return None
+        return self.restore.update_ratios(means, epoch)
+
+    def upgrade_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoints written before the composed module keep loading: top-level keys move under ``restore.``."""
+        return {("restore." + k if k.startswith(_LEGACY_KEYS) else k): v for k, v in state.items()}
+
+
+class RestoreMaPLeModel(RestoreModel, MaPLeModel):
     """RESTORE on MaPLe's coupled prompts (the official ``MaPLe_FSA``)."""
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
         super().__init__(clip_model, classnames, n_ctx=node.N_CTX, depth=node.PROMPT_DEPTH, ctx_init=node.CTX_INIT)
         depth = int(node.PROMPT_DEPTH)
-        self._setup_restore(node, depth, depth)
+        self.restore = build_shift_guided_surgery(self, node, depth, depth)
 
     def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         learner = self.prompt_learner
@@ -340,40 +399,50 @@ class RestoreMaPLeModel(RestoreMixin, MaPLeModel):
         return text, vision
 
 
-class IVLPPromptsRestoreMixin(RestoreMixin):
-    """RESTORE on IVLP's independent prompts, configured by the sub-node ``prompt_node`` of TRAINER.RESTORE."""
-
-    prompt_node: str
-
-    def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
-        prompts = node[self.prompt_node].clone()
-        prompts.defrost()
-        prompts.CTX_INIT = node.CTX_INIT
-        super().__init__(clip_model, classnames, prompts)  # type: ignore[call-arg]
-        use_text = prompts.N_CTX_TEXT > 0 and prompts.PROMPT_DEPTH_TEXT > 0
-        use_vision = prompts.N_CTX_VISION > 0 and prompts.PROMPT_DEPTH_VISION > 0
-        self._setup_restore(node, int(prompts.PROMPT_DEPTH_TEXT) if use_text else 0,
-                            int(prompts.PROMPT_DEPTH_VISION) if use_vision else 0)
-
-    def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        learner = self.prompt_learner  # type: ignore[attr-defined]
-        text: dict[int, torch.Tensor] = {k + 1: p for k, p in enumerate(learner.text_prompts)}
-        if learner.text_context.ctx is not None:
-            text[0] = learner.text_context.ctx
-        vision = {k: p for k, p in enumerate(learner.vision_prompts)}
-        return text, vision
+def _independent_prompt_node(node: Any, name: str) -> Any:
+    """TRAINER.RESTORE's sub-node ``name`` (IVLP-style prompt keys) with the shared CTX_INIT."""
+    prompts = node[name].clone()
+    prompts.defrost()
+    prompts.CTX_INIT = node.CTX_INIT
+    return prompts
 
 
-class RestorePromptSRCModel(IVLPPromptsRestoreMixin, PromptSRCModel):
+def _independent_depths(prompts: Any) -> tuple[int, int]:
+    use_text = prompts.N_CTX_TEXT > 0 and prompts.PROMPT_DEPTH_TEXT > 0
+    use_vision = prompts.N_CTX_VISION > 0 and prompts.PROMPT_DEPTH_VISION > 0
+    return (int(prompts.PROMPT_DEPTH_TEXT) if use_text else 0, int(prompts.PROMPT_DEPTH_VISION) if use_vision else 0)
+
+
+def _independent_prompt_tokens(learner: Any) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    text: dict[int, torch.Tensor] = {k + 1: p for k, p in enumerate(learner.text_prompts)}
+    if learner.text_context.ctx is not None:
+        text[0] = learner.text_context.ctx
+    vision = {k: p for k, p in enumerate(learner.vision_prompts)}
+    return text, vision
+
+
+class RestorePromptSRCModel(RestoreModel, PromptSRCModel):
     """RESTORE on PromptSRC: IVLP prompts, PromptSRC's regularisers on the surgery-adapted features."""
 
-    prompt_node = "PROMPTSRC"
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
+        prompts = _independent_prompt_node(node, "PROMPTSRC")
+        super().__init__(clip_model, classnames, prompts)
+        self.restore = build_shift_guided_surgery(self, node, *_independent_depths(prompts))
+
+    def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        return _independent_prompt_tokens(self.prompt_learner)
 
 
-class RestoreIVLPModel(IVLPPromptsRestoreMixin, IVLPModel):
+class RestoreIVLPModel(RestoreModel, IVLPModel):
     """The feature-shift loss on IVLP's independent prompts (the paper's "IVLP + L_fs" analysis, Fig. 4)."""
 
-    prompt_node = "IVLP"
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
+        prompts = _independent_prompt_node(node, "IVLP")
+        super().__init__(clip_model, classnames, prompts)
+        self.restore = build_shift_guided_surgery(self, node, *_independent_depths(prompts))
+
+    def layer_prompt_tokens(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        return _independent_prompt_tokens(self.prompt_learner)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,55 +453,56 @@ class RESTORE(PromptTrainer):
     """RESTORE (node ``TRAINER.RESTORE``); see the module docstring for every key."""
 
     model_name = "MultiModalPromptLearner"
-    default_cfg: dict[str, Any] = {
-        "BASE": "maple",               # "maple" | "promptsrc" | "ivlp" (the FS-loss analysis on IVLP)
-        "N_CTX": 2,                    # MaPLe base: tokens per layer
-        "CTX_INIT": "a photo of a",
-        "PROMPT_DEPTH": 9,             # MaPLe base: prompted layers 0..8
-        "PREC": "auto",
-        "SHIFT": "prompt",             # "prompt" (official proxy) | "feature" (paper definition)
-        "USE_FS_LOSS": True,
-        "FS_WEIGHT": 1.0,              # lambda (official FS_LOSS_R; DTD 0.5)
-        "FS_LAYERS": "deep",           # "deep" (layers 1..depth-1, official) | "prompted" (0..depth-1)
-        "FEATURE_NORM": "none",        # feature mode: "none" | "first_step"
-        "FEATURE_REF_STEPS": 1,        # feature mode + first_step: steps averaged into the reference
-        "FEATURE_EPS": 1e-6,
-        "USE_SURGERY": True,
-        "TEXT_RATIO": 0.1,             # initial r_t (official TEXT_CALIB_R; per-dataset yaml)
-        "VISION_RATIO": 0.1,           # initial r_v (official VIS_CALIB_R; per-dataset yaml)
-        "RATIO_SCHEDULE": "one_shot",  # "one_shot" | "per_epoch" | "fixed"
-        "RATIO_UPDATE_EPOCH": -1,      # one_shot: 0-based epoch after which to update (-1: MAX_EPOCH // 3)
-        "RATIO_STEP_TEXT": 0.02,
-        "RATIO_STEP_VISION": 0.005,
-        "ADAPTER_HIDDEN": 0,           # hidden width of the surgery adapters (0: ADAPTER_RATIO * embed_dim)
-        "ADAPTER_RATIO": 4.0,          # 4 -> 512-2048-512 (official); e.g. 0.25 for a bottleneck
-        "ADAPTER_FINAL_ACT": False,    # trailing QuickGELU (PromptSRC bytecode build)
-        "PROMPTSRC": {                 # BASE promptsrc: PromptSRC's own keys (official PromptSRC defaults)
-            "N_CTX_TEXT": 4, "N_CTX_VISION": 4, "PROMPT_DEPTH_TEXT": 9, "PROMPT_DEPTH_VISION": 9,
-            "TEXT_LOSS_WEIGHT": 25.0, "IMAGE_LOSS_WEIGHT": 10.0, "USE_GPA": True, "GPA_MEAN": 15.0, "GPA_STD": 1.0,
-        },
-        "IVLP": {                      # BASE ivlp: IVLP's prompt keys (the official analysis yaml: 2+2 tokens, depth 12)
-            "N_CTX_TEXT": 2, "N_CTX_VISION": 2, "PROMPT_DEPTH_TEXT": 12, "PROMPT_DEPTH_VISION": 12,
-        },
-    }
+    options = Options(
+        Option("BASE", "maple", "prompts RESTORE is built on (ivlp: the FS-loss analysis on IVLP prompts)",
+               choices=BASES),
+        Option("N_CTX", 2, "MaPLe base: prompt tokens per layer", minimum=1),
+        Option("CTX_INIT", "a photo of a", "words whose embeddings initialise the layer-0 text context"),
+        Option("PROMPT_DEPTH", 9, "MaPLe base: prompted layers 0..PROMPT_DEPTH-1", minimum=1),
+        Option("SHIFT", "prompt", "shift definition: prompt (official Gram-norm proxy) or feature (paper, Eq. 6)",
+               choices=SHIFT_MODES),
+        Option("FS_WEIGHT", 1.0, "lambda of the feature-shift consistency loss (0 turns it off; DTD 0.5)", minimum=0),
+        Option("FS_LAYERS", "deep", "layers in the loss: deep (1..depth-1, official) or prompted (0..depth-1)",
+               choices=FS_LAYER_SETS),
+        Option("FEATURE_NORM", "none", "feature mode: divide the shifts by their first-step values (first_step)",
+               choices=FEATURE_NORMS),
+        Option("FEATURE_REF_STEPS", 1, "feature mode + first_step: steps averaged into the reference", minimum=1),
+        Option("FEATURE_EPS", 1e-6, "denominator epsilon of the relative feature shift", minimum=0),
+        Option("USE_SURGERY", True, "add the surgery adapters on the projected features"),
+        Option("TEXT_RATIO", 0.1, "initial text surgery ratio r_t (official TEXT_CALIB_R)"),
+        Option("VISION_RATIO", 0.1, "initial vision surgery ratio r_v (official VIS_CALIB_R)"),
+        Option("RATIO_SCHEDULE", "one_shot", "when the ratios grow with the measured shift", choices=RATIO_SCHEDULES),
+        Option("RATIO_UPDATE_EPOCH", -1, "one_shot: 0-based epoch after which to update (-1: MAX_EPOCH // 3)"),
+        Option("RATIO_STEP_TEXT", 0.02, "text ratio increment per unit of mean text shift"),
+        Option("RATIO_STEP_VISION", 0.005, "vision ratio increment per unit of mean vision shift"),
+        Option("ADAPTER_HIDDEN", 0, "hidden width of the surgery adapters (0: ADAPTER_RATIO * embed_dim)", minimum=0),
+        Option("ADAPTER_RATIO", 4.0, "hidden width / embed_dim when ADAPTER_HIDDEN is 0 (4: official)", minimum=0),
+        Option("ADAPTER_FINAL_ACT", False, "trailing QuickGELU in the adapters (PromptSRC bytecode build)"),
+        Option("PROMPTSRC.N_CTX_TEXT", 4, "PromptSRC base: text prompt tokens per layer", minimum=0),
+        Option("PROMPTSRC.N_CTX_VISION", 4, "PromptSRC base: vision prompt tokens per layer", minimum=0),
+        Option("PROMPTSRC.PROMPT_DEPTH_TEXT", 9, "PromptSRC base: prompted text layers", minimum=0),
+        Option("PROMPTSRC.PROMPT_DEPTH_VISION", 9, "PromptSRC base: prompted vision layers", minimum=0),
+        Option("PROMPTSRC.TEXT_LOSS_WEIGHT", 25.0, "PromptSRC base: L1 weight to the frozen text features", minimum=0),
+        Option("PROMPTSRC.IMAGE_LOSS_WEIGHT", 10.0, "PromptSRC base: L1 weight to the frozen image features",
+               minimum=0),
+        Option("PROMPTSRC.USE_GPA", True, "PromptSRC base: Gaussian prompt aggregation"),
+        Option("PROMPTSRC.GPA_MEAN", 15.0, "PromptSRC base: mean epoch of the GPA weights"),
+        Option("PROMPTSRC.GPA_STD", 1.0, "PromptSRC base: standard deviation of the GPA weights", minimum=0),
+        Option("IVLP.N_CTX_TEXT", 2, "IVLP base: text prompt tokens per layer", minimum=0),
+        Option("IVLP.N_CTX_VISION", 2, "IVLP base: vision prompt tokens per layer", minimum=0),
+        Option("IVLP.PROMPT_DEPTH_TEXT", 12, "IVLP base: prompted text layers", minimum=0),
+        Option("IVLP.PROMPT_DEPTH_VISION", 12, "IVLP base: prompted vision layers", minimum=0),
+        removed={"USE_FS_LOSS": "FS_WEIGHT alone switches the feature-shift loss (FS_WEIGHT 0.0 turns it off); "
+                                "delete USE_FS_LOSS from your config or options."},
+    )
 
-    def check_cfg(self, cfg: Any) -> None:
-        super().check_cfg(cfg)
-        node = cfg.TRAINER.RESTORE
-        for key, allowed in (("BASE", BASES), ("SHIFT", SHIFT_MODES), ("RATIO_SCHEDULE", RATIO_SCHEDULES),
-                             ("FS_LAYERS", FS_LAYER_SETS), ("FEATURE_NORM", FEATURE_NORMS)):
-            if node[key] not in allowed:
-                raise ValueError(f"TRAINER.RESTORE.{key} must be one of {allowed}, got {node[key]!r}")
-        if node.FS_WEIGHT < 0:
-            raise ValueError(f"TRAINER.RESTORE.FS_WEIGHT must be >= 0, got {node.FS_WEIGHT}")
-
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        node = self.method_cfg
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        node = cls.method_node(cfg)
         if node.BASE == "maple":
             return RestoreMaPLeModel(clip_model, classnames, node)
         if node.BASE == "ivlp":
             return RestoreIVLPModel(clip_model, classnames, node)
-        clip_model.to(getattr(self, "device", torch.device("cpu")))  # PromptSRC's teacher text on the device
         model = RestorePromptSRCModel(clip_model, classnames, node)
         if node.PROMPTSRC.USE_GPA:
             attach_gpa(model, cfg.OPTIM.MAX_EPOCH, float(node.PROMPTSRC.GPA_MEAN), float(node.PROMPTSRC.GPA_STD))
@@ -440,24 +510,26 @@ class RESTORE(PromptTrainer):
 
     def before_epoch(self) -> None:
         super().before_epoch()
-        model = self.model
-        model.reset_epoch_stats()
-        if model.use_surgery:
-            print(f"RESTORE surgery ratios: text {float(model.text_ratio):.6f}, vision {float(model.vision_ratio):.6f}")
+        surgery = self.model.restore
+        surgery.reset_epoch_stats()
+        if surgery.use_surgery:
+            logger.info(f"RESTORE surgery ratios: text {float(surgery.text_ratio):.6f}, "
+                  f"vision {float(surgery.vision_ratio):.6f}")
 
     def after_epoch(self) -> None:
         model = self.model
         update = model.maybe_update_ratios(self.epoch, self.max_epoch)
         if update is not None:
-            print(f"RESTORE guided update after epoch {self.epoch + 1}: text ratio +{update[0]:.6f} -> "
-                  f"{float(model.text_ratio):.6f}, vision ratio +{update[1]:.6f} -> {float(model.vision_ratio):.6f}")
+            logger.info(f"RESTORE guided update after epoch {self.epoch + 1}: text ratio +{update[0]:.6f} -> "
+                  f"{float(model.restore.text_ratio):.6f}, vision ratio +{update[1]:.6f} -> "
+                  f"{float(model.restore.vision_ratio):.6f}")
         if getattr(model, "gpa", None) is not None:
             gpa_end_of_epoch(model, self.epoch, self.max_epoch)
         super().after_epoch()
 
     def results_metadata(self) -> dict[str, Any]:
         meta = dict(super().results_metadata())
-        model = self.model
+        model = self.model.restore
         meta["restore"] = {"base": self.method_cfg.BASE, "shift": model.shift_mode, "fs_weight": model.fs_weight,
                            "surgery": model.use_surgery, "ratio_schedule": model.ratio_schedule,
                            "text_ratio": float(model.text_ratio), "vision_ratio": float(model.vision_ratio),
@@ -534,32 +606,3 @@ def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size:
     if "prompt" in results and "feature" in results:
         results["feature_overhead"] = results["feature"] / results["prompt"] - 1
     return results
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trainers.restore_trainer --benchmark [--arch vit_b16 --classes 50 --device cuda]`` times both
-    SHIFT modes."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Time the two feature-shift modes (--benchmark)")
-    parser.add_argument("--benchmark", action="store_true", help="ms/step of SHIFT prompt vs feature")
-    parser.add_argument("--arch", default="tiny", choices=["tiny", "vit_b16"])
-    parser.add_argument("--classes", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    args = parser.parse_args(argv)
-    if args.benchmark:
-        res = benchmark_shift_modes(args.arch, args.classes, args.batch, args.steps, device=args.device,
-                                    precision=args.precision)
-        print(f"arch {args.arch}, {args.classes} classes, batch {args.batch}, {args.device} {args.precision}: "
-              f"prompt {res['prompt']:.1f} ms/step, feature {res['feature']:.1f} ms/step "
-              f"(+{100 * res['feature_overhead']:.0f}%)")
-        return 0
-    parser.error("pass --benchmark (per-dataset values: python -m restore.methods --overrides DATASET)")
-    return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -1,25 +1,29 @@
 """VPT (deep visual prompt tuning, Jia et al. 2022) on CLIP, as in the MaPLe repository.
 
 Learnable tokens in the image tower only; the class text is fixed: "<CTX_INIT> <class>." ("a
-photo of a {}.") encoded once by the frozen text tower (see :class:`trainers.ivlp.DeepPromptModel`).
+photo of a {}.") encoded once by the frozen text tower (see :class:`restore.prompting.model.DeepPromptModel`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
+from restore.options import Option, Options
 from restore.prompting.deep import IndependentPrompts
-from restore.prompting.trainer import PromptModel, PromptTrainer
+from restore.prompting.model import DeepPromptModel, PromptModel
+from restore.prompting.official import OfficialKeys
+from restore.prompting.trainer import PromptTrainer
 
-from .ivlp import IVLP_OFFICIAL_KEYS, DeepPromptModel
+from .ivlp import IVLP_OFFICIAL_KEYS
+
 
 
 class VPTModel(DeepPromptModel):
     """Vision prompts at layers ``0..PROMPT_DEPTH_VISION-1``; fixed hand-written text."""
 
-    official_keys = IVLP_OFFICIAL_KEYS
+    official_keys: ClassVar[OfficialKeys] = IVLP_OFFICIAL_KEYS
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any) -> None:
         super().__init__(clip_model, classnames)
@@ -32,11 +36,14 @@ class VPT(PromptTrainer):
     """Visual Prompt Tuning (shallow with PROMPT_DEPTH_VISION 1, deep above)."""
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "CTX_INIT": "a photo of a", "PREC": "auto",
-                                   "PROMPT_DEPTH_VISION": 1}
+    options = Options(
+        Option("N_CTX_VISION", 2, "vision prompt tokens per layer", minimum=1),
+        Option("CTX_INIT", "a photo of a", "the fixed text before the class name"),
+        Option("PROMPT_DEPTH_VISION", 1, "prompted vision layers (1: shallow VPT, more: deep)", minimum=1))
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        return VPTModel(clip_model, classnames, self.method_cfg)
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        return VPTModel(clip_model, classnames, cls.method_node(cfg))
 
 
 SPEC = register_method(MethodSpec("vpt", "VPT", configs={"base2new": ("VPT/vit_b16_c2_ep5_batch4_4",)}), VPT)

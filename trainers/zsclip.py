@@ -8,8 +8,10 @@ import torch
 
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
+from restore.options import Option, Options
 from restore.prompting.context import zeroshot_classifier
-from restore.prompting.trainer import PromptModel, PromptTrainer
+from restore.prompting.model import PromptModel
+from restore.prompting.trainer import PromptTrainer
 
 
 def dataset_templates(dataset_name: str, ensemble: bool = False) -> list[str]:
@@ -44,10 +46,12 @@ class ZeroshotCLIP(PromptTrainer):
 
     model_name = "zeroshot"
     aliases = ("zsclip",)
-    default_cfg: dict[str, Any] = {"PREC": "auto", "ENSEMBLE": False}
+    options = Options(
+        Option("ENSEMBLE", False, "average CLIP's ImageNet prompt templates instead of the dataset's one prompt"))
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        return ZeroshotModel(clip_model, classnames, dataset_templates(cfg.DATASET.NAME, self.method_cfg.ENSEMBLE))
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        return ZeroshotModel(clip_model, classnames, dataset_templates(cfg.DATASET.NAME, cls.method_node(cfg).ENSEMBLE))
 
     def train(self) -> None:  # type: ignore[override]
         self.test()

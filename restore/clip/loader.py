@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from restore.log import get_logger
 from restore.clip.model import (
     CLIP,
     TINY_CONFIG,
@@ -55,6 +56,8 @@ from restore.clip.model import (
     config_from_state_dict,
 )
 from restore.engine.serialization import corrupted_sentence, safe_torch_load
+
+logger = get_logger(__name__)
 
 __all__ = [
     "OPENAI_MODELS", "OPENAI_MEAN", "OPENAI_STD", "ChecksumError", "LoadedCLIP", "available_models",
@@ -386,7 +389,7 @@ def load_clip(name: str | os.PathLike[str], device: str | torch.device = "cpu",
         raise _unknown_name(name)
 
     if entry.random_weights:
-        print(f"WARNING: backbone {name!r} has RANDOM weights: numbers are meaningless", flush=True)
+        logger.info(f"WARNING: backbone {name!r} has RANDOM weights: numbers are meaningless")
     model = copy.deepcopy(entry.model)
     model = model.to(device=device).cast(_PRECISIONS[precision]).eval()
     return LoadedCLIP(model=model, name=name, mean=entry.mean, std=entry.std,

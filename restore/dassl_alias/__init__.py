@@ -72,7 +72,7 @@ class _AliasLoader(importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         if module.__name__ == "dassl":
-            module.__version__ = "0.6.3"
+            setattr(module, "__version__", "0.6.3")
         exported = []
         for source, names in _MODULES[module.__name__]:
             src = importlib.import_module(source)
@@ -81,7 +81,7 @@ class _AliasLoader(importlib.abc.Loader):
             for name in names:
                 setattr(module, name, getattr(src, name))
                 exported.append(name)
-        module.__all__ = exported
+        setattr(module, "__all__", exported)
         if "Datum" in exported:
             _adopt_dassl_datum_path(module)
 

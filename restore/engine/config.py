@@ -212,6 +212,21 @@ def _all_keys(node: CN, prefix: str = "") -> list[str]:
     return keys
 
 
+def register_removed_key(cfg: CN, key: str, sentence: str) -> None:
+    """Make a merge that gives the removed ``key`` fail with ``sentence`` (what to use instead)."""
+    if not cfg.key_is_renamed(key):
+        cfg.register_renamed_key(key, "", sentence)
+
+
+def removed_key_message(cfg: CN, key: str) -> str | None:
+    """The sentence of a key registered with :func:`register_removed_key`, else None."""
+    if not cfg.key_is_renamed(key):
+        return None
+    entry = cfg.__dict__[CN.RENAMED_KEYS][key]
+    note = entry[1] if isinstance(entry, tuple) else f"use {entry}"
+    return f"{key} was removed: {note}"
+
+
 def merge_opts(cfg: CN, opts: Iterable[str], source: str = "command line") -> None:
     """``merge_from_list`` that turns yacs' bare AssertionError into a one-line ConfigError."""
     opts = list(opts)
@@ -219,6 +234,9 @@ def merge_opts(cfg: CN, opts: Iterable[str], source: str = "command line") -> No
         raise ConfigError(f"Config options from the {source} must come in KEY VALUE pairs, got {opts}")
     known = _all_keys(cfg)
     for key in opts[0::2]:
+        removed = removed_key_message(cfg, key)
+        if removed:
+            raise ConfigError(f"{removed} (from the {source}).")
         if key not in known:
             hint = closest_names(key, known, n=1)
             suggestion = f" Did you mean {hint[0]}?" if hint else ""
@@ -296,6 +314,10 @@ def merge_file(cfg: CN, path: str) -> None:
         cfg.merge_from_other_cfg(CN(data))
     except KeyError as err:
         msg = str(err.args[0]) if err.args else str(err)
+        if "was renamed to" in msg:
+            removed = removed_key_message(cfg, msg.split()[1])
+            if removed:
+                raise ConfigError(f"{removed} (in {path}).") from None
         key = msg.split(":", 1)[-1].strip()
         hint = closest_names(key, _all_keys(cfg), n=1)
         suggestion = f" Did you mean {hint[0]}?" if hint else ""

@@ -60,6 +60,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from restore.log import get_logger
+
+logger = get_logger(__name__)
+
 __all__ = [
     "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process", "barrier",
     "all_reduce_sum", "all_gather_rows", "broadcast_object", "ShardedSampler", "shard_sampler", "average_gradients",
@@ -136,7 +140,7 @@ def init_distributed(use_cuda: bool = True) -> bool:
     if dist.get_rank() != 0 and os.environ.get("RESTORE_LOG_ALL_RANKS", "0") != "1":
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     if dist.get_rank() == 0:
-        print(f"Distributed: {dist.get_world_size()} processes ({backend}); the configured batch sizes are "
+        logger.info(f"Distributed: {dist.get_world_size()} processes ({backend}); the configured batch sizes are "
               "global (per-rank batch = batch / world size)")
     return dist.get_world_size() > 1
 
@@ -455,7 +459,7 @@ def _merge(states: list[dict[str, Any]]) -> dict[str, Any]:
             elif isinstance(value, list):
                 merged[key] = cur + value
             elif isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
-                out = defaultdict(list) if isinstance(cur, defaultdict) else {}
+                out: dict[Any, list] = defaultdict(list) if isinstance(cur, defaultdict) else {}
                 for d in (cur, value):
                     for k, v in d.items():
                         out[k] = out.get(k, []) + list(v)

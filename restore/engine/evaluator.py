@@ -9,7 +9,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from restore.log import get_logger
 from .registry import EVALUATOR_REGISTRY, check_availability
+
+logger = get_logger(__name__)
 
 
 def compute_accuracy(output: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
@@ -92,7 +95,7 @@ class Classification(EvaluatorBase):
         results["accuracy"] = acc
         results["error_rate"] = err
         results["macro_f1"] = f1
-        print("=> result\n"
+        logger.info("=> result\n"
               f"* total: {self._total:,}\n"
               f"* correct: {self._correct:,}\n"
               f"* accuracy: {acc:.1f}%\n"
@@ -100,15 +103,15 @@ class Classification(EvaluatorBase):
               f"* macro_f1: {f1:.1f}%")
         if self._per_class_res is not None:
             accs = []
-            print("=> per-class result")
+            logger.info("=> per-class result")
             for label in sorted(self._per_class_res):
                 res = self._per_class_res[label]
                 correct, total = sum(res), len(res)
                 a = 100.0 * correct / total
                 accs.append(a)
-                print(f"* class: {label} ({self._lab2cname[label]})\ttotal: {total:,}\tcorrect: {correct:,}\tacc: {a:.1f}%")
+                logger.info(f"* class: {label} ({self._lab2cname[label]})\ttotal: {total:,}\tcorrect: {correct:,}\tacc: {a:.1f}%")
             results["perclass_accuracy"] = float(np.mean(accs))
-            print(f"* average: {results['perclass_accuracy']:.1f}%")
+            logger.info(f"* average: {results['perclass_accuracy']:.1f}%")
         if self.cfg.TEST.COMPUTE_CMAT:
             labels = np.unique(np.concatenate([y_true, y_pred]))
             index = {l: i for i, l in enumerate(labels)}
@@ -118,7 +121,7 @@ class Classification(EvaluatorBase):
             cmat = cmat / np.maximum(cmat.sum(1, keepdims=True), 1)
             save_path = osp.join(self.cfg.OUTPUT_DIR, "cmat.pt")
             torch.save(torch.from_numpy(cmat), save_path)
-            print(f"Confusion matrix is saved to {save_path}")
+            logger.info(f"Confusion matrix is saved to {save_path}")
         return results
 
 
@@ -127,5 +130,5 @@ def build_evaluator(cfg: Any, **kwargs: Any) -> EvaluatorBase:
     names = EVALUATOR_REGISTRY.registered_names()
     check_availability(cfg.TEST.EVALUATOR, names)
     if cfg.VERBOSE:
-        print(f"Loading evaluator: {cfg.TEST.EVALUATOR}")
+        logger.info(f"Loading evaluator: {cfg.TEST.EVALUATOR}")
     return EVALUATOR_REGISTRY.get(cfg.TEST.EVALUATOR)(cfg, **kwargs)

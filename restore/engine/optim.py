@@ -31,7 +31,8 @@ def build_optimizer(model: nn.Module | Iterable[Any], optim_cfg: Any, param_grou
             new_layers = list(optim_cfg.NEW_LAYERS) if not isinstance(optim_cfg.NEW_LAYERS, str) else [optim_cfg.NEW_LAYERS]
             if not new_layers:
                 raise ValueError("OPTIM.STAGED_LR is True but OPTIM.NEW_LAYERS is empty")
-            base, new = [], []
+            base: list[nn.Parameter] = []
+            new: list[nn.Parameter] = []
             for child_name, module in model.named_children():
                 (new if child_name in new_layers else base).extend(module.parameters())
             params = [{"params": base, "lr": lr * optim_cfg.BASE_LR_MULT}, {"params": new}]
@@ -94,7 +95,7 @@ class ConstantWarmupScheduler(_BaseWarmupScheduler):
         self.cons_lr = cons_lr
         super().__init__(optimizer, successor, warmup_epoch, last_epoch)
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:
         if self.last_epoch >= self.warmup_epoch:
             return self.successor.get_last_lr()
         return [self.cons_lr for _ in self.base_lrs]
@@ -108,7 +109,7 @@ class LinearWarmupScheduler(_BaseWarmupScheduler):
         self.min_lr = min_lr
         super().__init__(optimizer, successor, warmup_epoch, last_epoch)
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:
         if self.last_epoch >= self.warmup_epoch:
             return self.successor.get_last_lr()
         if self.last_epoch == 0:

@@ -26,6 +26,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
 
 import torch
+from restore.log import get_logger
+
+logger = get_logger(__name__)
 
 __all__ = ["ForbiddenGlobalError", "allow_globals", "checkpoint_safe_globals", "checkpoints_trusted",
            "corrupted_sentence", "file_globals", "pickle_globals", "refused_sentence", "safe_torch_load",
@@ -53,7 +56,7 @@ def trusted_checkpoints(enabled: bool = True) -> Iterator[None]:
     global _TRUSTED
     previous = _TRUSTED
     if enabled:
-        print(TRUST_WARNING, flush=True)
+        logger.info(TRUST_WARNING)
     _TRUSTED = previous or enabled
     try:
         yield
@@ -254,8 +257,8 @@ def safe_torch_load(path: str, *, what: str, expected: str, corrupted_advice: st
         raise error(corrupted_sentence(path, what, corrupted_advice)) from failure
     if not trust:
         raise error(refused_sentence(path, unknown, expected, refused_advice)) from None
-    print(f"WARNING: fully unpickling {path} (trusted checkpoints): it refers to {unknown}, which a safe load "
-          "refuses; any code in it runs now", flush=True)
+    logger.info(f"WARNING: fully unpickling {path} (trusted checkpoints): it refers to {unknown}, which a safe load "
+          "refuses; any code in it runs now")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception:  # noqa: BLE001

@@ -1,7 +1,7 @@
 """Dassl-compatible trainers: TrainerBase -> SimpleTrainer -> TrainerX / TrainerXU.
 
 Hooks, call order, checkpoint dict and file names, log lines and the ``=> result`` block follow
-Dassl 0.6.3 (see shared/reference/dassl_compat.md). Additions: every evaluation writes
+Dassl 0.6.3. Additions: every evaluation writes
 ``results.json`` atomically; checkpoints carry RNG states (exact resume) and a little metadata
 (trainer, backbone) checked on load; a non-finite loss names the epoch and batch.
 """
@@ -15,18 +15,21 @@ import os.path as osp
 import random
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from restore.log import get_logger
 from . import distributed  # DDP (torchrun) hooks, marked '# DDP' below
 from .evaluator import build_evaluator
 from .registry import TRAINER_REGISTRY, check_availability, lookup_case_insensitive
 from .utils import (AverageMeter, MetricMeter, atomic_write_bytes, atomic_write_json,
                     checkpoint_pointer, load_checkpoint, mkdir_if_missing, resume_advice, save_checkpoint)
+
+logger = get_logger(__name__)
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"
@@ -93,7 +96,7 @@ class TrainerBase:
         self._models: "OrderedDict[str, nn.Module]" = OrderedDict()
         self._optims: "OrderedDict[str, Any]" = OrderedDict()
         self._scheds: "OrderedDict[str, Any]" = OrderedDict()
-        self._writer = None
+        self._writer: Any = None
 
     def register_model(self, name: str = "model", model: nn.Module | None = None, optim: Any = None,
                        sched: Any = None) -> None:
@@ -101,7 +104,7 @@ class TrainerBase:
             raise AttributeError("Cannot assign model before super().__init__() call")
         if name in self._models:
             raise AssertionError("Found duplicate model names")
-        self._models[name] = model
+        self._models[name] = cast(nn.Module, model)
         self._optims[name] = optim
         self._scheds[name] = sched
         # DDP: trainers that call loss.backward() / optim.step() themselves (official MaPLe, IVLP,
@@ -128,7 +131,7 @@ class TrainerBase:
         return names_real
 
     # --- checkpoint content hooks (overridden by prompt trainers to save only what is learned) ---
-    def checkpoint_state_dict(self, name: str) -> "OrderedDict[str, torch.Tensor]":
+    def checkpoint_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         return self._models[name].state_dict()
 
     def load_checkpoint_state_dict(self, name: str, state_dict: dict[str, torch.Tensor], path: str) -> None:
@@ -185,31 +188,31 @@ class TrainerBase:
     def resume_model_if_exist(self, directory: str) -> int:
         names = self.get_model_names()
         if not names or not all(osp.isfile(osp.join(directory, n, "checkpoint")) for n in names):
-            print("No checkpoint found, train from scratch")
+            logger.info("No checkpoint found, train from scratch")
             return 0
-        print(f"Found checkpoint at {directory} (will resume training)")
+        logger.info(f"Found checkpoint at {directory} (will resume training)")
         start_epoch = 0
         for name in names:
             fpath = checkpoint_pointer(osp.join(directory, name))
             checkpoint = load_checkpoint(fpath, corrupted_advice=resume_advice(fpath))
             self.check_checkpoint_metadata(checkpoint, fpath)
             self.load_checkpoint_state_dict(name, checkpoint["state_dict"], fpath)
-            print("Loaded model weights")
+            logger.info("Loaded model weights")
             if self._optims[name] is not None and checkpoint.get("optimizer"):
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
-                print("Loaded optimizer")
+                logger.info("Loaded optimizer")
             if self._scheds[name] is not None and checkpoint.get("scheduler"):
                 self._scheds[name].load_state_dict(checkpoint["scheduler"])
-                print("Loaded scheduler")
+                logger.info("Loaded scheduler")
             start_epoch = checkpoint["epoch"]
             self.restore_rng_state(checkpoint.get("rng_state"))
-            print(f"Previous epoch: {start_epoch}")
+            logger.info(f"Previous epoch: {start_epoch}")
         return start_epoch
 
     def load_model(self, directory: str, epoch: int | None = None) -> None:
         """Load ``model-best.pth.tar`` or ``model.pth.tar-<epoch>`` of every registered model."""
         if not directory:
-            print("Note that load_model() is skipped as no pretrained model is given")
+            logger.info("Note that load_model() is skipped as no pretrained model is given")
             return
         names = self.get_model_names()
         if not osp.isdir(directory):
@@ -231,7 +234,7 @@ class TrainerBase:
             self.loaded_epoch = checkpoint.get("epoch")
             val = checkpoint.get("val_result", checkpoint.get("result"))
             val_str = f", val_result={val:.1f}" if isinstance(val, (int, float)) else ""
-            print(f'Loading weights to {name} from "{fpath}" (epoch = {self.loaded_epoch}{val_str})')
+            logger.info(f'Loading weights to {name} from "{fpath}" (epoch = {self.loaded_epoch}{val_str})')
 
     def set_model_mode(self, mode: str = "train", names: str | list[str] | None = None) -> None:
         for name in self.get_model_names(names):
@@ -263,7 +266,7 @@ class TrainerBase:
         except Exception:  # noqa: BLE001 - tensorboard is optional
             return
         mkdir_if_missing(log_dir)
-        print(f"Initialize tensorboard (log_dir={log_dir})")
+        logger.info(f"Initialize tensorboard (log_dir={log_dir})")
         self._writer = SummaryWriter(log_dir=log_dir)
 
     def close_writer(self) -> None:
@@ -338,6 +341,8 @@ class TrainerBase:
 class SimpleTrainer(TrainerBase):
     """Builds data, model and evaluator from cfg; owns the test loop and ``results.json``."""
 
+    model: nn.Module
+
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.time_created = time.time()
@@ -349,7 +354,7 @@ class SimpleTrainer(TrainerBase):
         self.output_dir = cfg.OUTPUT_DIR
         self.cfg = cfg
         self.loaded_epoch: int | None = None
-        self.train_images = 0  # global: summed over DDP ranks once per epoch (results.json train_images_per_s)
+        self.train_images: int | float = 0  # global: summed over DDP ranks once per epoch (results.json train_images_per_s)
         self.train_seconds = 0.0  # this rank's training wall time (ranks are in lock-step; rank 0's is written)
         self.build_data_loader()
         self.build_model()
@@ -430,18 +435,18 @@ class SimpleTrainer(TrainerBase):
         self._resume_only_paths = [] if keep else paths
 
     def after_train(self) -> None:
-        print("Finish training")
+        logger.info("Finish training")
         do_test = not self.cfg.TEST.NO_TEST
         if do_test:
             if self.cfg.TEST.FINAL_MODEL == "best_val":
-                print("Deploy the model with the best val performance")
+                logger.info("Deploy the model with the best val performance")
                 distributed.barrier()  # DDP: rank 0 has written model-best
                 self.load_model(self.output_dir)
             else:
-                print("Deploy the last-epoch model")
+                logger.info("Deploy the last-epoch model")
             self.test()
         elapsed = round(time.time() - self.time_start)
-        print(f"Elapsed: {datetime.timedelta(seconds=elapsed)}")
+        logger.info(f"Elapsed: {datetime.timedelta(seconds=elapsed)}")
         self.close_writer()
 
     @torch.no_grad()
@@ -455,7 +460,7 @@ class SimpleTrainer(TrainerBase):
         else:
             split = "test"
             data_loader = self.test_loader
-        print(f"Evaluate on the *{split}* set")
+        logger.info(f"Evaluate on the *{split}* set")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start, images = time.time(), 0
@@ -467,11 +472,11 @@ class SimpleTrainer(TrainerBase):
                 images += label.shape[0]
         seconds = time.time() - start
         results = distributed.evaluate(self.evaluator)  # DDP: metrics over every rank's shard
-        images = distributed.all_reduce_sum(images)  # DDP
+        total_images = distributed.all_reduce_sum(images)  # DDP
         for k, v in results.items():
             self.write_scalar(f"{split}/{k}", v, self.epoch)
         if split == "test":
-            self.write_results(results, split, images, seconds)
+            self.write_results(results, split, total_images, seconds)
         return list(results.values())[0]
 
     def inference_context(self) -> Any:
@@ -483,7 +488,7 @@ class SimpleTrainer(TrainerBase):
     def results_metadata(self) -> dict[str, Any]:
         return {}
 
-    def write_results(self, results: dict[str, float], split: str, images: int, seconds: float) -> str:
+    def write_results(self, results: dict[str, float], split: str, images: int | float, seconds: float) -> str:
         """Write ``OUTPUT_DIR/results.json`` (atomically) for scripts and aggregation."""
         path = osp.join(self.output_dir, RESULTS_FILE)
         if not distributed.is_main_process():  # DDP: only rank 0 writes results
@@ -532,7 +537,7 @@ class SimpleTrainer(TrainerBase):
         # the whole config beside the numbers: what a table row was computed with, loadable by yacs
         atomic_write_bytes(cfg.dump().encode(), osp.join(self.output_dir, CONFIG_FILE))
         atomic_write_json(record, path)
-        print(f"Results written to {path}")
+        logger.info(f"Results written to {path}")
         return path
 
     def model_inference(self, input: torch.Tensor) -> torch.Tensor:
@@ -568,7 +573,7 @@ class TrainerX(SimpleTrainer):
                 nb_remain = self.num_batches - self.batch_idx - 1
                 nb_remain += (self.max_epoch - self.epoch - 1) * self.num_batches
                 eta = str(datetime.timedelta(seconds=int(batch_time.avg * nb_remain)))
-                print(" ".join([
+                logger.info(" ".join([
                     f"epoch [{self.epoch + 1}/{self.max_epoch}]",
                     f"batch [{self.batch_idx + 1}/{self.num_batches}]",
                     f"time {batch_time.val:.3f} ({batch_time.avg:.3f})",
@@ -627,7 +632,7 @@ class TrainerXU(SimpleTrainer):
             if (self.batch_idx + 1) % self.cfg.TRAIN.PRINT_FREQ == 0 or self.num_batches < self.cfg.TRAIN.PRINT_FREQ:
                 nb_remain = self.num_batches - self.batch_idx - 1 + (self.max_epoch - self.epoch - 1) * self.num_batches
                 eta = str(datetime.timedelta(seconds=int(batch_time.avg * nb_remain)))
-                print(f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
+                logger.info(f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
                       f"time {batch_time.val:.3f} ({batch_time.avg:.3f}) data {data_time.val:.3f} ({data_time.avg:.3f}) "
                       f"{losses} lr {self.get_current_lr():.4e} eta {eta}")
             end = time.time()
@@ -644,6 +649,6 @@ def build_trainer(cfg: Any) -> SimpleTrainer:
     name = lookup_case_insensitive(TRAINER_REGISTRY, cfg.TRAINER.NAME)
     check_availability(name, names)
     if cfg.VERBOSE:
-        print(f"Loading trainer: {name}")
+        logger.info(f"Loading trainer: {name}")
     trainer = TRAINER_REGISTRY.get(name)(cfg)
     return trainer

@@ -19,8 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from restore.log import get_logger
 from .registry import check_availability, closest_names
 from .serialization import checkpoint_safe_globals, checkpoints_trusted, safe_torch_load, trusted_checkpoints
+
+logger = get_logger(__name__)
 
 __all__ = [
     "mkdir_if_missing", "check_isfile", "read_json", "write_json", "set_random_seed", "read_image",
@@ -206,6 +209,11 @@ def tolist_if_not(x: Any) -> list:
     return x if isinstance(x, list) else [x]
 
 
+def _flush_and_sync(f: Any) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
 class Logger:
     """Tee of stdout into a file; ``flush`` fsyncs the file (Dassl semantics)."""
 
@@ -227,7 +235,7 @@ class Logger:
     def flush(self) -> None:
         self.console.flush()
         if self.file is not None:
-            self._to_file(lambda f: (f.flush(), os.fsync(f.fileno())))
+            self._to_file(_flush_and_sync)
 
     def _to_file(self, action: Callable[[Any], Any]) -> None:
         """Write to the log; a full disk stops the tee (the console goes on) and raises DiskFullError once."""
@@ -282,7 +290,7 @@ def setup_logger(output: str | None = None, append: bool = False) -> str | None:
             newline = "" if f.read(1) == b"\n" else "\n"  # the killed run may have stopped mid-line
     sys.stdout = Logger(fpath, mode="a" if resumed else "w")
     if resumed:
-        print(newline + RESUMED_MARKER.format(time.strftime("%Y-%m-%d %H:%M:%S")))
+        logger.info(newline + RESUMED_MARKER.format(time.strftime("%Y-%m-%d %H:%M:%S")))
     return fpath
 
 
@@ -346,7 +354,7 @@ def save_checkpoint(state: dict[str, Any], save_dir: str, is_best: bool = False,
         state["state_dict"] = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state_dict.items())
     fpath = osp.join(save_dir, model_name or f"model.pth.tar-{state['epoch']}")
     atomic_torch_save(state, fpath)
-    print(f"Checkpoint saved to {fpath}")
+    logger.info(f"Checkpoint saved to {fpath}")
     atomic_write_bytes((osp.basename(fpath) + "\n").encode(), osp.join(save_dir, "checkpoint"))
     if is_best:
         atomic_torch_save(state, osp.join(osp.dirname(fpath), "model-best.pth.tar"))
@@ -417,18 +425,18 @@ def resume_advice(fpath: str) -> str:
 def resume_from_checkpoint(fdir: str, model: nn.Module, optimizer=None, scheduler=None) -> int:
     """Restore model/optimizer/scheduler from the file named in ``fdir/checkpoint``; return its epoch."""
     fpath = checkpoint_pointer(fdir)
-    print(f'Loading checkpoint from "{fpath}"')
+    logger.info(f'Loading checkpoint from "{fpath}"')
     checkpoint = load_checkpoint(fpath, corrupted_advice=resume_advice(fpath))
     model.load_state_dict(checkpoint["state_dict"])
-    print("Loaded model weights")
+    logger.info("Loaded model weights")
     if optimizer is not None and checkpoint.get("optimizer"):
         optimizer.load_state_dict(checkpoint["optimizer"])
-        print("Loaded optimizer")
+        logger.info("Loaded optimizer")
     if scheduler is not None and checkpoint.get("scheduler"):
         scheduler.load_state_dict(checkpoint["scheduler"])
-        print("Loaded scheduler")
+        logger.info("Loaded scheduler")
     start_epoch = checkpoint["epoch"]
-    print(f"Previous epoch: {start_epoch}")
+    logger.info(f"Previous epoch: {start_epoch}")
     return start_epoch
 
 
@@ -476,9 +484,9 @@ def load_pretrained_weights(model: nn.Module, weight_path: str) -> None:
     if not matched:
         warnings.warn(f'The pretrained weights "{weight_path}" cannot be loaded, please check the key names manually')
     else:
-        print(f'Successfully loaded pretrained weights from "{weight_path}"')
+        logger.info(f'Successfully loaded pretrained weights from "{weight_path}"')
         if discarded:
-            print(f"Layers discarded due to unmatched keys or size: {discarded}")
+            logger.info(f"Layers discarded due to unmatched keys or size: {discarded}")
 
 
 def init_network_weights(model: nn.Module, init_type: str = "normal", gain: float = 0.02) -> None:

@@ -37,7 +37,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
+from restore.log import get_logger
 from .metrics import ci95, mean_std
+
+logger = get_logger(__name__)
 
 __all__ = [
     "RESULTS_FILE", "LOCK_FILE", "DEFAULT_OUTPUT_ROOT", "RANDOM_OUTPUT_ROOT", "PROTOCOL_DIRS", "PHASES", "RunRecord",
@@ -260,13 +263,14 @@ def parse_directory(directory: str, end_signal: str | Sequence[str] = "Finish tr
     return out
 
 
-def _print_summary(directory: str, values: list[float], keyword: str, use_ci95: bool) -> tuple[float, float]:
+def _print_summary(directory: str, values: list[float], keyword: str,
+                   use_ci95: bool) -> tuple[float | None, float | None]:
     mean, std = mean_std(values)
     spread = ci95(std, len(values)) if use_ci95 else std
-    print("===")
-    print(f"Summary of directory: {directory}")
-    print(f"* {keyword}: {mean:.2f}% +- {spread:.2f}%")
-    print("===")
+    logger.info("===")
+    logger.info(f"Summary of directory: {directory}")
+    logger.info(f"* {keyword}: {mean:.2f}% +- {spread:.2f}%")
+    logger.info("===")
     return mean, spread
 
 
@@ -289,17 +293,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for exp in experiments:
         found = parse_directory(exp, end_signal, args.keyword)
         for fpath, value in found:
-            print(f"file: {fpath}. {args.keyword}: {value:.2f}%. ")
+            logger.info(f"file: {fpath}. {args.keyword}: {value:.2f}%. ")
         if not found:
             print(f"error: nothing found in {exp} (end signal {end_signal!r}; try --test-log for evaluation-only "
                   "runs)", file=sys.stderr)
             return 1
         means.append(_print_summary(exp, [v for _, v in found], args.keyword, args.ci95)[0])
     if args.multi_exp:
-        print("===")
-        print("Average performance")
-        print(f"* {args.keyword}: {sum(means) / len(means):.2f}%")
-        print("===")
+        logger.info("===")
+        logger.info("Average performance")
+        logger.info(f"* {args.keyword}: {sum(means) / len(means):.2f}%")
+        logger.info("===")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Layer-0 text context shared by the CoOp family: prompts ``[SOS][ctx][class tokens . EOT]``.
 
-One implementation of the conventions every trainer relies on (dassl_compat.md §11.2): class
+One implementation of the conventions every trainer relies on (as in the official CoOp-family code): class
 names with ``_`` -> space, prompt = prefix + " " + name + ".", the SOS embedding and the class
 suffix held as class-dependent (non-persistent) buffers, and two ways to initialise from
 ``CTX_INIT``:
@@ -16,13 +16,16 @@ Without an init string the context is N(0, 0.02^2) and the placeholder prefix is
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 from torch import nn
 
 from restore.clip.model import CLIP
 from restore.clip.tokenizer import encode, tokenize
+
+if TYPE_CHECKING:
+    from .encoders import PromptedTextEncoder
 
 InitMode = Literal["all_words", "first_words"]
 ClassTokenPosition = Literal["end", "middle", "front"]
@@ -44,6 +47,9 @@ class TextContext(nn.Module):
         class_specific: one context per class (CoOp's CSC).
         class_token_position: "end", "middle" or "front" (CoOp).
     """
+
+    token_prefix: torch.Tensor
+    token_suffix: torch.Tensor
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx: int, ctx_init: str = "",
                  init_mode: InitMode = "first_words", class_specific: bool = False,
@@ -119,7 +125,7 @@ class TextContext(nn.Module):
 
 
 @torch.no_grad()
-def encode_fixed_prompts(text_encoder: "PromptedTextEncoder", prompts: Sequence[str],  # noqa: F821
+def encode_fixed_prompts(text_encoder: PromptedTextEncoder, prompts: Sequence[str],
                          batch_size: int = 1000) -> torch.Tensor:
     """Projected text features (N, D) of fixed prompt strings, computed in chunks, no grad."""
     device = text_encoder.text_projection.device
@@ -131,7 +137,7 @@ def encode_fixed_prompts(text_encoder: "PromptedTextEncoder", prompts: Sequence[
 
 
 @torch.no_grad()
-def zeroshot_classifier(text_encoder: "PromptedTextEncoder", classnames: Sequence[str],  # noqa: F821
+def zeroshot_classifier(text_encoder: PromptedTextEncoder, classnames: Sequence[str],
                         templates: Sequence[str], normalize_per_template: bool = True) -> torch.Tensor:
     """L2-normalised class weights (C, D): per class, the normalised mean of the template features.
 

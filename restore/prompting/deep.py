@@ -2,7 +2,7 @@
 
 Both expose ``text_deep()`` and ``vision_deep()`` returning :class:`DeepTokens` groups for the
 prompted encoders, and keep the layer-0 text context in a :class:`TextContext`. Conventions
-(dassl_compat.md §11.3, restore.md §3.1): vision prompts are appended after the patch tokens at
+(those of the official CoOp-family code): vision prompts are appended after the patch tokens at
 layer 0 and overwritten at deeper layers; deep text prompts overwrite positions ``1..n`` from
 layer 1 on; deeper layers without prompts let the tokens propagate.
 """
@@ -88,7 +88,9 @@ class CoupledPrompts(nn.Module):
 
     @property
     def ctx(self) -> torch.Tensor:
-        return self.text_context.ctx
+        ctx = self.text_context.ctx
+        assert ctx is not None  # n_ctx >= 1 is checked in __init__
+        return ctx
 
     def deep_text_tokens(self) -> list[torch.Tensor]:
         """The text prompts of layers 1..depth-1 (what RESTORE's official shift proxy measures)."""

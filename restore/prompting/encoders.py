@@ -18,7 +18,7 @@ the EOT index moves with insertions before it. The text tower runs only up to th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 from torch import nn
@@ -76,9 +76,17 @@ class EncoderOutput:
     prompt_masks: list[torch.Tensor] = field(default_factory=list)
 
 
-# observer(layer, block, x_in, x_out, prompt_mask, attn_mask) -> None, called after each block.
+# observer(layer, block, x_in, x_out, prompt_mask, attn_mask) -> None, called after each block. An
+# observer that also has a ``begin(length, eot_index)`` method gets it called once before the first
+# block, with the sequence length before any insertion and the EOT index (None for images).
 LayerObserver = Callable[[int, ResidualAttentionBlock, torch.Tensor, torch.Tensor, torch.Tensor,
                           "torch.Tensor | None"], None]
+
+
+def _begin(observer: LayerObserver | None, length: int, eot_index: torch.Tensor | None) -> None:
+    begin = getattr(observer, "begin", None)
+    if callable(begin):
+        begin(length, eot_index)
 
 
 class _Slots:
@@ -174,6 +182,7 @@ class PromptedVisionEncoder(nn.Module):
         visual = vision_transformer(self.visual)
         _validate(deep, self.num_layers, "Vision")
         x = visual.embed(image.to(self.dtype))
+        _begin(observer, x.shape[1], None)
         slots = _Slots()
         x, _ = slots.apply(x, 0, deep)
         x = visual.ln_pre(x)
@@ -209,7 +218,7 @@ class PromptedTextEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.resblocks[0].mlp.c_fc.weight.dtype
+        return cast(torch.dtype, self.transformer.resblocks[0].mlp.c_fc.weight.dtype)
 
     @property
     def width(self) -> int:
@@ -234,6 +243,7 @@ class PromptedTextEncoder(nn.Module):
         eot = eot_index.to(embeddings.device).clone()
         length = int(eot.max()) + 1 if truncate else embeddings.shape[1]
         x = embeddings[:, :length].to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
+        _begin(observer, length, eot)
         slots = _Slots()
         hidden, masks = [], []
         mask_cache: dict[int, torch.Tensor] = {}

@@ -11,162 +11,28 @@ regularizers (Craft) that attach to any trainer by config.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from restore.clip.model import CLIP
-from restore.engine.config import add_node
+from restore.engine.config import add_node, register_removed_key
 from restore.engine.distributed import average_gradients
 from restore.engine.evaluator import compute_accuracy
 from restore.engine.optim import build_lr_scheduler, build_optimizer
 from restore.engine.trainer import TrainerX
 from restore.engine.utils import CheckpointError
+from restore.log import get_logger
+from restore.options import Option, Options
 
-from .encoders import PromptedTextEncoder, PromptedVisionEncoder
-from .official import OfficialKeys, is_official_state, rename_official_state
+from .model import PromptModel, PromptOutput
+
+logger = get_logger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "amp", "bf16")
-FROZEN_PREFIXES = ("clip.", "frozen_")
-
-
-@dataclass
-class PromptOutput:
-    """A forward pass: logits plus the L2-normalised features regularizers may need."""
-
-    logits: torch.Tensor
-    image_features: torch.Tensor | None = None
-    text_features: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-class PromptModel(nn.Module):
-    """Frozen CLIP (``self.clip``) + prompted encoders + the method's learnable modules.
-
-    Parameters under ``clip.`` or any attribute whose name starts with ``frozen_`` are frozen and
-    never saved; everything else registered on the model is learned and checkpointed. Buffers
-    that depend on the class list must be registered with ``persistent=False``.
-    """
-
-    #: How the method's official code names the learned tensors in its checkpoints (see
-    #: :mod:`restore.prompting.official`); empty: official checkpoints are not read.
-    official_keys: ClassVar[OfficialKeys] = ()
-
-    def __init__(self, clip_model: CLIP, classnames: Sequence[str]) -> None:
-        super().__init__()
-        self.clip = clip_model
-        self.classnames = list(classnames)
-        # Views over self.clip's towers; kept out of the module tree so weights are not listed twice.
-        object.__setattr__(self, "text_encoder", PromptedTextEncoder(clip_model))
-        object.__setattr__(self, "image_encoder", PromptedVisionEncoder(clip_model))
-        self._cached_text: torch.Tensor | None = None
-
-    # --- to override ---
-    def encode_text(self) -> torch.Tensor:
-        """Class text features (C, D), not normalised."""
-        raise NotImplementedError
-
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Image features (B, D), not normalised."""
-        return self.image_encoder(image).features
-
-    def loss(self, output: PromptOutput, label: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """The method's training loss and the scalars to log (default: cross-entropy)."""
-        loss = F.cross_entropy(output.logits.float(), label)
-        return loss, {"loss": loss.item()}
-
-    # --- shared ---
-    def train(self, mode: bool = True) -> "PromptModel":
-        """Set the training mode, except that frozen BatchNorm layers (a ResNet image tower) always
-        stay in eval mode: they use their pretrained statistics and never update them, as in CoOp,
-        where only the prompt learner is switched to training."""
-        super().train(mode)
-        for name, child in self.named_children():
-            if self.is_frozen_name(name + "."):
-                for module in child.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        module.eval()
-        return self
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.exp()
-
-    def text_features(self) -> torch.Tensor:
-        """Class text features, from the evaluation cache when one is active."""
-        return self._cached_text if self._cached_text is not None else self.encode_text()
-
-    def forward(self, image: torch.Tensor) -> PromptOutput:
-        image_features = F.normalize(self.encode_image(image).float(), dim=-1)
-        text_features = F.normalize(self.text_features().float(), dim=-1)
-        logits = self.logit_scale.float() * image_features @ text_features.t()
-        return PromptOutput(logits, image_features, text_features)
-
-    @property
-    def text_is_image_independent(self) -> bool:
-        """False for conditional methods (CoCoOp): then nothing is cached for evaluation."""
-        return True
-
-    @contextlib.contextmanager
-    def inference_cache(self) -> Iterator[None]:
-        """Compute the class text features once for a whole evaluation (they do not depend on images)."""
-        if not self.text_is_image_independent:
-            yield
-            return
-        with torch.no_grad():
-            self._cached_text = self.encode_text()
-        try:
-            yield
-        finally:
-            self._cached_text = None
-
-    def is_frozen_name(self, name: str) -> bool:
-        return name.startswith(FROZEN_PREFIXES)
-
-    def freeze(self) -> list[str]:
-        """Freeze CLIP and ``frozen_*`` modules; returns the names of the learnable parameters."""
-        learnable = []
-        for name, param in self.named_parameters():
-            param.requires_grad_(not self.is_frozen_name(name))
-            if param.requires_grad:
-                learnable.append(name)
-        return learnable
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """Only what is learned (plus persistent method state such as RESTORE's coefficients)."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if not self.is_frozen_name(k)}
-
-    def complete_official_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Add the entries an official checkpoint has no counterpart for (e.g. PromptSRC's GPA sums)."""
-        return state
-
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Load a learnable-only state dict, or an official-code checkpoint of the same method (renamed,
-        frozen weights and class buffers dropped); missing, unexpected or mis-shaped keys are clear errors."""
-        expected = self.checkpoint_state()
-        official = bool(self.official_keys) and is_official_state(state)  # our own keys never match it
-        if official:
-            state = self.complete_official_state(rename_official_state(state, self.official_keys))
-            print(f"{source}: a checkpoint of the official {type(self).__name__} code; read its {len(state)} "
-                  "learned tensors (frozen CLIP weights and class-dependent buffers dropped)")
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            origin = ("It is an official-code checkpoint written with other settings (N_CTX, depth, trainer)."
-                      if official else
-                      "It was written by another trainer or with other prompt settings (N_CTX, depth).")
-            raise CheckpointError(
-                f"{source} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}. {origin}")
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise CheckpointError(
-                    f"{source}: {key} has shape {tuple(value.shape)} but this model expects "
-                    f"{tuple(expected[key].shape)} (different class count with class-specific context, or "
-                    "another backbone / prompt setting).")
-        self.load_state_dict(state, strict=False)
+COMMON_OPTIONS = Options(
+    Option("PREC", "auto", "working precision on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32",
+           choices=PRECISIONS))
 
 
 Regularizer = Callable[["PromptTrainer", torch.Tensor, torch.Tensor, PromptOutput], tuple[torch.Tensor, dict[str, float]]]
@@ -203,32 +69,52 @@ class PromptTrainer(TrainerX):
     """A TrainerX for CLIP prompt learning; subclasses implement :meth:`build_prompt_model`.
 
     Class attributes: ``model_name`` (the registered name, i.e. the checkpoint folder) and
-    ``default_cfg`` (the trainer's own ``TRAINER.<NAME>`` node, declared once).
+    ``options`` (the trainer's own ``TRAINER.<NAME>`` keys with types and help, declared once;
+    ``PREC`` is added for every trainer, see :func:`all_options`).
     """
 
     model_name = "prompt_learner"
-    default_cfg: dict[str, Any] = {"PREC": "auto"}
+    options: ClassVar[Options] = Options()
     @classmethod
     def cfg_node_name(cls) -> str:
         return cls.__name__.upper()
 
     @classmethod
+    def all_options(cls) -> Options:
+        """The trainer's declared options plus the ones every PromptTrainer has (``PREC``)."""
+        legacy = getattr(cls, "default_cfg", None)  # an undocumented dict of defaults (older plugins)
+        if isinstance(legacy, dict):
+            return COMMON_OPTIONS + Options(*(Option(k, v, "(no help text)") for k, v in legacy.items()
+                                              if not isinstance(v, dict))) + cls.options
+        return COMMON_OPTIONS + cls.options
+
+    @classmethod
     def extend_cfg(cls, cfg: Any) -> None:
-        add_node(cfg, f"TRAINER.{cls.cfg_node_name()}", dict(cls.default_cfg))
+        options = cls.all_options()
+        add_node(cfg, f"TRAINER.{cls.cfg_node_name()}", options.defaults())
+        for key, sentence in options.removed.items():
+            register_removed_key(cfg, f"TRAINER.{cls.cfg_node_name()}.{key}", sentence)
+
+    @classmethod
+    def method_node(cls, cfg: Any) -> Any:
+        """The trainer's own config node, ``cfg.TRAINER.<NAME>``."""
+        return cfg.TRAINER[cls.cfg_node_name()]
 
     @property
     def method_cfg(self) -> Any:
-        return self.cfg.TRAINER[self.cfg_node_name()]
+        return self.method_node(self.cfg)
 
     def check_cfg(self, cfg: Any) -> None:
         node = cfg.TRAINER.get(self.cfg_node_name())
         if node is None:
             raise ValueError(f"cfg.TRAINER.{self.cfg_node_name()} is missing: call restore.engine.config.extend_cfg(cfg) "
                              "in your train.py's extend_cfg (see README, 'Use a trainer in your own codebase').")
-        if node.PREC not in PRECISIONS:
-            raise ValueError(f"TRAINER.{self.cfg_node_name()}.PREC must be one of {PRECISIONS}, got {node.PREC!r}")
+        self.all_options().validate(node, f"TRAINER.{self.cfg_node_name()}")
 
-    def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+        """The method's model from CLIP, the class names and the config (no trainer, data or device needed):
+        ``TRAINER_REGISTRY.get(name).build_prompt_model(cfg, classnames, clip)``."""
         raise NotImplementedError
 
     def load_backbone(self) -> CLIP:
@@ -245,21 +131,21 @@ class PromptTrainer(TrainerX):
     def build_model(self) -> None:
         cfg = self.cfg
         classnames = self.dm.dataset.classnames
-        print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
-        clip_model = self.load_backbone()
+        logger.info(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
+        clip_model = self.load_backbone().to(self.device)  # methods may compute teacher features while building
         requested = self.method_cfg.PREC
         self.precision = resolve_precision(requested, self.device)
         self.autocast_dtype = autocast_dtype(self.precision, self.device)
         if self.device.type != "cuda" and requested not in ("fp32", "auto"):
-            print(f"Note: PREC {requested} needs CUDA; running in fp32 on {self.device}")
+            logger.info(f"Note: PREC {requested} needs CUDA; running in fp32 on {self.device}")
         elif requested == "auto":
-            print(f"Precision: PREC auto -> {self.precision} on {self.device}")
-        print(f"Building {type(self).__name__}")
+            logger.info(f"Precision: PREC auto -> {self.precision} on {self.device}")
+        logger.info(f"Building {type(self).__name__}")
         self.model = self.build_prompt_model(cfg, classnames, clip_model)
         learnable = self.model.freeze()
-        print(f"Parameters to be updated: {sorted(learnable)}")
+        logger.info(f"Parameters to be updated: {sorted(learnable)}")
         n_learn = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        print(f"# learnable parameters: {n_learn:,}")
+        logger.info(f"# learnable parameters: {n_learn:,}")
         if cfg.MODEL.INIT_WEIGHTS:
             from restore.engine.utils import load_pretrained_weights
 

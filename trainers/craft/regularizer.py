@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from restore.engine.distributed import all_gather_rows
-from restore.prompting.trainer import PromptOutput, register_regularizer
+from restore.prompting.model import PromptOutput
+from restore.prompting.trainer import register_regularizer
 
 from .config import check, craft_node, is_enabled
 from .losses import mmd, relative_logits, static_alignment_loss, stochastic_alignment_loss
@@ -56,7 +57,7 @@ __all__ = ["CraftRegularizer", "build_craft_regularizer", "find_text_deep_module
 
 def find_text_deep_module(model: torch.nn.Module) -> tuple[str, Any] | None:
     """(name, owner) of the host's deep text prompts: the model itself when it has ``text_deep()``
-    (:class:`trainers.ivlp.DeepPromptModel` and its subclasses), else the first learnable
+    (:class:`restore.prompting.model.DeepPromptModel` and its subclasses), else the first learnable
     sub-module with one (a :mod:`restore.prompting.deep` module); None when there is none."""
     if callable(getattr(model, "text_deep", None)):
         return type(model).__name__, model

@@ -11,12 +11,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from restore.log import get_logger
 from ..distributed import shard_sampler
 from ..registry import DATASET_REGISTRY, check_availability
 from ..utils import read_image
 from .datum import Datum
 from .samplers import build_sampler
 from .transforms import INTERPOLATION_MODES, build_transform
+
+logger = get_logger(__name__)
 
 __all__ = ["DataManager", "DatasetWrapper", "build_data_loader", "build_dataset", "format_table",
            "loader_workers", "seed_worker"]
@@ -27,7 +30,7 @@ _SAID: set[tuple] = set()  # notes printed once per process
 def _say_once(key: tuple, message: str) -> None:
     if key not in _SAID:
         _SAID.add(key)
-        print(message)
+        logger.info(message)
 
 
 def _span(values: Sequence[int]) -> str:
@@ -58,7 +61,7 @@ def build_dataset(cfg: Any) -> Any:
         hint = "" if avai else " No dataset is registered: import a dataset plugin (restore.methods.load_plugins() loads the installed ones)."
         raise ValueError(f"Unknown DATASET.NAME: {err}{hint}") from None
     if cfg.VERBOSE:
-        print(f"Loading dataset: {cfg.DATASET.NAME}")
+        logger.info(f"Loading dataset: {cfg.DATASET.NAME}")
     return DATASET_REGISTRY.get(cfg.DATASET.NAME)(cfg)
 
 
@@ -126,12 +129,12 @@ class DataManager:
         if custom_tfm_train is None:
             tfm_train = build_transform(cfg, is_train=True)
         else:
-            print("* Using custom transform for training")
+            logger.info("* Using custom transform for training")
             tfm_train = custom_tfm_train
         if custom_tfm_test is None:
             tfm_test = build_transform(cfg, is_train=False)
         else:
-            print("* Using custom transform for testing")
+            logger.info("* Using custom transform for testing")
             tfm_test = custom_tfm_test
         dl = cfg.DATALOADER
         self.train_loader_x = build_data_loader(
@@ -203,7 +206,7 @@ class DataManager:
         if self.dataset.val:
             rows.append(["# val", f"{len(self.dataset.val):,}"])
         rows.append(["# test", f"{len(self.dataset.test):,}"])
-        print(format_table(rows))
+        logger.info(format_table(rows))
 
 
 class DatasetWrapper(Dataset):

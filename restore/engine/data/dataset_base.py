@@ -15,8 +15,11 @@ import random
 from collections import OrderedDict, defaultdict
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from restore.log import get_logger
 from ..utils import atomic_write_bytes, disk_full_error, listdir_nohidden, mkdir_if_missing, write_json
 from .datum import DatasetNotFoundError, Datum, MissingImageError, dumps_datum_cache, load_datum_cache
+
+logger = get_logger(__name__)
 
 __all__ = [
     "DatasetBase", "read_split", "save_split", "split_trainval", "read_and_split_data", "split_per_class",
@@ -106,9 +109,9 @@ class DatasetBase:
             gdown.download(url, dst, quiet=False)
         else:
             download(url, dst)
-        print("Extracting file ...")
+        logger.info("Extracting file ...")
         extract(dst, osp.dirname(dst))
-        print(f"File extracted to {osp.dirname(dst)}")
+        logger.info(f"File extracted to {osp.dirname(dst)}")
 
     def generate_fewshot_dataset(self, *data_sources: list[Datum], num_shots: int = -1,
                                  repeat: bool = False) -> Any:
@@ -119,7 +122,7 @@ class DatasetBase:
         """
         if num_shots < 1:
             return data_sources[0] if len(data_sources) == 1 else data_sources
-        print(f"Creating a {num_shots}-shot dataset")
+        logger.info(f"Creating a {num_shots}-shot dataset")
         output = []
         for data_source in data_sources:
             tracker = self.split_dataset_by_label(data_source)
@@ -173,7 +176,7 @@ def read_split(filepath: str, path_prefix: str, hint: str = "") -> tuple[list[Da
     """Read a ``split_zhou_*.json`` ({"train"|"val"|"test": [[relpath, label, classname], ...]})."""
     import json
 
-    print(f"Reading split from {filepath}")
+    logger.info(f"Reading split from {filepath}")
     try:
         with open(filepath, "r") as f:
             split = json.load(f)
@@ -221,15 +224,16 @@ def save_split(train: Sequence[Datum], val: Sequence[Datum], test: Sequence[Datu
         return out
 
     write_json({"train": _extract(train), "val": _extract(val), "test": _extract(test)}, filepath)
-    print(f"Saved split to {filepath}")
+    logger.info(f"Saved split to {filepath}")
 
 
 def split_trainval(trainval: Sequence[Datum], p_val: float = 0.2) -> tuple[list[Datum], list[Datum]]:
     """Per label (first-appearance order): shuffle, put round(n * p_val) items in val, the rest in train."""
     p_trn = 1 - p_val
-    print(f"Splitting trainval into {p_trn:.0%} train and {p_val:.0%} val")
+    logger.info(f"Splitting trainval into {p_trn:.0%} train and {p_val:.0%} val")
     tracker = DatasetBase.split_dataset_by_label(trainval)
-    train, val = [], []
+    train: list[Datum] = []
+    val: list[Datum] = []
     for label, items in tracker.items():
         idxs = list(range(len(items)))
         random.shuffle(idxs)
@@ -275,7 +279,7 @@ def read_and_split_data(image_dir: str, p_trn: float = 0.5, p_val: float = 0.2, 
     """The "DTD split" of a folder-per-class tree: labels = sorted folder index, 50/20/30 per class."""
     categories = sorted(c for c in listdir_nohidden(image_dir) if c not in ignored)
     p_tst = 1 - p_trn - p_val
-    print(f"Splitting into {p_trn:.0%} train, {p_val:.0%} val, and {p_tst:.0%} test")
+    logger.info(f"Splitting into {p_trn:.0%} train, {p_val:.0%} val, and {p_tst:.0%} test")
 
     def _classes():
         for label, category in enumerate(categories):
@@ -294,7 +298,7 @@ def subsample_classes(*args: list[Datum], subsample: str = "all") -> list[list[D
         return list(args)
     labels = sorted({item.label for item in args[0]})
     m = math.ceil(len(labels) / 2)
-    print(f"SUBSAMPLE {subsample.upper()} CLASSES!")
+    logger.info(f"SUBSAMPLE {subsample.upper()} CLASSES!")
     selected = labels[:m] if subsample == "base" else labels[m:]
     relabeler = {label: new for new, label in enumerate(selected)}
     output = []
@@ -351,11 +355,11 @@ def load_or_create_fewshot(cfg: Any, dataset_dir: str, train: list[Datum], val: 
     if num_shots < 1:
         return train, val
     if seed < 0:  # a cache file is keyed by its seed: an unseeded run neither reads nor writes one
-        print("Unseeded run: drawing the few-shot images afresh (the few-shot cache is only for seeded runs)")
+        logger.info("Unseeded run: drawing the few-shot images afresh (the few-shot cache is only for seeded runs)")
         return _sample_fewshot(train, val, num_shots)
     path = fewshot_cache_path(cfg, dataset_dir, num_shots, seed)
     if osp.exists(path):
-        print(f"Loading preprocessed few-shot data from {path}")
+        logger.info(f"Loading preprocessed few-shot data from {path}")
         data = load_datum_cache(path)
         new_train, new_val = data["train"], data.get("val") if val is not None else None
         missing = [d.impath for d in new_train + (new_val or []) if not osp.isfile(d.impath)]
@@ -365,10 +369,10 @@ def load_or_create_fewshot(cfg: Any, dataset_dir: str, train: list[Datum], val: 
                 "was moved or changed since the cache was written. Delete the cache file to re-sample.")
         return new_train, new_val
     new_train, new_val = _sample_fewshot(train, val, num_shots)
-    data: dict[str, Any] = {"train": new_train}
+    data = {"train": new_train}
     if new_val is not None:
         data["val"] = new_val
-    print(f"Saving preprocessed few-shot data to {path}")
+    logger.info(f"Saving preprocessed few-shot data to {path}")
     with writable_cache(path, "the few-shot cache"):
         atomic_write_bytes(dumps_datum_cache(data), path)
     return new_train, new_val

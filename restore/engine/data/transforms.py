@@ -17,6 +17,10 @@ from PIL import Image
 if TYPE_CHECKING:  # pragma: no cover
     from torchvision.transforms import Compose, InterpolationMode, Normalize
 
+from restore.log import get_logger
+
+logger = get_logger(__name__)
+
 __all__ = ["AVAI_CHOICES", "INTERPOLATION_MODES", "build_transform", "Random2DTranslation", "Cutout",
            "GaussianNoise", "InstanceNormalization"]
 
@@ -123,7 +127,7 @@ def build_transform(cfg: Any, is_train: bool = True, choices: Sequence[str] | No
     choice raises ValueError listing the valid ones.
     """
     if cfg.INPUT.NO_TRANSFORM:
-        print("Note: no transform is applied!")
+        logger.info("Note: no transform is applied!")
         return None
     choices = list(cfg.INPUT.TRANSFORMS if choices is None else choices)
     for choice in choices:
@@ -146,62 +150,62 @@ def _build_train(cfg: Any, choices: list[str], normalize: Normalize) -> Compose:
                                         RandAugment, RandomApply, RandomCrop, RandomGrayscale,
                                         RandomHorizontalFlip, RandomResizedCrop, Resize, ToTensor)
 
-    print("Building transform_train")
+    logger.info("Building transform_train")
     inp = cfg.INPUT
     size = tuple(inp.SIZE)
     interp = INTERPOLATION_MODES[inp.INTERPOLATION]
     tfm: list[Callable] = []
     if "random_crop" not in choices and "random_resized_crop" not in choices:
-        print(f"+ resize to {size[0]}x{size[1]}")
+        logger.info(f"+ resize to {size[0]}x{size[1]}")
         tfm.append(Resize(size, interpolation=interp))
     if "random_translation" in choices:
-        print("+ random translation")
+        logger.info("+ random translation")
         tfm.append(Random2DTranslation(size[0], size[1], interpolation=interp))
     if "random_crop" in choices:
-        print(f"+ random crop (padding = {inp.CROP_PADDING})")
+        logger.info(f"+ random crop (padding = {inp.CROP_PADDING})")
         tfm.append(RandomCrop(size, padding=inp.CROP_PADDING))
     if "random_resized_crop" in choices:
         scale = tuple(inp.RRCROP_SCALE)
-        print(f"+ random resized crop (size={size}, scale={scale})")
+        logger.info(f"+ random resized crop (size={size}, scale={scale})")
         tfm.append(RandomResizedCrop(size, scale=scale, interpolation=interp))
     if "random_flip" in choices:
-        print("+ random flip")
+        logger.info("+ random flip")
         tfm.append(RandomHorizontalFlip())
     policies = {"imagenet_policy": AutoAugmentPolicy.IMAGENET, "cifar10_policy": AutoAugmentPolicy.CIFAR10,
                 "svhn_policy": AutoAugmentPolicy.SVHN}
     for name, policy in policies.items():
         if name in choices:
-            print(f"+ {name.replace('_', ' ')}")
+            logger.info(f"+ {name.replace('_', ' ')}")
             tfm.append(AutoAugment(policy))
     for name in ("randaugment", "randaugment_fixmatch", "randaugment2"):
         if name in choices:  # torchvision's RandAugment stands in for Dassl's three variants
-            print(f"+ randaugment (n={inp.RANDAUGMENT_N}, m={inp.RANDAUGMENT_M})")
+            logger.info(f"+ randaugment (n={inp.RANDAUGMENT_N}, m={inp.RANDAUGMENT_M})")
             tfm.append(RandAugment(num_ops=inp.RANDAUGMENT_N, magnitude=inp.RANDAUGMENT_M))
     if "colorjitter" in choices:
-        print(f"+ color jitter (brightness={inp.COLORJITTER_B}, contrast={inp.COLORJITTER_C}, "
+        logger.info(f"+ color jitter (brightness={inp.COLORJITTER_B}, contrast={inp.COLORJITTER_C}, "
               f"saturation={inp.COLORJITTER_S}, hue={inp.COLORJITTER_H})")
         tfm.append(ColorJitter(brightness=inp.COLORJITTER_B, contrast=inp.COLORJITTER_C,
                                saturation=inp.COLORJITTER_S, hue=inp.COLORJITTER_H))
     if "randomgrayscale" in choices:
-        print(f"+ random gray scale (p={inp.RGS_P})")
+        logger.info(f"+ random gray scale (p={inp.RGS_P})")
         tfm.append(RandomGrayscale(p=inp.RGS_P))
     if "gaussian_blur" in choices:
-        print(f"+ gaussian blur (kernel={inp.GB_K})")
+        logger.info(f"+ gaussian blur (kernel={inp.GB_K})")
         kernel = inp.GB_K if inp.GB_K % 2 == 1 else inp.GB_K + 1
         tfm.append(RandomApply([GaussianBlur(kernel)], p=inp.GB_P))
-    print("+ to torch tensor of range [0, 1]")
+    logger.info("+ to torch tensor of range [0, 1]")
     tfm.append(ToTensor())
     if "cutout" in choices:
-        print(f"+ cutout (n_holes={inp.CUTOUT_N}, length={inp.CUTOUT_LEN})")
+        logger.info(f"+ cutout (n_holes={inp.CUTOUT_N}, length={inp.CUTOUT_LEN})")
         tfm.append(Cutout(inp.CUTOUT_N, inp.CUTOUT_LEN))
     if "normalize" in choices:
-        print(f"+ normalization (mean={inp.PIXEL_MEAN}, std={inp.PIXEL_STD})")
+        logger.info(f"+ normalization (mean={inp.PIXEL_MEAN}, std={inp.PIXEL_STD})")
         tfm.append(normalize)
     if "gaussian_noise" in choices:
-        print(f"+ gaussian noise (mean={inp.GN_MEAN}, std={inp.GN_STD})")
+        logger.info(f"+ gaussian noise (mean={inp.GN_MEAN}, std={inp.GN_STD})")
         tfm.append(GaussianNoise(inp.GN_MEAN, inp.GN_STD))
     if "instance_norm" in choices:
-        print("+ instance normalization")
+        logger.info("+ instance normalization")
         tfm.append(InstanceNormalization())
     return Compose(tfm)
 
@@ -209,19 +213,19 @@ def _build_train(cfg: Any, choices: list[str], normalize: Normalize) -> Compose:
 def _build_test(cfg: Any, choices: list[str], normalize: Normalize) -> Compose:
     from torchvision.transforms import CenterCrop, Compose, Resize, ToTensor
 
-    print("Building transform_test")
+    logger.info("Building transform_test")
     size = tuple(cfg.INPUT.SIZE)
     interp = INTERPOLATION_MODES[cfg.INPUT.INTERPOLATION]
-    print(f"+ resize the smaller edge to {max(size)}")
+    logger.info(f"+ resize the smaller edge to {max(size)}")
     tfm: list[Callable] = [Resize(max(size), interpolation=interp)]
-    print(f"+ {size[0]}x{size[1]} center crop")
+    logger.info(f"+ {size[0]}x{size[1]} center crop")
     tfm.append(CenterCrop(size))
-    print("+ to torch tensor of range [0, 1]")
+    logger.info("+ to torch tensor of range [0, 1]")
     tfm.append(ToTensor())
     if "normalize" in choices:
-        print(f"+ normalization (mean={cfg.INPUT.PIXEL_MEAN}, std={cfg.INPUT.PIXEL_STD})")
+        logger.info(f"+ normalization (mean={cfg.INPUT.PIXEL_MEAN}, std={cfg.INPUT.PIXEL_STD})")
         tfm.append(normalize)
     if "instance_norm" in choices:
-        print("+ instance normalization")
+        logger.info("+ instance normalization")
         tfm.append(InstanceNormalization())
     return Compose(tfm)
