@@ -30,13 +30,14 @@ import os.path as osp
 import runpy
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from restore.clip.model import CLIP, CLIPConfig
+from restore.prompting.official import OfficialKeys
 
 __all__ = ["PARITY_CLIP", "OfficialRun", "build_official_trainer", "official_shims", "record_losses",
            "run_official", "write_parity_clip"]
@@ -60,7 +61,7 @@ class OfficialRun:
         our_config: our config file for the same settings (relative to our repository).
         opts: extra ``KEY VALUE`` opts given to both runs (the same values on each side).
         our_opts: opts given to our run only (switches that reproduce official quirks).
-        fp32_needs_half_noop: the official code halves layers unconditionally (MaPLe).
+        keys: how the official checkpoint names the learned tensors (the model's ``official_keys``).
     """
 
     repo: str
@@ -70,8 +71,7 @@ class OfficialRun:
     our_config: str
     opts: Sequence[str] = ()
     our_opts: Sequence[str] = ()
-    fp32_needs_half_noop: bool = False
-    notes: Sequence[str] = field(default_factory=tuple)
+    keys: OfficialKeys = ()
 
 
 def write_parity_clip(path: str, seed: int = 0, config: CLIPConfig = PARITY_CLIP) -> str:
