@@ -60,7 +60,9 @@ class OfficialRun:
         ours: our trainer's registered name.
         our_config: our config file for the same settings (relative to our repository).
         opts: extra ``KEY VALUE`` opts given to both runs (the same values on each side).
-        our_opts: opts given to our run only (switches that reproduce official quirks).
+        official_opts: opts for the official run only (its own key names for the same values; ``--flag
+            value`` pairs go to its ``train.py``'s own flags).
+        our_opts: opts for our run only (our key names; switches reproducing official quirks).
         keys: how the official checkpoint names the learned tensors (the model's ``official_keys``).
     """
 
@@ -70,6 +72,7 @@ class OfficialRun:
     ours: str
     our_config: str
     opts: Sequence[str] = ()
+    official_opts: Sequence[str] = ()
     our_opts: Sequence[str] = ()
     keys: OfficialKeys = ()
 

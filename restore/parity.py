@@ -63,8 +63,12 @@ def our_argv(run: OfficialRun, common: Sequence[str], weights: str, extra: Seque
 def official_argv(run: OfficialRun, common: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     """The official ``train.py`` arguments (its download of ``ViT-B/32`` is shimmed to the weights file)."""
     flags, opts = _split(common)
-    return [*flags, "--trainer", run.trainer, "--config-file", run.config,
-            *opts, "MODEL.BACKBONE.NAME", "ViT-B/32", *run.opts, *extra]
+    items, own_flags, own_opts = list(run.official_opts), [], []
+    while items:  # the official train.py's own flags (e.g. RESTORE_'s --fs_loss_r) go before the opts
+        pair, items = items[:2], items[2:]
+        (own_flags if pair[0].startswith("--") else own_opts).extend(pair)
+    return [*flags, *own_flags, "--trainer", run.trainer, "--config-file", run.config,
+            *opts, "MODEL.BACKBONE.NAME", "ViT-B/32", *run.opts, *own_opts, *extra]
 
 
 def _split(common: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -134,11 +138,13 @@ def summary_matches(ours: dict[str, Any], official: dict[str, Any], rtol: float 
 
 
 def compare_tensors(ours: dict[str, torch.Tensor], official: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
-    """Per shared key: max |ours - official| / max |official| (inf for a missing key or shape)."""
+    """Per official tensor: max |ours - official| / max |official| (inf: missing here or another shape).
+    Our own bookkeeping buffers without an official counterpart (e.g. RESTORE's saved references) are
+    not compared."""
     rows = []
-    for key in sorted(set(ours) | set(official)):
-        a, b = ours.get(key), official.get(key)
-        if a is None or b is None or a.shape != b.shape:
+    for key in sorted(official):
+        a, b = ours.get(key), official[key]
+        if a is None or a.shape != b.shape:
             rows.append((key, math.inf))
             continue
         rows.append((key, float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)))
@@ -245,6 +251,9 @@ def parity(args: argparse.Namespace) -> int:
         table = compare_tensors(our_state, off_state)
         for key, rel in table:
             print(f"  {key:60s} max rel diff {rel:.2e}")
+        extra = sorted(set(our_state) - set(off_state))
+        if extra:
+            print(f"  ours only (no official counterpart): {', '.join(extra)}")
         equal = sum(rel <= RTOL for _, rel in table)
         loss_diff = max((abs(a["loss"] - b["loss"]) for a, b in zip(off_losses, our_losses)), default=math.inf)
         if len(off_losses) != len(our_losses):

@@ -65,6 +65,7 @@ from restore.clip.model import CLIP, LayerNorm, QuickGELU
 from restore.engine.config import per_dataset_opts
 from restore.engine.distributed import mean_over_ranks
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.official import OfficialRun
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
 from .ivlp import IVLPModel
@@ -469,6 +470,24 @@ class RESTORE(PromptTrainer):
                            "text_ratio": float(model.text_ratio), "vision_ratio": float(model.vision_ratio),
                            "ratio_updated_epoch": int(model.ratio_updated_epoch)}
         return meta
+
+
+#: The official code for parity runs (python -m restore.parity): ``MaPLe_FSA`` of Yaphabates/RESTORE_, in fp32
+#: (its PREC is read from TRAINER.MAPLE; ``.half()`` a no-op), PROMPT_DEPTH 3 = the parity CLIP's layers,
+#: the official DTD run's ratios and lambda (run_maple_fsa.sh), which are also our DTD defaults.
+OFFICIAL = OfficialRun(
+    repo="Yaphabates/RESTORE_", trainer="MaPLe_FSA", config="configs/trainers/MaPLe_FSA/vit_b16_c2_ep5_batch4_2ctx.yaml",
+    ours="RESTORE", our_config="configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml",
+    official_opts=("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE_FSA.PREC", "fp32", "TRAINER.MAPLE_FSA.PROMPT_DEPTH", "3",
+                   "--vis_calib_r", "0.15", "--text_calib_r", "0.1", "--fs_loss_r", "0.5"),
+    our_opts=("TRAINER.RESTORE.PREC", "fp32", "TRAINER.RESTORE.PROMPT_DEPTH", "3", "TRAINER.RESTORE.VISION_RATIO", "0.15",
+              "TRAINER.RESTORE.TEXT_RATIO", "0.1", "TRAINER.RESTORE.FS_WEIGHT", "0.5"),
+    keys=((r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
+          (r"prompt_learner\.((proj|compound_prompts_text|compound_prompt_projections)(\..+)?)", r"prompt_learner.\1"),
+          (r"(text|visual)_adapter\.FFN\.0\.(weight|bias)", r"\1_adapter.up.\2"),
+          (r"(text|visual)_adapter\.FFN\.2\.(weight|bias)", r"\1_adapter.down.\2"),
+          (r"(text|visual)_adapter\.post_ln\.(weight|bias)", r"\1_adapter.ln.\2"),
+          (r"text_cali_ratio", "text_ratio"), (r"vis_cali_ratio", "vision_ratio")))
 
 
 if __name__ != "__main__":  # under ``python -m trainers.restore_trainer`` only the imported module registers
