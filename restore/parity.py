@@ -18,6 +18,7 @@ declared beside its trainer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib
 import json
@@ -27,13 +28,13 @@ import os.path as osp
 import shutil
 import subprocess
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from restore.official import OfficialRun, record_losses, run_official, write_parity_clip
 
-__all__ = ["common_opts", "compare_tensors", "find_official_run", "learned_state", "main", "our_argv",
+__all__ = ["RunKilled", "common_opts", "killed_after_epoch", "compare_tensors", "find_official_run", "learned_state", "main", "our_argv",
            "summarise", "summary_matches"]
 
 #: Relative tolerance of the per-tensor comparison (fp32 round-off of a reordered summation).
@@ -137,17 +138,20 @@ def summary_matches(ours: dict[str, Any], official: dict[str, Any], rtol: float 
     return max(diffs)
 
 
-def compare_tensors(ours: dict[str, torch.Tensor], official: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
-    """Per official tensor: max |ours - official| / max |official| (inf: missing here or another shape).
-    Our own bookkeeping buffers without an official counterpart (e.g. RESTORE's saved references) are
-    not compared."""
+def compare_tensors(ours: dict[str, torch.Tensor],
+                    official: dict[str, torch.Tensor]) -> list[tuple[str, float, float]]:
+    """Per official tensor: (key, max |ours - official| / max |official|, ||ours - official|| / ||official||);
+    inf where ours lacks it or has another shape. Our own bookkeeping buffers without an official
+    counterpart (e.g. RESTORE's saved references) are not compared."""
     rows = []
     for key in sorted(official):
         a, b = ours.get(key), official[key]
         if a is None or a.shape != b.shape:
-            rows.append((key, math.inf))
+            rows.append((key, math.inf, math.inf))
             continue
-        rows.append((key, float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)))
+        diff = (a - b).abs()
+        rows.append((key, float(diff.max()) / max(float(b.abs().max()), 1e-12),
+                     float(diff.norm()) / max(float(b.norm()), 1e-12)))
     return rows
 
 
@@ -165,8 +169,28 @@ def _run_side(side: str, spec: dict[str, Any]) -> None:
         raise RuntimeError(f"the {side} run failed (exit {done.returncode}); see {spec['output']}.log")
 
 
-class _Stop(Exception):
-    """Raised after an epoch to simulate a killed run (resume check)."""
+class RunKilled(Exception):
+    """Raised by :func:`killed_after_epoch`: the run stops as if killed."""
+
+
+@contextlib.contextmanager
+def killed_after_epoch(epoch: int) -> Iterator[None]:
+    """Stop any run of this engine right after epoch ``epoch`` (1-based) is finished and checkpointed,
+    as if the process had been killed there (to check that resuming gives the uninterrupted run)."""
+    import restore.engine.trainer as engine
+
+    original = engine.TrainerX.after_epoch
+
+    def after_epoch(self: Any) -> None:
+        original(self)
+        if self.epoch + 1 == epoch:
+            raise RunKilled(f"stopped after epoch {epoch}")
+
+    engine.TrainerX.after_epoch = after_epoch  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        engine.TrainerX.after_epoch = original  # type: ignore[method-assign]
 
 
 def _side_main(side: str, spec: dict[str, Any]) -> int:
@@ -176,23 +200,13 @@ def _side_main(side: str, spec: dict[str, Any]) -> int:
         return 0
     sys.path.insert(0, spec["repo"])
     os.chdir(spec["repo"])
-    import restore.engine.trainer as engine
-
-    stop_after = spec.get("stop_after_epoch")
-    original = engine.TrainerX.after_epoch
-
-    def after_epoch(self: Any) -> None:
-        original(self)
-        if stop_after is not None and self.epoch + 1 == stop_after:
-            raise _Stop
-
-    engine.TrainerX.after_epoch = after_epoch  # type: ignore[method-assign]
     train = importlib.import_module("train")
+    stop = spec.get("stop_after_epoch")
     try:
-        with record_losses(spec["losses"]):
+        with killed_after_epoch(stop or 0), record_losses(spec["losses"]):
             return int(train.main(train.build_parser().parse_args(spec["argv"])) or 0)
-    except _Stop:
-        print(f"(parity: run stopped after epoch {stop_after}, as if killed)")
+    except RunKilled:
+        print(f"(parity: run stopped after epoch {stop}, as if killed)")
         return 3
 
 
@@ -249,28 +263,28 @@ def parity(args: argparse.Namespace) -> int:
             print(f"epoch {epoch + 1} official: " + " ".join(f"{v:.6f}" for v in off_e.get(epoch, [])))
             print(f"epoch {epoch + 1} ours:     " + " ".join(f"{v:.6f}" for v in our_e.get(epoch, [])))
         table = compare_tensors(our_state, off_state)
-        for key, rel in table:
-            print(f"  {key:60s} max rel diff {rel:.2e}")
+        for key, rel, rel_l2 in table:
+            print(f"  {key:60s} max rel diff {rel:.2e}   rel L2 diff {rel_l2:.2e}")
         extra = sorted(set(our_state) - set(off_state))
         if extra:
             print(f"  ours only (no official counterpart): {', '.join(extra)}")
-        equal = sum(rel <= RTOL for _, rel in table)
+        equal = sum(rel <= RTOL for _, rel, _ in table)
         loss_diff = max((abs(a["loss"] - b["loss"]) for a, b in zip(off_losses, our_losses)), default=math.inf)
         if len(off_losses) != len(our_losses):
             loss_diff = math.inf
-        rows.append((mode, off_losses, our_losses, equal, len(table), max((r for _, r in table), default=0.0),
-                     loss_diff))
+        rows.append((mode, off_losses, our_losses, equal, len(table), max((r for _, r, _ in table), default=0.0),
+                     max((r for _, _, r in table), default=0.0), loss_diff))
         fixture[mode] = {"losses": [[r["epoch"], r["batch"], r["loss"]] for r in off_losses],
                          "tensors": {k: summarise(v) for k, v in off_state.items()}}
     print(f"\n| method | run | first-batch loss ours / official | last-epoch loss ours / official | "
-          f"tensors equal | max rel diff | max loss diff |")
-    print("|---|---|---|---|---|---|---|")
+          f"tensors equal (max rel diff <= {RTOL:g}) | max rel diff | max rel L2 diff | max loss diff |")
+    print("|---|---|---|---|---|---|---|---|")
     ok = True
-    for mode, off, ours, equal, total, worst, loss_diff in rows:
+    for mode, off, ours, equal, total, worst, worst_l2, loss_diff in rows:
         last = max(r["epoch"] for r in off)
         mean = lambda rs: sum(r["loss"] for r in rs if r["epoch"] == last) / max(1, sum(r["epoch"] == last for r in rs))  # noqa: E731
         print(f"| {run.ours} | {mode} | {ours[0]['loss']:.6f} / {off[0]['loss']:.6f} | {mean(ours):.6f} / "
-              f"{mean(off):.6f} | {equal}/{total} | {worst:.1e} | {loss_diff:.1e} |")
+              f"{mean(off):.6f} | {equal}/{total} | {worst:.1e} | {worst_l2:.1e} | {loss_diff:.1e} |")
         ok = ok and equal == total and loss_diff <= 1e-4
     if args.fixture:
         commit = subprocess.run(["git", "-C", osp.abspath(args.official), "rev-parse", "HEAD"], capture_output=True,
