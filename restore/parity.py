@@ -81,18 +81,19 @@ def _split(common: Sequence[str]) -> tuple[list[str], list[str]]:
     return flags, items
 
 
-def find_official_run(trainer: str, plugins: Sequence[str] = ("trainers",)) -> OfficialRun:
-    """The ``OFFICIAL`` declared in the module of the registered trainer ``trainer``."""
+def find_official_run(trainer: str, plugins: Sequence[str] = ("trainers",), variant: str = "") -> OfficialRun:
+    """The ``OFFICIAL`` declared in the module of the registered trainer ``trainer`` (``variant``: an
+    entry of that module's ``OFFICIAL_VARIANTS``, e.g. IVLP's single-branch configs)."""
     from restore.engine.registry import TRAINER_REGISTRY
 
     for package in plugins:
         importlib.import_module(package)
     cls = TRAINER_REGISTRY.get(trainer)
-    run = getattr(sys.modules[cls.__module__], "OFFICIAL", None)
-    if isinstance(run, dict):
-        run = run.get(trainer)
-    if not isinstance(run, OfficialRun):
-        raise ValueError(f"trainer {trainer!r} declares no OFFICIAL run beside it (module {cls.__module__}).")
+    module = sys.modules[cls.__module__]
+    run = getattr(module, "OFFICIAL_VARIANTS", {}).get(variant) if variant else getattr(module, "OFFICIAL", None)
+    if not isinstance(run, OfficialRun) or run.ours != trainer:
+        what = f"variant {variant!r}" if variant else "an OFFICIAL run"
+        raise ValueError(f"trainer {trainer!r} declares no {what} beside it (module {cls.__module__}).")
     return run
 
 
@@ -220,7 +221,7 @@ def _format_losses(records: list[dict[str, Any]]) -> dict[int, list[float]]:
 def parity(args: argparse.Namespace) -> int:
     repo = osp.abspath(args.repo)
     sys.path.insert(0, repo)
-    run = find_official_run(args.trainer, args.plugins.split(","))
+    run = find_official_run(args.trainer, args.plugins.split(","), args.variant)
     output = osp.abspath(args.output)
     os.makedirs(output, exist_ok=True)
     resolution = args.resolution
@@ -257,7 +258,8 @@ def parity(args: argparse.Namespace) -> int:
             our_losses = json.load(open(out_ours + ".first.losses.json")) + our_losses
         off_state = learned_state(out_off, run, args.epochs, best, official=True)
         our_state = learned_state(out_ours, run, args.epochs, best)
-        print(f"\n== {run.ours} ({mode}) vs official {run.trainer} ({run.repo})")
+        label = f"{run.ours}{'/' + args.variant if args.variant else ''}"
+        print(f"\n== {label} ({mode}) vs official {run.trainer} ({run.repo}: {run.config})")
         off_e, our_e = _format_losses(off_losses), _format_losses(our_losses)
         for epoch in sorted(set(off_e) | set(our_e)):
             print(f"epoch {epoch + 1} official: " + " ".join(f"{v:.6f}" for v in off_e.get(epoch, [])))
@@ -283,13 +285,13 @@ def parity(args: argparse.Namespace) -> int:
     for mode, off, ours, equal, total, worst, worst_l2, loss_diff in rows:
         last = max(r["epoch"] for r in off)
         mean = lambda rs: sum(r["loss"] for r in rs if r["epoch"] == last) / max(1, sum(r["epoch"] == last for r in rs))  # noqa: E731
-        print(f"| {run.ours} | {mode} | {ours[0]['loss']:.6f} / {off[0]['loss']:.6f} | {mean(ours):.6f} / "
+        print(f"| {label} | {mode} | {ours[0]['loss']:.6f} / {off[0]['loss']:.6f} | {mean(ours):.6f} / "
               f"{mean(off):.6f} | {equal}/{total} | {worst:.1e} | {worst_l2:.1e} | {loss_diff:.1e} |")
         ok = ok and equal == total and loss_diff <= 1e-4
     if args.fixture:
         commit = subprocess.run(["git", "-C", osp.abspath(args.official), "rev-parse", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
-        record = {"trainer": run.ours, "official": {"repo": run.repo, "trainer": run.trainer, "commit": commit},
+        record = {"trainer": run.ours, "variant": args.variant, "official": {"repo": run.repo, "trainer": run.trainer, "commit": commit},
                   "settings": {"seed": args.seed, "epochs": args.epochs, "shots": args.shots, "batch": args.batch,
                                "resolution": resolution, "opts": list(args.opts)},
                   "runs": fixture}
@@ -310,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="CLIP weights file both sides load (--write-clip)")
     parser.add_argument("--output", default="parity_out", help="folder for both runs (default: parity_out)")
     parser.add_argument("--repo", default=".", help="our repository root, holding train.py (default: .)")
+    parser.add_argument("--variant", default="", help="a named variant of the trainer's official run "
+                        "(its module's OFFICIAL_VARIANTS, e.g. IVLP's vision-only)")
     parser.add_argument("--plugins", default="trainers", help="packages registering our trainers (default: trainers)")
     parser.add_argument("--real-dassl", help="run the official code on a Dassl.pytorch checkout instead of our engine")
     parser.add_argument("--seed", type=int, default=1)

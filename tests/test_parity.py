@@ -41,7 +41,7 @@ def _run_ours(base, weights, fixture: dict, mode: str, tmp_path) -> tuple[list[d
     from restore.official import record_losses
     from restore.parity import RunKilled, common_opts, find_official_run, killed_after_epoch, learned_state, our_argv
 
-    run = find_official_run(fixture["trainer"])
+    run = find_official_run(fixture["trainer"], variant=fixture.get("variant", ""))
     s = fixture["settings"]
     out = str(tmp_path / mode)
     common = common_opts(s["seed"], str(base / "data"), out, s["epochs"], s["shots"], s["batch"], s["resolution"],

@@ -272,6 +272,11 @@ class PromptTrainer(TrainerX):
         builds = list(hook(self.method_cfg)) if hook is not None else [BuildPrompts()]
         return [replay_openai_build(config, build) for build in builds]
 
+    def replay_official_draws_after_model(self, clip_model: CLIP) -> None:
+        """Draw from the global RNG what the official code draws after our learnable tensors are made
+        (tensors it creates but never trains, another CLIP build...), so the batches that follow are
+        the official ones; nothing by default."""
+
     def build_model(self) -> None:
         cfg = self.cfg
         classnames = self.dm.dataset.classnames
@@ -287,6 +292,7 @@ class PromptTrainer(TrainerX):
             print(f"Precision: PREC auto -> {self.precision} on {self.device}")
         print(f"Building {type(self).__name__}")
         self.model = self.build_prompt_model(cfg, classnames, clip_model)
+        self.replay_official_draws_after_model(clip_model)
         learnable = self.model.freeze()
         print(f"Parameters to be updated: {sorted(learnable)}")
         n_learn = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
