@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from restore.official import OfficialRun, record_losses, run_official, write_parity_clip
+from restore.official import OfficialRun, record_logits, record_losses, run_official, write_parity_clip
 
 __all__ = ["RunKilled", "common_opts", "killed_after_epoch", "compare_tensors", "find_official_run", "learned_state", "main", "our_argv",
            "summarise", "summary_matches"]
@@ -197,14 +197,14 @@ def killed_after_epoch(epoch: int) -> Iterator[None]:
 def _side_main(side: str, spec: dict[str, Any]) -> int:
     if side == "official":
         run_official(spec["checkout"], spec["argv"], spec["weights"], real_dassl=spec.get("real_dassl"),
-                     losses=spec["losses"])
+                     losses=spec["losses"], logits=spec.get("logits"))
         return 0
     sys.path.insert(0, spec["repo"])
     os.chdir(spec["repo"])
     train = importlib.import_module("train")
     stop = spec.get("stop_after_epoch")
     try:
-        with killed_after_epoch(stop or 0), record_losses(spec["losses"]):
+        with killed_after_epoch(stop or 0), record_losses(spec["losses"]), record_logits(spec.get("logits")):
             return int(train.main(train.build_parser().parse_args(spec["argv"])) or 0)
     except RunKilled:
         print(f"(parity: run stopped after epoch {stop}, as if killed)")
@@ -225,6 +225,8 @@ def parity(args: argparse.Namespace) -> int:
     output = osp.abspath(args.output)
     os.makedirs(output, exist_ok=True)
     resolution = args.resolution
+    if args.eval_only:
+        return _parity_eval(args, run, repo, output)
     rows = []
     modes = [("plain", False, False)]
     if args.resume:
@@ -302,6 +304,52 @@ def parity(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def logits_difference(ours: Sequence[Sequence[float]], official: Sequence[Sequence[float]]) -> float:
+    """Max |ours - official| over all evaluated outputs, relative to the largest official |value|."""
+    a, b = torch.tensor(ours), torch.tensor(official)
+    if a.shape != b.shape:
+        return math.inf
+    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
+
+
+def _parity_eval(args: argparse.Namespace, run: OfficialRun, repo: str, output: str) -> int:
+    """Evaluation-only parity (zero-shot CLIP): the test set's outputs of both sides."""
+    out_off, out_ours = osp.join(output, "eval_official"), osp.join(output, "eval_ours")
+    for folder in (out_off, out_ours):
+        shutil.rmtree(folder, ignore_errors=True)
+    spec = {"repo": repo, "weights": osp.abspath(args.weights), "real_dassl": args.real_dassl}
+    common = [osp.abspath(args.root), args.epochs, args.shots, args.batch, args.resolution]
+    off_argv = official_argv(run, common_opts(args.seed, common[0], out_off, *common[1:]), args.opts)
+    our = our_argv(run, common_opts(args.seed, common[0], out_ours, *common[1:]), osp.abspath(args.weights), args.opts)
+    _run_side("official", {**spec, "checkout": osp.abspath(args.official), "output": out_off,
+                           "argv": ["--eval-only", *off_argv], "losses": None, "logits": out_off + ".logits.json"})
+    _run_side("ours", {**spec, "output": out_ours, "argv": ["--eval-only", *our], "losses": None,
+                       "logits": out_ours + ".logits.json"})
+    with open(out_off + ".logits.json") as f:
+        official = json.load(f)
+    with open(out_ours + ".logits.json") as f:
+        ours = json.load(f)
+    rel = logits_difference(ours, official)
+    acc = [100.0 * float((torch.tensor(x).argmax(-1) == torch.tensor(official).argmax(-1)).float().mean())
+           for x in (ours, official)]
+    print(f"\n== {run.ours} (eval) vs official {run.trainer} ({run.repo})")
+    print(f"{len(official)} test outputs; max rel diff of the outputs {rel:.1e}; "
+          f"predictions agreeing with the official ones: {acc[0]:.1f}%")
+    print("| method | run | outputs equal | max rel diff |")
+    print("|---|---|---|---|")
+    print(f"| {run.ours} | eval | {len(ours) if rel <= RTOL else 0}/{len(official)} rows | {rel:.1e} |")
+    if args.fixture:
+        record = {"trainer": run.ours, "variant": args.variant,
+                  "official": {"repo": run.repo, "trainer": run.trainer},
+                  "settings": {"seed": args.seed, "epochs": args.epochs, "shots": args.shots, "batch": args.batch,
+                               "resolution": args.resolution, "opts": list(args.opts)},
+                  "runs": {"eval": {"logits": official}}}
+        with open(args.fixture, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"fixture written to {args.fixture}")
+    return 0 if rel <= RTOL else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m restore.parity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=32, help="INPUT.SIZE; the weights' input resolution")
     parser.add_argument("--resume", action="store_true", help="also: our run killed after epoch 1, then resumed")
     parser.add_argument("--best-val", action="store_true", help="also: best-val model selection")
+    parser.add_argument("--eval-only", action="store_true", help="compare evaluation outputs only (zero-shot CLIP)")
     parser.add_argument("--fixture", help="write the official runs' losses and tensor summaries (JSON) here")
     parser.add_argument("--side", choices=("official", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
