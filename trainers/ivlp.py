@@ -158,11 +158,11 @@ OFFICIAL_VARIANTS = {
         config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_language_only.yaml", ours="IVLP",
         our_config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_language_only.yaml",
         opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.PROMPT_DEPTH_TEXT", "3"), keys=IVLP_OFFICIAL_KEYS),
-    "vision-only": OfficialRun(  # the official code has no usable vision-only yaml: its 2+2 yaml with our values
-        repo="muzairkhattak/multimodal-prompt-learning", trainer="IVLP",
-        config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml", ours="IVLP",
+    "vision-only": OfficialRun(  # the official IVLP refuses a text depth of 0 ("use VPT"): its VPT trainer
+        repo="muzairkhattak/multimodal-prompt-learning", trainer="VPT",
+        config="configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml", ours="IVLP",
         our_config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_vision_only.yaml",
-        opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.N_CTX_VISION", "4", "TRAINER.IVLP.N_CTX_TEXT", "0",
-              "TRAINER.IVLP.PROMPT_DEPTH_VISION", "3", "TRAINER.IVLP.PROMPT_DEPTH_TEXT", "0", "OPTIM.LR", "0.0025"),
-        keys=IVLP_OFFICIAL_KEYS),
+        opts=("OPTIM.LR", "0.0025"),
+        official_opts=("TRAINER.VPT.PREC", "fp32", "TRAINER.VPT.N_CTX_VISION", "4", "TRAINER.VPT.PROMPT_DEPTH_VISION", "3"),
+        our_opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.PROMPT_DEPTH_VISION", "3"), keys=IVLP_OFFICIAL_KEYS),
 }
