@@ -64,7 +64,7 @@ def our_argv(run: OfficialRun, common: Sequence[str], weights: str, extra: Seque
 def official_argv(run: OfficialRun, common: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     """The official ``train.py`` arguments (its download of ``ViT-B/32`` is shimmed to the weights file)."""
     flags, opts = _split(common)
-    items, own_flags, own_opts = list(run.official_opts), [], []
+    items, own_flags, own_opts = list(run.official_opts), [], []  # type: list[str], list[str], list[str]
     while items:  # the official train.py's own flags (e.g. RESTORE_'s --fs_loss_r) go before the opts
         pair, items = items[:2], items[2:]
         (own_flags if pair[0].startswith("--") else own_opts).extend(pair)
@@ -227,7 +227,7 @@ def parity(args: argparse.Namespace) -> int:
     resolution = args.resolution
     if args.eval_only:
         return _parity_eval(args, run, repo, output)
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     modes = [("plain", False, False)]
     if args.resume:
         modes.append(("resume", True, False))

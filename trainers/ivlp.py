@@ -137,7 +137,8 @@ class IVLP(PromptTrainer):
     default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "N_CTX_TEXT": 2, "CTX_INIT": "a photo of a", "PREC": "auto",
                                    "PROMPT_DEPTH_VISION": 9, "PROMPT_DEPTH_TEXT": 9}
 
-    official_builds = staticmethod(ivlp_builds)
+    def official_builds(self) -> list[BuildPrompts]:
+        return ivlp_builds(self.method_cfg)
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return IVLPModel(clip_model, classnames, self.method_cfg, initial=build_draws(self))

@@ -332,8 +332,6 @@ class MMRL(PromptTrainer):
     """
 
     model_name = "MultiModalRepresentationLearner"
-    #: the official code builds CLIP twice (MMRL's, then the zero-shot one); each build draws proj_rep
-    official_builds = staticmethod(lambda node: [BuildPrompts(vision_proj_extra=True)] * 2)
     default_cfg: dict[str, Any] = {
         "ALPHA": 0.7,
         "REG_WEIGHT": 1.0,
@@ -361,6 +359,10 @@ class MMRL(PromptTrainer):
             raise ValueError(f"TRAINER.MMRL.MIX must be one of {MIX_MODES}, got {node.MIX!r}")
         if not 0.0 <= node.ALPHA <= 1.0:
             raise ValueError(f"TRAINER.MMRL.ALPHA must be in [0, 1], got {node.ALPHA}")
+
+    def official_builds(self) -> list[BuildPrompts]:
+        """The official code builds CLIP twice (MMRL's, then the zero-shot one); each build draws proj_rep."""
+        return [BuildPrompts(vision_proj_extra=True)] * 2
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         from restore.data.templates import dataset_template

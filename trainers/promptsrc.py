@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
-from restore.clip.replay import replay_openai_build
+from restore.clip.replay import BuildPrompts, replay_openai_build
 from restore.data.templates import CLIP_IMAGENET_TEMPLATES_60
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.official import OfficialRun
@@ -237,8 +237,9 @@ class PromptSRC(PromptTrainer):
         """The model without GPA (subclasses return their own PromptSRCModel subclass)."""
         return PromptSRCModel(clip_model, classnames, self.method_cfg, initial=build_draws(self))
 
-    #: the official code draws the deep prompts inside its IVLP CLIP build ...
-    official_builds = staticmethod(ivlp_builds)
+    def official_builds(self) -> list[BuildPrompts]:
+        """The official code draws the deep prompts inside its IVLP CLIP build ..."""
+        return ivlp_builds(self.method_cfg)
 
     @torch.no_grad()
     def replay_official_draws_after_model(self, clip_model: CLIP) -> None:

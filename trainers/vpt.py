@@ -41,9 +41,10 @@ class VPT(PromptTrainer):
     default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "CTX_INIT": "a photo of a", "PREC": "auto",
                                    "PROMPT_DEPTH_VISION": 1}
 
-    #: the official VPT draws its prompts inside its CLIP build (vision only)
-    official_builds = staticmethod(lambda node: [BuildPrompts(vision_ctx=node.N_CTX_VISION,
-                                                              vision_depth=node.PROMPT_DEPTH_VISION)])
+    def official_builds(self) -> list[BuildPrompts]:
+        """The official VPT draws its prompts inside its CLIP build (vision only)."""
+        node = self.method_cfg
+        return [BuildPrompts(vision_ctx=node.N_CTX_VISION, vision_depth=node.PROMPT_DEPTH_VISION)]
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return VPTModel(clip_model, classnames, self.method_cfg, initial=build_draws(self))
