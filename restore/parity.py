@@ -34,8 +34,8 @@ import torch
 
 from restore.official import OfficialRun, record_logits, record_losses, run_official, write_parity_clip
 
-__all__ = ["RunKilled", "common_opts", "killed_after_epoch", "compare_tensors", "find_official_run", "learned_state", "main", "our_argv",
-           "summarise", "summary_matches"]
+__all__ = ["RunKilled", "common_opts", "compare_tensors", "find_official_run", "killed_after_epoch",
+           "learned_state", "main", "our_argv", "summarise", "summary_matches"]
 
 #: Relative tolerance of the per-tensor comparison (fp32 round-off of a reordered summation).
 RTOL = 1e-5
@@ -211,6 +211,18 @@ def _side_main(side: str, spec: dict[str, Any]) -> int:
         return 3
 
 
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _last_epoch_mean(records: list[dict[str, Any]]) -> float:
+    """Mean loss over the last epoch's batches (what Dassl's last log line shows as the running average)."""
+    last = max(r["epoch"] for r in records)
+    losses = [r["loss"] for r in records if r["epoch"] == last]
+    return sum(losses) / len(losses)
+
+
 def _format_losses(records: list[dict[str, Any]]) -> dict[int, list[float]]:
     per_epoch: dict[int, list[float]] = {}
     for r in records:
@@ -254,10 +266,10 @@ def parity(args: argparse.Namespace) -> int:
             _run_side("ours", {**spec, "output": out_ours, "argv": argv, "losses": out_ours + ".first.losses.json",
                                "stop_after_epoch": 1, "may_stop": True})
         _run_side("ours", {**spec, "output": out_ours, "argv": argv, "losses": out_ours + ".losses.json"})
-        off_losses = json.load(open(out_off + ".losses.json"))
-        our_losses = json.load(open(out_ours + ".losses.json"))
+        off_losses = _read_json(out_off + ".losses.json")
+        our_losses = _read_json(out_ours + ".losses.json")
         if resume:
-            our_losses = json.load(open(out_ours + ".first.losses.json")) + our_losses
+            our_losses = _read_json(out_ours + ".first.losses.json") + our_losses
         off_state = learned_state(out_off, run, args.epochs, best, official=True)
         our_state = learned_state(out_ours, run, args.epochs, best)
         label = f"{run.ours}{'/' + args.variant if args.variant else ''}"
@@ -285,10 +297,8 @@ def parity(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|---|---|")
     ok = True
     for mode, off, ours, equal, total, worst, worst_l2, loss_diff in rows:
-        last = max(r["epoch"] for r in off)
-        mean = lambda rs: sum(r["loss"] for r in rs if r["epoch"] == last) / max(1, sum(r["epoch"] == last for r in rs))  # noqa: E731
-        print(f"| {label} | {mode} | {ours[0]['loss']:.6f} / {off[0]['loss']:.6f} | {mean(ours):.6f} / "
-              f"{mean(off):.6f} | {equal}/{total} | {worst:.1e} | {worst_l2:.1e} | {loss_diff:.1e} |")
+        print(f"| {label} | {mode} | {ours[0]['loss']:.6f} / {off[0]['loss']:.6f} | {_last_epoch_mean(ours):.6f} / "
+              f"{_last_epoch_mean(off):.6f} | {equal}/{total} | {worst:.1e} | {worst_l2:.1e} | {loss_diff:.1e} |")
         ok = ok and equal == total and loss_diff <= 1e-4
     if args.fixture:
         commit = subprocess.run(["git", "-C", osp.abspath(args.official), "rev-parse", "HEAD"], capture_output=True,
