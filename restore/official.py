@@ -117,8 +117,11 @@ def _real_dassl_stubs() -> None:
         def __getattr__(self, name: str) -> Callable[..., None]:
             return lambda *args, **kwargs: None
 
-    for name in ("wilds", "wilds.datasets", "wilds.datasets.wilds_dataset", "gdown", "pandas"):
+    for name in ("wilds", "wilds.datasets", "wilds.datasets.wilds_dataset", "gdown"):
         _stub_module(name, WILDSDataset=object, get_dataset=None, download=None)
+    # pandas: other libraries probe ``pandas.DataFrame`` once it is in sys.modules, so a stub only
+    # carries the names they look for
+    _stub_module("pandas", DataFrame=type("DataFrame", (), {}), Series=type("Series", (), {}), __version__="0")
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:
