@@ -87,7 +87,10 @@ def find_official_run(trainer: str, plugins: Sequence[str] = ("trainers",), vari
     from restore.engine.registry import TRAINER_REGISTRY
 
     for package in plugins:
-        importlib.import_module(package)
+        module = importlib.import_module(package)
+        register_all = getattr(module, "register_all", None)
+        if callable(register_all):  # a plugin package that registers its methods on request
+            register_all()
     cls = TRAINER_REGISTRY.get(trainer)
     module = sys.modules[cls.__module__]
     run = getattr(module, "OFFICIAL_VARIANTS", {}).get(variant) if variant else getattr(module, "OFFICIAL", None)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from restore.clip.model import CLIP
+from restore.methods import MethodSpec, register_method
 from restore.clip.replay import BuildPrompts
-from restore.engine.registry import TRAINER_REGISTRY
 from restore.official import OfficialRun
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput
@@ -129,7 +129,6 @@ def build_draws(trainer: PromptTrainer) -> dict[str, list[torch.Tensor]] | None:
     return draws[0] if draws else None
 
 
-@TRAINER_REGISTRY.register()
 class IVLP(PromptTrainer):
     """Independent Vision-Language Prompting (both towers, or one of them via config)."""
 
@@ -167,3 +166,7 @@ OFFICIAL_VARIANTS = {
         official_opts=("TRAINER.VPT.PREC", "fp32", "TRAINER.VPT.N_CTX_VISION", "4", "TRAINER.VPT.PROMPT_DEPTH_VISION", "3"),
         our_opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.PROMPT_DEPTH_VISION", "3"), keys=IVLP_OFFICIAL_KEYS),
 }
+
+
+SPEC = register_method(MethodSpec("ivlp", "IVLP", aliases=("independentvl",),
+                  configs={"base2new": ("IVLP/vit_b16_c2_ep5_batch4_2+2ctx",)}), IVLP)

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 import torch
 
 from restore.clip.model import CLIP
+from restore.methods import MethodSpec, register_method
 from restore.clip.replay import BuildPrompts
-from restore.engine.registry import TRAINER_REGISTRY
 from restore.official import OfficialRun
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.trainer import PromptModel, PromptTrainer
@@ -33,7 +33,6 @@ class VPTModel(DeepPromptModel):
             depth_vision=method_cfg.PROMPT_DEPTH_VISION, ctx_init=method_cfg.CTX_INIT, initial=initial)
 
 
-@TRAINER_REGISTRY.register()
 class VPT(PromptTrainer):
     """Visual Prompt Tuning (shallow with PROMPT_DEPTH_VISION 1, deep above)."""
 
@@ -56,3 +55,6 @@ OFFICIAL = OfficialRun(repo="muzairkhattak/multimodal-prompt-learning", trainer=
                        our_config="configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml",
                        opts=("TRAINER.VPT.PREC", "fp32", "TRAINER.VPT.PROMPT_DEPTH_VISION", "3"),
                        keys=IVLP_OFFICIAL_KEYS)
+
+
+SPEC = register_method(MethodSpec("vpt", "VPT", configs={"base2new": ("VPT/vit_b16_c2_ep5_batch4_4",)}), VPT)
