@@ -1,7 +1,7 @@
 """Parity tool: the official code of a method (a local checkout) and our trainer, same seed, same data.
 
     python -m restore.parity --write-clip parity_clip.pt               # the parity CLIP (restore.official)
-    python -m restore.data.synthetic dtd --root DATA --classes 4 --images-per-class 12
+    python -m restore.datasets.synthetic dtd --root DATA --classes 4 --images-per-class 12
     python -m restore.parity --official ../official/CoOp --trainer CoOp --root DATA --weights parity_clip.pt \\
         --output parity_out [--resume] [--best-val] [--fixture tests/data/parity/coop.json] [KEY VALUE ...]
 
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--write-clip", metavar="FILE", help="write the parity CLIP's weights to FILE and exit")
     parser.add_argument("--official", help="root of the official checkout (e.g. ../official/CoOp)")
     parser.add_argument("--trainer", help="our trainer name (its module declares OFFICIAL)")
-    parser.add_argument("--root", help="dataset root holding dtd/ (python -m restore.data.synthetic dtd ...)")
+    parser.add_argument("--root", help="dataset root holding dtd/ (python -m restore.datasets.synthetic dtd ...)")
     parser.add_argument("--weights", help="CLIP weights file both sides load (--write-clip)")
     parser.add_argument("--output", default="parity_out", help="folder for both runs (default: parity_out)")
     parser.add_argument("--repo", default=".", help="our repository root, holding train.py (default: .)")

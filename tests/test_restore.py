@@ -500,7 +500,7 @@ def test_analysis_command_writes_csv_and_png(runs, tmp_path, capsys):
 def test_official_quirk_switches(tmp_path):
     """RATIO_UPDATE_AFTER_EVAL: with per-epoch validation (best_val) the official code never updates the
     ratios; RESUME_RECAPTURE_REFS: a resumed run re-captures the shift references from its prompts."""
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
     from restore.parity import RunKilled, killed_after_epoch
 
     make_synthetic("dtd", str(tmp_path / "data"), num_classes=4, images_per_class=6)
