@@ -509,7 +509,7 @@ def test_official_quirk_switches(tmp_path):
         return ["--root", str(tmp_path / "data"), "--seed", "1", "--trainer", "RESTORE",
                 "--dataset-config-file", os.path.join(ROOT, "configs/datasets/dtd.yaml"),
                 "--config-file", os.path.join(ROOT, "configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml"),
-                "--output-dir", str(out_dir), *restore_dataset_opts("dtd"), "MODEL.BACKBONE.NAME", "tiny",
+                "--output-dir", str(out_dir), "MODEL.BACKBONE.NAME", "tiny",
                 "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "2", "DATALOADER.NUM_WORKERS", "0",
                 "DATASET.NUM_SHOTS", "2", "DATASET.CACHE_DIR", str(tmp_path / "cache"), *extra]
 
