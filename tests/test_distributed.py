@@ -239,6 +239,7 @@ def test_ddp_restore_feature_shift_matches_single_process(runs):
     assert fs[0] == pytest.approx(0.0, abs=1e-9) and max(fs) > 1e-6  # normalised by the first step, then moves
     assert ddp["losses"] == pytest.approx(single["losses"], abs=1e-5, rel=1e-5)
     assert [s["loss_fs"] for s in ddp["steps"]] == pytest.approx(fs, abs=1e-6, rel=1e-4)
-    assert torch.allclose(ddp["grads"][1], single["grads"][1], rtol=1e-4, atol=1e-6)
+    scale = float(single["grads"][1].abs().max())  # fp32 round-off of the global-batch reductions scales with it
+    assert torch.allclose(ddp["grads"][1], single["grads"][1], rtol=1e-4, atol=1e-5 * scale)
     assert single["ratios"][0] > 0.1 and single["ratios"][1] > 0.1  # updated after epoch 1
     assert ddp["ratios"] == pytest.approx(single["ratios"], rel=1e-5)

@@ -18,10 +18,11 @@ from torch import nn
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
+from restore.official import OfficialRun
 from restore.prompting.context import TextContext
 from restore.prompting.deep import text_width
 from restore.prompting.model import PromptModel, PromptOutput
-from restore.prompting.trainer import PromptTrainer
+from restore.prompting.trainer import BuildDraws, PromptTrainer
 
 
 class CoCoOpPromptLearner(nn.Module):
@@ -88,9 +89,17 @@ class CoCoOp(PromptTrainer):
         Option("CTX_INIT", "", "words initialising the context (empty: random init)"))
 
     @classmethod
-    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
+                           draws: BuildDraws = None) -> PromptModel:
         node = cls.method_node(cfg)
         return CoCoOpModel(clip_model, classnames, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT)
+
+
+#: The official code for parity runs (python -m restore.parity): fp32, batch 1 as its configs.
+OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="CoCoOp",
+                       config="configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml", ours="CoCoOp",
+                       our_config="configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml",
+                       opts=("TRAINER.COCOOP.PREC", "fp32"), keys=CoCoOpModel.official_keys)
 
 
 SPEC = register_method(MethodSpec("cocoop", "CoCoOp", configs={"base2new": ("CoCoOp/vit_b16_c4_ep10_batch1_ctxv1",)}), CoCoOp)

@@ -15,9 +15,10 @@ import torch
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
+from restore.official import OfficialRun
 from restore.prompting.context import TextContext
 from restore.prompting.model import PromptModel
-from restore.prompting.trainer import PromptTrainer
+from restore.prompting.trainer import BuildDraws, PromptTrainer
 
 
 class CoOpModel(PromptModel):
@@ -49,8 +50,15 @@ class CoOp(PromptTrainer):
         Option("CLASS_TOKEN_POSITION", "end", "where the class name goes", choices=("end", "middle", "front")))
 
     @classmethod
-    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
+                           draws: BuildDraws = None) -> PromptModel:
         return CoOpModel(clip_model, classnames, cls.method_node(cfg))
+
+
+#: The official code for parity runs (python -m restore.parity).
+OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="CoOp", config="configs/trainers/CoOp/vit_b32.yaml",
+                       ours="CoOp", our_config="configs/trainers/CoOp/vit_b32.yaml",
+                       opts=("TRAINER.COOP.PREC", "fp32"), keys=CoOpModel.official_keys)
 
 
 SPEC = register_method(MethodSpec("coop", "CoOp", configs={

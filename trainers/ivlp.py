@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Sequence
 
+import torch
+
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
+from restore.clip.replay import BuildPrompts
+from restore.official import OfficialRun
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.model import DeepPromptModel, PromptModel
 from restore.prompting.official import OfficialKeys, shifted
-from restore.prompting.trainer import PromptTrainer
+from restore.prompting.trainer import BuildDraws, PromptTrainer, build_draws
 
 #: Where the official IVLP / VPT / PromptSRC code keeps the independent prompts: layer k's deep
 #: prompt in block k of each tower (``VPT_shallow``, k >= 1), the vision layer-0 prompt on the image
@@ -33,12 +37,19 @@ class IVLPModel(DeepPromptModel):
 
     official_keys: ClassVar[OfficialKeys] = IVLP_OFFICIAL_KEYS
 
-    def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any) -> None:
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any,
+                 initial: dict[str, list[torch.Tensor]] | None = None) -> None:
         super().__init__(clip_model, classnames)
         self.prompt_learner = IndependentPrompts(
             clip_model, classnames, n_ctx_text=method_cfg.N_CTX_TEXT, n_ctx_vision=method_cfg.N_CTX_VISION,
             depth_text=method_cfg.PROMPT_DEPTH_TEXT, depth_vision=method_cfg.PROMPT_DEPTH_VISION,
-            ctx_init=method_cfg.CTX_INIT)
+            ctx_init=method_cfg.CTX_INIT, initial=initial)
+
+
+def ivlp_builds(node: Any) -> list[BuildPrompts]:
+    """The official IVLP draws its deep prompts inside its CLIP build (``design_details``)."""
+    return [BuildPrompts(vision_ctx=node.N_CTX_VISION, vision_depth=node.PROMPT_DEPTH_VISION,
+                         language_ctx=node.N_CTX_TEXT, language_depth=node.PROMPT_DEPTH_TEXT)]
 
 
 class IVLP(PromptTrainer):
@@ -53,8 +64,37 @@ class IVLP(PromptTrainer):
         Option("PROMPT_DEPTH_TEXT", 9, "prompted text layers, from layer 0 (0: none)", minimum=0))
 
     @classmethod
-    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        return IVLPModel(clip_model, classnames, cls.method_node(cfg))
+    def official_builds(cls, cfg: Any) -> list[BuildPrompts]:
+        return ivlp_builds(cls.method_node(cfg))
+
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
+                           draws: BuildDraws = None) -> PromptModel:
+        return IVLPModel(clip_model, classnames, cls.method_node(cfg), initial=build_draws(draws))
+
+
+#: The official code for parity runs (python -m restore.parity): fp32; prompt depths capped at the parity
+#: CLIP's 3 layers (opts given to both sides below). Variants: the single-branch configs.
+OFFICIAL = OfficialRun(
+    repo="muzairkhattak/multimodal-prompt-learning", trainer="IVLP",
+    config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml", ours="IVLP",
+    our_config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml",
+    opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.PROMPT_DEPTH_VISION", "3", "TRAINER.IVLP.PROMPT_DEPTH_TEXT", "3"),
+    keys=IVLP_OFFICIAL_KEYS)
+OFFICIAL_VARIANTS = {
+    "language-only": OfficialRun(
+        repo="muzairkhattak/multimodal-prompt-learning", trainer="IVLP",
+        config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_language_only.yaml", ours="IVLP",
+        our_config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_language_only.yaml",
+        opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.PROMPT_DEPTH_TEXT", "3"), keys=IVLP_OFFICIAL_KEYS),
+    "vision-only": OfficialRun(  # the official IVLP refuses a text depth of 0 ("use VPT"): its VPT trainer
+        repo="muzairkhattak/multimodal-prompt-learning", trainer="VPT",
+        config="configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml", ours="IVLP",
+        our_config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_vision_only.yaml",
+        opts=("OPTIM.LR", "0.0025"),
+        official_opts=("TRAINER.VPT.PREC", "fp32", "TRAINER.VPT.N_CTX_VISION", "4", "TRAINER.VPT.PROMPT_DEPTH_VISION", "3"),
+        our_opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.PROMPT_DEPTH_VISION", "3"), keys=IVLP_OFFICIAL_KEYS),
+}
 
 
 SPEC = register_method(MethodSpec("ivlp", "IVLP", aliases=("independentvl",),

@@ -20,14 +20,17 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from restore.clip.model import CLIP
 from restore.datasets.templates import CUSTOM_TEMPLATES, dataset_template
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
+from restore.clip.replay import replay_openai_build
+from restore.official import OfficialRun
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.model import PromptModel, PromptOutput
-from restore.prompting.trainer import PromptTrainer
+from restore.prompting.trainer import BuildDraws, PromptTrainer
 
 from .coop import CoOpModel
 
@@ -82,9 +85,31 @@ class KgCoOp(PromptTrainer):
         Option("DISTANCE", "cosine", "distance of the knowledge-guided loss", choices=DISTANCES))
 
     @classmethod
-    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
+                           draws: BuildDraws = None) -> PromptModel:
         template = dataset_template(cfg.DATASET.NAME, KGCOOP_TEMPLATES)
         return KgCoOpModel(clip_model, classnames, cls.method_node(cfg), template)
+
+    @torch.no_grad()
+    def replay_official_draws_after_model(self, clip_model: CLIP) -> None:
+        """The official prompt learner then draws an unused ``bias_vectors`` (1, 512), builds a second
+        CLIP (its teacher), an unused ``meta_net`` Linear(512, 512) and an unused bias-free adapter
+        512 -> 128 -> 512 (widths hard-coded there)."""
+        nn.init.normal_(torch.empty(1, 512), std=0.02)
+        config = getattr(clip_model, "config", None)
+        if config is not None:
+            replay_openai_build(config)
+        nn.Linear(512, 512)
+        nn.Linear(512, 128, bias=False)
+        nn.Linear(128, 512, bias=False)
+
+
+#: The official code for parity runs (python -m restore.parity): htyao89/KgCoOp (its KgCoOp/ folder is the
+#: checkout root), CoOp-node keys, fp32; its CTX_INIT True means "a photo of a" (4 tokens), W 8 as its runs.
+OFFICIAL = OfficialRun(repo="htyao89/KgCoOp", trainer="KgCoOp", config="configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml",
+                       ours="KgCoOp", our_config="configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml",
+                       official_opts=("TRAINER.COOP.N_CTX", "4", "TRAINER.COOP.W", "8.0", "TRAINER.COOP.PREC", "fp32"),
+                       our_opts=("TRAINER.KGCOOP.PREC", "fp32"), keys=KgCoOpModel.official_keys)
 
 
 SPEC = register_method(MethodSpec("kgcoop", "KgCoOp", configs={"base2new": ("KgCoOp/vit_b16_ep100_ctxv1",)}), KgCoOp)

@@ -25,11 +25,12 @@ import torch
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
+from restore.official import OfficialRun
 from restore.prompting.deep import CoupledPrompts
 from restore.prompting.encoders import DeepTokens
 from restore.prompting.model import DeepPromptModel, PromptModel
 from restore.prompting.official import OfficialKeys
-from restore.prompting.trainer import PromptTrainer
+from restore.prompting.trainer import BuildDraws, PromptTrainer
 
 
 def maple_num_params(n_ctx: int, depth: int, text_width: int, vision_width: int) -> int:
@@ -69,9 +70,19 @@ class MaPLe(PromptTrainer):
         Option("PROMPT_DEPTH", 9, "prompted layers in both towers, from layer 0", minimum=1))
 
     @classmethod
-    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
+                           draws: BuildDraws = None) -> PromptModel:
         node = cls.method_node(cfg)
         return MaPLeModel(clip_model, classnames, n_ctx=node.N_CTX, depth=node.PROMPT_DEPTH, ctx_init=node.CTX_INIT)
+
+
+#: The official code for parity runs (python -m restore.parity): fp32 with ``.half()`` as a no-op (the
+#: official code halves layers unconditionally); PROMPT_DEPTH 3 = the parity CLIP's 3 layers.
+OFFICIAL = OfficialRun(repo="muzairkhattak/multimodal-prompt-learning", trainer="MaPLe",
+                       config="configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml", ours="MaPLe",
+                       our_config="configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml",
+                       opts=("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "3"),
+                       keys=MaPLeModel.official_keys)
 
 
 SPEC = register_method(MethodSpec("maple", "MaPLe", configs={

@@ -43,11 +43,13 @@ from restore.datasets.templates import CLIP_IMAGENET_TEMPLATES_60
 from restore.log import get_logger
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
+from restore.clip.replay import BuildPrompts, replay_openai_build
+from restore.official import OfficialRun
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.model import PromptModel, PromptOutput
-from restore.prompting.trainer import PromptTrainer
+from restore.prompting.trainer import BuildDraws, PromptTrainer, build_draws
 
-from .ivlp import IVLPModel
+from .ivlp import IVLPModel, ivlp_builds
 
 logger = get_logger(__name__)
 
@@ -186,8 +188,9 @@ class PromptSRCModel(IVLPModel):
     """
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any,
-                 teacher_templates: Sequence[str] = TEACHER_TEMPLATES) -> None:
-        super().__init__(clip_model, classnames, method_cfg)
+                 teacher_templates: Sequence[str] = TEACHER_TEMPLATES,
+                 initial: dict[str, list[torch.Tensor]] | None = None) -> None:
+        super().__init__(clip_model, classnames, method_cfg, initial=initial)
         self.text_loss_weight = float(method_cfg.TEXT_LOSS_WEIGHT)
         self.image_loss_weight = float(method_cfg.IMAGE_LOSS_WEIGHT)
         self.register_buffer("frozen_teacher_text", zeroshot_classifier(
@@ -242,13 +245,28 @@ class PromptSRC(PromptTrainer):
     # merge under yacs' strict typing.
 
     @classmethod
-    def create_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptSRCModel:
+    def create_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
+                     draws: BuildDraws = None) -> PromptSRCModel:
         """The model without GPA (subclasses return their own PromptSRCModel subclass)."""
-        return PromptSRCModel(clip_model, classnames, cls.method_node(cfg))
+        return PromptSRCModel(clip_model, classnames, cls.method_node(cfg), initial=build_draws(draws))
 
     @classmethod
-    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        model = cls.create_model(cfg, classnames, clip_model)
+    def official_builds(cls, cfg: Any) -> list[BuildPrompts]:
+        """The official code draws the deep prompts inside its IVLP CLIP build ..."""
+        return ivlp_builds(cls.method_node(cfg))
+
+    @torch.no_grad()
+    def replay_official_draws_after_model(self, clip_model: CLIP) -> None:
+        """... and builds two prompt-free CLIPs (its teachers) after creating the text context."""
+        config = getattr(clip_model, "config", None)
+        if config is not None:
+            replay_openai_build(config)
+            replay_openai_build(config)
+
+    @classmethod
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
+                           draws: BuildDraws = None) -> PromptModel:
+        model = cls.create_model(cfg, classnames, clip_model, draws)
         node = cls.method_node(cfg)
         attach_gpa(model, cfg.OPTIM.MAX_EPOCH, float(node.GPA_MEAN), float(node.GPA_STD))
         return model
@@ -256,6 +274,15 @@ class PromptSRC(PromptTrainer):
     def after_epoch(self) -> None:
         gpa_end_of_epoch(self.model, self.epoch, self.max_epoch)
         super().after_epoch()
+
+
+#: The official code for parity runs (python -m restore.parity): fp32 (``.half()`` no-op), prompt depths at
+#: the parity CLIP's 3 layers.
+OFFICIAL = OfficialRun(repo="muzairkhattak/PromptSRC", trainer="PromptSRC",
+                       config="configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml", ours="PromptSRC",
+                       our_config="configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
+                       opts=("TRAINER.PROMPTSRC.PREC", "fp32", "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "3",
+                             "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "3"), keys=PromptSRCModel.official_keys)
 
 
 SPEC = register_method(MethodSpec("promptsrc", "PromptSRC", configs={

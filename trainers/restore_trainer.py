@@ -65,7 +65,8 @@ from restore.options import Option, Options
 from restore.prompting.model import DeepPromptModel, PromptModel, PromptOutput
 from restore.prompting.official import OfficialKeys
 from restore.prompting.shift import observe_shift
-from restore.prompting.trainer import PromptTrainer
+from restore.prompting.trainer import BuildDraws, PromptTrainer
+from restore.official import OfficialRun
 
 from .ivlp import IVLPModel
 from .maple import MaPLeModel, maple_num_params
@@ -492,12 +493,16 @@ class RESTORE(PromptTrainer):
         Option("IVLP.N_CTX_VISION", 2, "IVLP base: vision prompt tokens per layer", minimum=0),
         Option("IVLP.PROMPT_DEPTH_TEXT", 12, "IVLP base: prompted text layers", minimum=0),
         Option("IVLP.PROMPT_DEPTH_VISION", 12, "IVLP base: prompted vision layers", minimum=0),
+        Option("RESUME_RECAPTURE_REFS", False, "official quirk: a resumed run re-captures the feature-shift references"),
+        Option("RATIO_UPDATE_AFTER_EVAL", False, "official quirk: update the ratios after the epoch's evaluation "
+               "(skipped when it ran on val)"),
         removed={"USE_FS_LOSS": "FS_WEIGHT alone switches the feature-shift loss (FS_WEIGHT 0.0 turns it off); "
                                 "delete USE_FS_LOSS from your config or options."},
     )
 
     @classmethod
-    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
+                           draws: BuildDraws = None) -> PromptModel:
         node = cls.method_node(cfg)
         if node.BASE == "maple":
             return RestoreMaPLeModel(clip_model, classnames, node)
@@ -516,16 +521,35 @@ class RESTORE(PromptTrainer):
             logger.info(f"RESTORE surgery ratios: text {float(surgery.text_ratio):.6f}, "
                   f"vision {float(surgery.vision_ratio):.6f}")
 
-    def after_epoch(self) -> None:
+    def before_train(self) -> None:
+        super().before_train()
+        if self.method_cfg.RESUME_RECAPTURE_REFS and self.start_epoch > 0:  # official quirk: references reset
+            self.model.restore.fs_ref_steps.zero_()
+            logger.info("RESTORE: resumed run re-captures the feature-shift references (RESUME_RECAPTURE_REFS)")
+
+    def _update_ratios(self) -> None:
         model = self.model
         update = model.maybe_update_ratios(self.epoch, self.max_epoch)
         if update is not None:
             logger.info(f"RESTORE guided update after epoch {self.epoch + 1}: text ratio +{update[0]:.6f} -> "
                   f"{float(model.restore.text_ratio):.6f}, vision ratio +{update[1]:.6f} -> "
                   f"{float(model.restore.vision_ratio):.6f}")
+
+    def after_epoch(self) -> None:
+        model = self.model
+        official_timing = bool(self.method_cfg.RATIO_UPDATE_AFTER_EVAL)
+        if not official_timing:
+            self._update_ratios()
         if getattr(model, "gpa", None) is not None:
             gpa_end_of_epoch(model, self.epoch, self.max_epoch)
         super().after_epoch()
+        # official quirk: the update runs after the epoch's checkpoint and evaluation, and only if the
+        # model is still in training mode, so a run that evaluated on val (best_val) never updates
+        if official_timing and model.training:
+            self._update_ratios()
+        elif official_timing and model.restore.ratio_update_due(self.epoch, self.max_epoch):
+            logger.info("RESTORE: surgery ratios not updated (model in eval mode after the validation; "
+                  "RATIO_UPDATE_AFTER_EVAL)")
 
     def results_metadata(self) -> dict[str, Any]:
         meta = dict(super().results_metadata())
@@ -549,6 +573,24 @@ SPEC = register_method(MethodSpec(
                        "domain_generalization": _OVERRIDES + "cross_dataset.yaml"},
     extras={"benchmark_pair": {"baseline": "MaPLe", "variants": {"feature": {"SHIFT": "feature"}}}},
 ), RESTORE)
+
+
+#: The official code for parity runs (python -m restore.parity): ``MaPLe_FSA`` of Yaphabates/RESTORE_, in fp32
+#: (its PREC is read from TRAINER.MAPLE; ``.half()`` a no-op), PROMPT_DEPTH 3 = the parity CLIP's layers,
+#: the official DTD run's ratios and lambda (run_maple_fsa.sh), which are also our DTD defaults.
+OFFICIAL = OfficialRun(
+    repo="Yaphabates/RESTORE_", trainer="MaPLe_FSA", config="configs/trainers/MaPLe_FSA/vit_b16_c2_ep5_batch4_2ctx.yaml",
+    ours="RESTORE", our_config="configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml",
+    official_opts=("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE_FSA.PREC", "fp32", "TRAINER.MAPLE_FSA.PROMPT_DEPTH", "3",
+                   "--vis_calib_r", "0.15", "--text_calib_r", "0.1", "--fs_loss_r", "0.5"),
+    our_opts=("TRAINER.RESTORE.PREC", "fp32", "TRAINER.RESTORE.PROMPT_DEPTH", "3", "TRAINER.RESTORE.VISION_RATIO", "0.15",
+              "TRAINER.RESTORE.TEXT_RATIO", "0.1", "TRAINER.RESTORE.FS_WEIGHT", "0.5"),
+    keys=((r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
+          (r"prompt_learner\.((proj|compound_prompts_text|compound_prompt_projections)(\..+)?)", r"prompt_learner.\1"),
+          (r"(text|visual)_adapter\.FFN\.0\.(weight|bias)", r"\1_adapter.up.\2"),
+          (r"(text|visual)_adapter\.FFN\.2\.(weight|bias)", r"\1_adapter.down.\2"),
+          (r"(text|visual)_adapter\.post_ln\.(weight|bias)", r"\1_adapter.ln.\2"),
+          (r"text_cali_ratio", "text_ratio"), (r"vis_cali_ratio", "vision_ratio")))
 
 
 def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size: int = 4, steps: int = 5,

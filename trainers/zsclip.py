@@ -9,9 +9,10 @@ import torch
 from restore.clip.model import CLIP
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
+from restore.official import OfficialRun
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.model import PromptModel
-from restore.prompting.trainer import PromptTrainer
+from restore.prompting.trainer import BuildDraws, PromptTrainer
 
 
 def dataset_templates(dataset_name: str, ensemble: bool = False) -> list[str]:
@@ -50,11 +51,18 @@ class ZeroshotCLIP(PromptTrainer):
         Option("ENSEMBLE", False, "average CLIP's ImageNet prompt templates instead of the dataset's one prompt"))
 
     @classmethod
-    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
+                           draws: BuildDraws = None) -> PromptModel:
         return ZeroshotModel(clip_model, classnames, dataset_templates(cfg.DATASET.NAME, cls.method_node(cfg).ENSEMBLE))
 
     def train(self) -> None:  # type: ignore[override]
         self.test()
+
+
+#: The official code for parity runs (python -m restore.parity --eval-only): CoOp's ZeroshotCLIP, fp32.
+OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="ZeroshotCLIP", config="configs/trainers/CoOp/vit_b32.yaml",
+                       ours="ZeroshotCLIP", our_config="configs/trainers/ZeroshotCLIP/vit_b32.yaml",
+                       our_opts=("TRAINER.ZEROSHOTCLIP.PREC", "fp32"))
 
 
 SPEC = register_method(MethodSpec("zsclip", "ZeroshotCLIP", aliases=("clip", "zeroshotclip", "zeroshot"), published="CLIP",

@@ -11,11 +11,12 @@ regularizers (Craft) that attach to any trainer by config.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
 from restore.clip.model import CLIP
+from restore.clip.replay import BuildPrompts, replay_openai_build
 from restore.engine.config import add_node, register_removed_key
 from restore.engine.distributed import average_gradients
 from restore.engine.evaluator import compute_accuracy
@@ -26,6 +27,14 @@ from restore.log import get_logger
 from restore.options import Option, Options
 
 from .model import PromptModel, PromptOutput
+
+#: What the replayed official CLIP build(s) drew, one mapping per build (see ``replay_openai_build``).
+BuildDraws = Optional[Sequence[dict[str, list[torch.Tensor]]]]
+
+
+def build_draws(draws: BuildDraws) -> dict[str, list[torch.Tensor]] | None:
+    """What the first replayed official CLIP build drew (initial prompts drawn inside it), if any."""
+    return draws[0] if draws else None
 
 logger = get_logger(__name__)
 
@@ -112,9 +121,12 @@ class PromptTrainer(TrainerX):
         self.all_options().validate(node, f"TRAINER.{self.cfg_node_name()}")
 
     @classmethod
-    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
+    def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
+                           draws: BuildDraws = None) -> PromptModel:
         """The method's model from CLIP, the class names and the config (no trainer, data or device needed):
-        ``TRAINER_REGISTRY.get(name).build_prompt_model(cfg, classnames, clip)``."""
+        ``TRAINER_REGISTRY.get(name).build_prompt_model(cfg, classnames, clip)``. ``draws``: what the
+        replayed official CLIP build(s) drew (see :meth:`replay_official_build`), for the official initial
+        values of prompts the official code creates inside its CLIP build."""
         raise NotImplementedError
 
     def load_backbone(self) -> CLIP:
@@ -128,11 +140,33 @@ class PromptTrainer(TrainerX):
                              f"{resolution}; set INPUT.SIZE ({resolution}, {resolution}).")
         return clip_model
 
+    @classmethod
+    def official_builds(cls, cfg: Any) -> Sequence[BuildPrompts]:
+        """What the method's official code draws inside its CLIP build(s): one :class:`BuildPrompts` per
+        build, in order (default: one plain build, as CoOp's). See
+        :func:`restore.clip.replay.replay_openai_build`."""
+        return [BuildPrompts()]
+
+    def replay_official_build(self, clip_model: CLIP) -> list[dict[str, list[torch.Tensor]]]:
+        """Advance the global RNG as the official code's CLIP build(s) would, so the tensors drawn next
+        get the official initial values for the same seed; returns what each build drew inside."""
+        config = getattr(clip_model, "config", None)
+        if config is None:
+            return []
+        return [replay_openai_build(config, build) for build in self.official_builds(self.cfg)]
+
+    def replay_official_draws_after_model(self, clip_model: CLIP) -> None:
+        """Draw from the global RNG what the official code draws after our learnable tensors are made
+        (tensors it creates but never trains, another CLIP build...), so the batches that follow are
+        the official ones; nothing by default."""
+
     def build_model(self) -> None:
         cfg = self.cfg
         classnames = self.dm.dataset.classnames
         logger.info(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
-        clip_model = self.load_backbone().to(self.device)  # methods may compute teacher features while building
+        clip_model = self.load_backbone()
+        self.official_build_draws = self.replay_official_build(clip_model)
+        clip_model = clip_model.to(self.device)  # methods may compute teacher features while building
         requested = self.method_cfg.PREC
         self.precision = resolve_precision(requested, self.device)
         self.autocast_dtype = autocast_dtype(self.precision, self.device)
@@ -141,7 +175,10 @@ class PromptTrainer(TrainerX):
         elif requested == "auto":
             logger.info(f"Precision: PREC auto -> {self.precision} on {self.device}")
         logger.info(f"Building {type(self).__name__}")
-        self.model = self.build_prompt_model(cfg, classnames, clip_model)
+        drawn = self.official_build_draws
+        extra = {"draws": drawn} if any(len(v) for d in drawn for v in d.values()) else {}  # optional for methods
+        self.model = self.build_prompt_model(cfg, classnames, clip_model, **extra)
+        self.replay_official_draws_after_model(clip_model)
         learnable = self.model.freeze()
         logger.info(f"Parameters to be updated: {sorted(learnable)}")
         n_learn = sum(p.numel() for p in self.model.parameters() if p.requires_grad)

@@ -204,8 +204,10 @@ class CraftRegularizer:
             items = sample_per_class(dataset.train_x, int(node.TARGET_NUM_SHOTS), seed)
             tfm = build_transform(tcfg, is_train=node.TARGET_TRANSFORM == "train")
             try:
+                generator = torch.Generator()  # its own stream: the training batches stay Dassl's
+                generator.manual_seed(seed)
                 loader = build_data_loader(tcfg, sampler_type="RandomSampler", data_source=items,
-                                           batch_size=batch_size, tfm=tfm, is_train=True)
+                                           batch_size=batch_size, tfm=tfm, is_train=True, generator=generator)
             except ValueError as err:  # DDP: the global target batch must split evenly over the ranks
                 raise ValueError(f"Craft's target loader (global batch {batch_size} from TRAINER.CRAFT."
                                  f"TARGET_BATCH_SIZE, {len(items)} target images): {err}") from None

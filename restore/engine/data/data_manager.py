@@ -66,7 +66,7 @@ def build_dataset(cfg: Any) -> Any:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed numpy and ``random`` in a loader worker from torch's per-worker seed (itself from the generator)."""
+    """Seed numpy and ``random`` in a loader worker from torch's per-worker seed (from the loader's generator)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -74,21 +74,20 @@ def seed_worker(worker_id: int) -> None:
 
 def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_source: Sequence[Datum] | None = None,
                       batch_size: int = 64, n_domain: int = 0, n_ins: int = 2, tfm: Any = None,
-                      is_train: bool = True, dataset_wrapper: Any = None, shard: bool = True) -> DataLoader:
+                      is_train: bool = True, dataset_wrapper: Any = None, shard: bool = True,
+                      generator: torch.Generator | None = None) -> DataLoader:
     """A DataLoader over ``data_source`` (Dassl semantics: train drops the last incomplete batch).
 
     Under DDP each rank loads its shard of every global batch; ``shard=False`` gives every rank
     the whole loader (for work that one rank does alone, e.g. Craft's anchors).
 
-    With ``cfg.SEED >= 0`` the shuffling order and worker seeds come from a generator seeded with
-    ``cfg.SEED``, so the order is reproducible and independent of other uses of the global RNG.
+    Shuffling and random transforms draw from the global torch RNG, as Dassl's loaders do, so a
+    seeded run gets Dassl's batches for that seed; resuming restores the global RNG states saved in
+    the checkpoint, and under DDP every rank draws the same and rank 0's order is used. A loader
+    with its own stream (e.g. Craft's target images, which must not change the training batches)
+    passes ``generator``: its order and worker seeds then come from it alone.
     """
     data_source = list(data_source or [])
-    generator = None
-    seed = int(getattr(cfg, "SEED", -1))
-    if seed >= 0 or getattr(cfg, "DETERMINISTIC", False):
-        generator = torch.Generator()
-        generator.manual_seed(max(seed, 0))
     sampler = build_sampler(sampler_type, cfg=cfg, data_source=data_source, batch_size=batch_size,
                             n_domain=n_domain, n_ins=n_ins, generator=generator)
     # DDP: batch_size is global; each rank loads its shard of every global batch (no-op in one process)
