@@ -9,6 +9,7 @@ arguments (trainer class, config file, per-dataset options, output folder, check
     python -m restore.protocols xd-test         TRAINER DATASET|all SEED [opts...]
     python -m restore.protocols dg-test         TRAINER DATASET|all SEED [opts...]
     python -m restore.protocols fewshot-train   TRAINER DATASET SHOTS SEED [opts...]
+    python -m restore.protocols groups-train    TRAINER waterbirds|celeba SEED [opts...]  # SHOTS (-1 = all)
     python -m restore.protocols run-all         PROTOCOL TRAINER[,TRAINER...] [--seeds 1,2,3] [--datasets ...] [--gpus 0,1] [opts...]
     python -m restore.protocols list            # trainers, their classes and config files
 
@@ -63,8 +64,8 @@ from restore.evaluation.results import (
 
 __all__ = [
     "TRAINERS", "TrainerSpec", "Step", "ProtocolError", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS",
-    "FEWSHOT_SHOTS", "OPTS_FILE", "repo_root", "get_spec", "resolve_config", "dataset_opts", "last_epoch",
-    "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_test", "fewshot_train", "build_jobs",
+    "FEWSHOT_SHOTS", "GROUP_DATASETS", "GROUPS_OPTS", "OPTS_FILE", "repo_root", "get_spec", "resolve_config", "dataset_opts", "last_epoch",
+    "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_test", "fewshot_train", "groups_train", "build_jobs",
     "run_steps", "run_jobs", "move_aside", "check_steps", "Interrupted", "main",
 ]
 
@@ -74,6 +75,10 @@ XD_SOURCE = "imagenet"
 XD_TARGETS = [d for d in BASE2NEW_DATASETS if d != XD_SOURCE]
 DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 FEWSHOT_SHOTS = [1, 2, 4, 8, 16]
+GROUP_DATASETS = ["waterbirds", "celeba"]
+#: What the ``groups`` protocol adds to every run (the user's opts come later and win): the model with
+#: the best worst-group accuracy on val is tested.
+GROUPS_OPTS = ("TEST.FINAL_MODEL", "best_val", "TEST.SELECTION_METRIC", "worst_group_accuracy")
 DEFAULT_SEEDS = [1, 2, 3]
 
 
@@ -163,7 +168,7 @@ TRAINERS: dict[str, TrainerSpec] = {s.key: s for s in [
 ]}
 _ALIASES = {"clip": "zsclip", "zeroshotclip": "zsclip", "zeroshot": "zsclip", "maple+craft": "craft",
             "independentvl": "ivlp"}
-_PROTOCOL_FALLBACK = {"dg": "xd", "fewshot": "base2new", "xd": "base2new"}
+_PROTOCOL_FALLBACK = {"dg": "xd", "fewshot": "base2new", "xd": "base2new", "groups": "fewshot"}
 _PROTOCOL_ALIASES = {"cross_dataset": "xd", "cross_datasets": "xd", "domain_generalization": "dg", "few_shot": "fewshot",
                      "b2n": "base2new", "base_to_novel": "base2new"}
 
@@ -649,6 +654,18 @@ def fewshot_train(ctx: Context, trainer: str, dataset: str, shots: int, seed: in
                 _argv(ctx, spec, dataset, seed, cfg_path, out, "fewshot", opts, dataset), user_opts=list(ctx.opts))
 
 
+def groups_train(ctx: Context, trainer: str, dataset: str, seed: int) -> Step:
+    """Group robustness: train on the train split (``SHOTS`` per class, -1 = all), select on val, test per group."""
+    spec, dataset = get_spec(trainer), dataset_key(dataset)
+    if dataset not in GROUP_DATASETS:
+        raise ProtocolError(f"{dataset} is not a group-robustness dataset; choose one of {', '.join(GROUP_DATASETS)}")
+    cfg_path, cfg = _train_cfg(ctx, spec, "groups", dataset)
+    out = run_dir(ctx.output, "groups", "train", dataset, ctx.shots, spec.label, cfg, seed)
+    opts = ["DATASET.NUM_SHOTS", str(ctx.shots), *GROUPS_OPTS]
+    return Step(f"groups train {spec.label} {dataset} seed{seed}", out,
+                _argv(ctx, spec, dataset, seed, cfg_path, out, "groups", opts, dataset), user_opts=list(ctx.opts))
+
+
 def _dataset_list(value: str, default: Sequence[str]) -> list[str]:
     if value in ("", "all"):
         return list(default)
@@ -675,6 +692,10 @@ def build_jobs(ctx: Context, protocol: str, trainer: str, seeds: Sequence[int], 
             job += [dg_test(ctx, trainer, d, seed) for d in (_dataset_list(datasets, DG_TARGETS) if protocol == "dg"
                                                              else DG_TARGETS)]
             jobs.append(job)
+    elif protocol == "groups":
+        for dataset in _dataset_list(datasets, GROUP_DATASETS):
+            for seed in seeds:
+                jobs.append([groups_train(ctx, trainer, dataset, seed)])
     else:
         for dataset in _dataset_list(datasets, BASE2NEW_DATASETS):
             for k in shots or FEWSHOT_SHOTS:
@@ -1100,6 +1121,7 @@ _COMMANDS = {
     "xd-test": "evaluate the ImageNet model on the 10 other datasets",
     "dg-test": "evaluate the ImageNet model on ImageNetV2, -Sketch, -A and -R",
     "fewshot-train": "train and test on all classes with NUM_SHOTS shots",
+    "groups-train": "group robustness (waterbirds, celeba): select on val, worst-group accuracy on test",
     "run-all": "the full grid of datasets x seeds (x shots) of a protocol",
     "list": "trainers, their classes and the config files they resolve to",
 }
@@ -1115,7 +1137,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     _common(p)
     opts_help = "config options KEY VALUE ... passed to every step (after all others, so they win)"
     if command == "run-all":
-        p.add_argument("protocol", help="base2new | xd | dg | fewshot")
+        p.add_argument("protocol", help="base2new | xd | dg | fewshot | groups")
         p.add_argument("trainer", help="one or a comma list of: " + ", ".join(TRAINERS))
         p.add_argument("--seeds", type=_int_list, default=DEFAULT_SEEDS, help="default 1,2,3")
         p.add_argument("--datasets", default="", help="comma list (default: all of the protocol)")
@@ -1210,6 +1232,8 @@ def _run_command(args: argparse.Namespace) -> int:
         elif args.command in ("xd-test", "dg-test"):
             fn, default = (xd_test, XD_TARGETS) if args.command == "xd-test" else (dg_test, DG_TARGETS)
             steps = [fn(ctx, args.trainer, d, args.seed) for d in _dataset_list(args.dataset, default)]
+        elif args.command == "groups-train":
+            steps = [groups_train(ctx, args.trainer, args.dataset, args.seed)]
         else:
             steps = [fewshot_train(ctx, args.trainer, args.dataset, args.num_shots, args.seed)]
         if args.dry_run:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from restore.clip.model import CLIP
-from restore.data.templates import CUSTOM_TEMPLATES, dataset_template
+from restore.data.templates import CUSTOM_TEMPLATES, configured_template
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
@@ -75,6 +75,6 @@ class KgCoOp(PromptTrainer):
                                    "CLASS_TOKEN_POSITION": "end", "W": 8.0, "DISTANCE": "cosine"}
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        template = dataset_template(cfg.DATASET.NAME, KGCOOP_TEMPLATES)
+        template = configured_template(cfg, KGCOOP_TEMPLATES)
         clip_model.to(getattr(self, "device", torch.device("cpu")))  # teacher features on the training device
         return KgCoOpModel(clip_model, classnames, self.method_cfg, template)

@@ -355,10 +355,10 @@ class MMRL(PromptTrainer):
             raise ValueError(f"TRAINER.MMRL.ALPHA must be in [0, 1], got {node.ALPHA}")
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        from restore.data.templates import dataset_template
+        from restore.data.templates import configured_template
 
         node = self.method_cfg
-        template = node.TEMPLATE or dataset_template(cfg.DATASET.NAME)
+        template = node.TEMPLATE or configured_template(cfg)
         print(f"MMRL text template: {template!r}")
         self._checkpoint_dataset: str | None = None
         self._loaded_checkpoint = False

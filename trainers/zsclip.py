@@ -7,18 +7,19 @@ from typing import Any
 import torch
 
 from restore.clip.model import CLIP
+from restore.data.templates import configured_template
 from restore.engine.registry import TRAINER_REGISTRY
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptTrainer
 
 
-def dataset_templates(dataset_name: str, ensemble: bool = False) -> list[str]:
-    """The hand-written template of a dataset; with ``ensemble`` also CoOp's 7 ImageNet templates."""
+def dataset_templates(dataset_name: str, ensemble: bool = False, template: str = "") -> list[str]:
+    """The hand-written template of a dataset (or ``template``); with ``ensemble`` also CoOp's 7 ImageNet ones."""
     from restore.data.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
-    if dataset_name not in CUSTOM_TEMPLATES:
+    if not template and dataset_name not in CUSTOM_TEMPLATES:
         raise KeyError(f"No hand-written template for dataset {dataset_name!r}; known: {sorted(CUSTOM_TEMPLATES)}")
-    templates = [CUSTOM_TEMPLATES[dataset_name]]
+    templates = [template or CUSTOM_TEMPLATES[dataset_name]]
     if ensemble:
         templates = list(IMAGENET_TEMPLATES_SELECT) + ([] if dataset_name == "ImageNet" else templates)
     return templates
@@ -48,7 +49,8 @@ class ZeroshotCLIP(PromptTrainer):
     default_cfg: dict[str, Any] = {"PREC": "auto", "ENSEMBLE": False}
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        return ZeroshotModel(clip_model, classnames, dataset_templates(cfg.DATASET.NAME, self.method_cfg.ENSEMBLE))
+        return ZeroshotModel(clip_model, classnames, dataset_templates(cfg.DATASET.NAME, self.method_cfg.ENSEMBLE,
+                                                                       configured_template(cfg)))
 
     def train(self) -> None:  # type: ignore[override]
         self.test()

@@ -109,9 +109,9 @@ class CraftRegularizer:
 
     @property
     def template(self) -> str:
-        from restore.data.templates import dataset_template
+        from restore.data.templates import configured_template
 
-        return str(self.node.TEMPLATE) or dataset_template(str(self.cfg.DATASET.NAME))
+        return str(self.node.TEMPLATE) or configured_template(self.cfg)
 
     def _resolve_text_mode(self, model: torch.nn.Module) -> tuple[str, Any]:
         mode = str(self.node.STOCHASTIC_TEXT)

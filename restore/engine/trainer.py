@@ -356,7 +356,11 @@ class SimpleTrainer(TrainerBase):
         distributed.broadcast_parameters(self._models.values())  # DDP: same start on every rank
         self.install_scaler_sync()  # DDP
         self.evaluator = build_evaluator(cfg, lab2cname=self.lab2cname)
+        bind = getattr(self.evaluator, "bind_dataset", None)
+        if callable(bind):  # a group-aware evaluator learns the dataset's groups
+            bind(self.dm.dataset)
         self.best_result = -np.inf
+        self.best_epoch: int | None = None
 
     def check_cfg(self, cfg: Any) -> None:
         pass
@@ -399,6 +403,7 @@ class SimpleTrainer(TrainerBase):
             curr_result = self.test(split="val")
             if curr_result > self.best_result:
                 self.best_result = curr_result
+                self.best_epoch = self.epoch + 1
                 self.save_model(self.epoch, self.output_dir, val_result=curr_result, model_name="model-best.pth.tar")
         self.save_epoch_checkpoint(keep=meet_checkpoint_freq or last_epoch)
 
@@ -459,10 +464,13 @@ class SimpleTrainer(TrainerBase):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start, images = time.time(), 0
+        observe = getattr(self.evaluator, "observe_batch", None)  # a group-aware evaluator sees the batch first
         with self.inference_context():
             for batch in tqdm(data_loader, desc=f"eval {split}", leave=False, dynamic_ncols=True):
                 input, label = self.parse_batch_test(batch)
                 output = self.model_inference(input)
+                if callable(observe):
+                    observe(batch)
                 self.evaluator.process(output, label)
                 images += label.shape[0]
         seconds = time.time() - start
@@ -472,7 +480,18 @@ class SimpleTrainer(TrainerBase):
             self.write_scalar(f"{split}/{k}", v, self.epoch)
         if split == "test":
             self.write_results(results, split, images, seconds)
-        return list(results.values())[0]
+        return self.selection_value(results)
+
+    def selection_value(self, results: dict[str, float]) -> float:
+        """The number that ranks models on val: ``TEST.SELECTION_METRIC`` (Dassl: the first result)."""
+        metric = str(self.cfg.TEST.SELECTION_METRIC)
+        if metric == "accuracy" or not metric:
+            return list(results.values())[0]
+        if metric not in results:
+            raise ValueError(f"TEST.SELECTION_METRIC {metric!r} is not computed by TEST.EVALUATOR "
+                             f"{self.cfg.TEST.EVALUATOR!r} (it gives {', '.join(results)}); use GroupClassification "
+                             "for the group metrics.")
+        return results[metric]
 
     def inference_context(self) -> Any:
         """A context manager for the whole evaluation loop (prompt trainers cache text features)."""
@@ -528,6 +547,12 @@ class SimpleTrainer(TrainerBase):
             record["shots_per_class"] = shots_per_class  # train images per label: fewer than num_shots if scarce
         if "perclass_accuracy" in results:
             record["perclass_accuracy"] = results["perclass_accuracy"]
+        details = getattr(self.evaluator, "results_details", None)
+        if callable(details):  # a group-aware evaluator: per-group table and predictions.csv
+            record.update(details(self.output_dir))
+            record["model_selection"] = {"final_model": cfg.TEST.FINAL_MODEL, "metric": cfg.TEST.SELECTION_METRIC,
+                                         "best_val": None if self.best_epoch is None else float(self.best_result),
+                                         "best_epoch": self.best_epoch}
         path = osp.join(self.output_dir, RESULTS_FILE)
         # the whole config beside the numbers: what a table row was computed with, loadable by yacs
         atomic_write_bytes(cfg.dump().encode(), osp.join(self.output_dir, CONFIG_FILE))
