@@ -1,0 +1,243 @@
+"""Group robustness: Waterbirds / CelebA loaders (both layouts), group metrics, the group-aware evaluator
+through train.py for every registered trainer (and Craft), the groups protocol and its tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import os.path as osp
+import random
+
+import numpy as np
+import pytest
+from helpers import run_train_py
+
+import datasets  # noqa: F401  registers the loaders
+import trainers  # noqa: F401  registers every trainer
+from restore.data.group_synthetic import group_split_counts, make_group_synthetic
+from restore.engine.config import get_cfg_default
+from restore.engine.data import DatasetNotFoundError, build_dataset, load_datum_cache
+from restore.engine.registry import TRAINER_REGISTRY
+from restore.evaluation.groups import group_metrics, group_names
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CLASSES = {"waterbirds": "Waterbirds", "celeba": "CelebA"}
+
+
+def _cfg(root, name, shots=-1, seed=1, per_group=False):
+    cfg = get_cfg_default()
+    cfg.DATASET.ROOT, cfg.DATASET.NAME = str(root), CLASSES[name]
+    cfg.DATASET.NUM_SHOTS, cfg.SEED = shots, seed
+    cfg.DATASET.GROUPS.SHOTS_PER_GROUP = per_group
+    return cfg
+
+
+def _load(root, name, **kw):
+    random.seed(kw.get("seed", 1))
+    return build_dataset(_cfg(root, name, **kw))
+
+
+def _items(ds):
+    """(path relative to the layout folder, label, attribute, classname) per split."""
+    return [sorted((osp.relpath(d.impath, ds.dataset_dir), d.label, d.domain, d.classname) for d in split)
+            for split in (ds.train_x, ds.val, ds.test)]
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_group_metrics_against_hand_computed_values():
+    labels = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    attrs = [0, 0, 0, 1, 1, 1, 1, 0, 0, 1]
+    preds = [0, 0, 1, 0, 1, 1, 0, 0, 0, 1]
+    names = group_names(["landbird", "waterbird"], ["land", "water"])
+    m = group_metrics(labels, preds, attrs, names, 2, train_counts=[70, 5, 5, 20])
+    # groups: (0,0): 3 items, 2 right; (0,1): 1, 1 right; (1,0): 2, 0 right; (1,1): 4, 3 right
+    assert [(c, n) for _, c, n, _ in m.per_group] == [(2, 3), (1, 1), (0, 2), (3, 4)]
+    assert m.accuracy == pytest.approx(60.0)
+    assert m.worst_group_accuracy == 0.0 and m.worst_group == "waterbird / land"
+    assert m.group_mean_accuracy == pytest.approx((200 / 3 + 100 + 0 + 75) / 4)
+    assert m.weighted_accuracy == pytest.approx((70 * 200 / 3 + 5 * 100 + 5 * 0 + 20 * 75) / 100)
+    assert m.gap == pytest.approx(60.0)
+    rec = m.as_record()
+    assert rec["per_group"][2] == {"group": "waterbird / land", "index": 2, "correct": 0, "total": 2,
+                                   "accuracy": 0.0, "train_count": 5}
+    with pytest.raises(ValueError, match="outside the 4 groups"):
+        group_metrics([2], [0], [0], names, 2)
+
+
+# ------------------------------------------------------------------------------------------ loaders
+@pytest.mark.parametrize("name", ["waterbirds", "celeba"])
+def test_both_layouts_load_the_same_items(tmp_path, name):
+    for layout in ("original", "wilds"):
+        make_group_synthetic(name, tmp_path / layout, layout, images_per_class=10, eval_per_group=2, spurious=0.8)
+    original, wilds = _load(tmp_path / "original", name), _load(tmp_path / "wilds", name)
+    assert osp.basename(original.dataset_dir) != osp.basename(wilds.dataset_dir)
+    assert _items(original) == _items(wilds)
+    counts = group_split_counts(name, 10, 2, 0.8)
+    assert original.train_group_counts == [counts[(0, y, a)] for y in (0, 1) for a in (0, 1)] == [8, 2, 2, 8]
+    for split, items in zip((1, 2), (original.val, original.test)):
+        assert sorted((d.label, d.domain) for d in items) == sorted(
+            (y, a) for (s, y, a), n in counts.items() if s == split for _ in range(n))
+    assert original.classnames == (["landbird", "waterbird"] if name == "waterbirds"
+                                   else ["person with non-blond hair", "person with blond hair"])
+    # the attribute in the Datum is what the metadata says: the synthetic background colour encodes it
+    from PIL import Image
+
+    for d in original.test[:4]:
+        corner = np.asarray(Image.open(d.impath).convert("RGB"))[:4, :4].mean(axis=(0, 1))
+        assert (corner[2] > corner[1]) == (d.domain == 1)  # water / male: blue background
+
+
+def test_classnames_and_template_are_configurable(tmp_path):
+    make_group_synthetic("waterbirds", tmp_path, images_per_class=4, eval_per_group=1)
+    cfg = _cfg(tmp_path, "waterbirds")
+    cfg.DATASET.GROUPS.CLASSNAMES = ["land bird", "water bird"]
+    assert build_dataset(cfg).classnames == ["land bird", "water bird"]
+    cfg.DATASET.GROUPS.CLASSNAMES = ["bird"]
+    with pytest.raises(ValueError, match="must list 2 names"):
+        build_dataset(cfg)
+    from restore.data.templates import configured_template
+
+    assert configured_template(cfg) == "a photo of a {}."
+    cfg.DATASET.TEMPLATE = "a bird photo: {}."
+    assert configured_template(cfg) == "a bird photo: {}."
+    cfg.DATASET.TEMPLATE = "no slot"
+    with pytest.raises(ValueError, match="no '{}'"):
+        configured_template(cfg)
+
+
+def test_fewshot_per_class_and_per_group_with_caches(tmp_path):
+    d = make_group_synthetic("waterbirds", tmp_path, images_per_class=10, eval_per_group=2, spurious=0.8)
+    per_class = _load(tmp_path, "waterbirds", shots=3)
+    assert sorted(x.label for x in per_class.train_x) == [0, 0, 0, 1, 1, 1] and len(per_class.val) == 8
+    assert per_class.train_group_counts == [8, 2, 2, 8]  # the weights come from the full train split
+    cached = load_datum_cache(osp.join(d, "split_fewshot", "shot_3-seed_1.pkl"))
+    assert set(cached) == {"train"} and sorted(cached["train"], key=str) == sorted(per_class.train_x, key=str)
+    per_group = _load(tmp_path, "waterbirds", shots=2, per_group=True)
+    assert sorted((x.label, x.domain) for x in per_group.train_x) == [(0, 0), (0, 0), (0, 1), (0, 1),
+                                                                      (1, 0), (1, 0), (1, 1), (1, 1)]
+    path = osp.join(d, "split_fewshot", "shot_2_per_group-seed_1.pkl")
+    assert load_datum_cache(path)["train"] == per_group.train_x
+    random.seed(99)  # another draw would differ: the cache is what is read
+    assert build_dataset(_cfg(tmp_path, "waterbirds", shots=2, per_group=True)).train_x == per_group.train_x
+
+
+def _rewrite_csv(path, edit):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    rows = edit(rows)
+    with open(path, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+
+
+def test_bad_inputs_are_one_sentence_naming_the_file(tmp_path):
+    d = make_group_synthetic("waterbirds", tmp_path, images_per_class=4, eval_per_group=1)
+    meta = osp.join(d, "metadata.csv")
+    original = open(meta).read()
+
+    _rewrite_csv(meta, lambda rows: [r[:4] + r[5:] for r in rows])  # drop "place"
+    with pytest.raises(DatasetNotFoundError, match=r"metadata.csv has no column 'place'") as err:
+        _load(tmp_path, "waterbirds")
+    assert meta in str(err.value) and "Traceback" not in str(err.value)
+
+    open(meta, "w").write(original)
+    _rewrite_csv(meta, lambda rows: [rows[0], rows[1][:2] + ["2"] + rows[1][3:], *rows[2:]])
+    with pytest.raises(DatasetNotFoundError, match=r"class index 2 on line 2 of metadata.csv is out of range"):
+        _load(tmp_path, "waterbirds")
+
+    open(meta, "w").write(original)  # every test image of one group moved to val
+    _rewrite_csv(meta, lambda rows: [rows[0], *[r[:3] + ["1"] + r[4:] if r[2:5] == ["1", "2", "0"] else r
+                                                for r in rows[1:]]])
+    with pytest.raises(DatasetNotFoundError, match=r"'waterbird / land background' have no test images in "
+                                                   r"metadata.csv"):
+        _load(tmp_path, "waterbirds")
+    assert open(meta).read() != original  # nothing rewritten by the loader; restore and load fine
+    open(meta, "w").write(original)
+    assert len(_load(tmp_path, "waterbirds").test) == 4
+
+    c = make_group_synthetic("celeba", tmp_path, images_per_class=4, eval_per_group=1)
+    attrs = osp.join(c, "list_attr_celeba.txt")
+    text = open(attrs).read().replace(" Male ", " Female ")
+    open(attrs, "w").write(text)
+    with pytest.raises(DatasetNotFoundError, match="list_attr_celeba.txt has no column 'Male'"):
+        _load(tmp_path, "celeba")
+    with pytest.raises(DatasetNotFoundError, match="none of the folders"):
+        _load(tmp_path / "nowhere", "celeba")
+
+
+# ------------------------------------------------------------------------------------------ train.py
+TINY = {"CoOp": ["TRAINER.COOP.N_CTX", "4"], "CoCoOp": ["TRAINER.COCOOP.N_CTX", "4"]}
+
+
+@pytest.fixture(scope="module")
+def spurious_waterbirds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("groups_data")
+    make_group_synthetic("waterbirds", root, images_per_class=6, eval_per_group=2, spurious=0.95)
+    return str(root)
+
+
+def _train(root, out, trainer, *opts):
+    args = ["--root", root, "--output-dir", str(out), "--trainer", trainer, "--seed", "1",
+            "--dataset-config-file", osp.join(ROOT, "configs", "datasets", "waterbirds.yaml"),
+            "MODEL.BACKBONE.NAME", "tiny", "USE_CUDA", "False", "DATALOADER.NUM_WORKERS", "0",
+            "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "OPTIM.MAX_EPOCH", "1",
+            "TEST.FINAL_MODEL", "best_val", "TEST.SELECTION_METRIC", "worst_group_accuracy", "OPTIM.LR", "0.01",
+            *TINY.get(trainer, []), *opts]
+    assert run_train_py(args) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def _check_run(out, result):
+    """results.json's group record agrees with predictions.csv, recomputed here by hand."""
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == result["num_test_images"] == 8
+    per_group = {i: [0, 0] for i in range(4)}
+    for r in rows:
+        g = int(r["label"]) * 2 + int(r["attribute"])
+        assert int(r["group"]) == g and int(r["correct"]) == (r["label"] == r["prediction"])
+        per_group[g][0] += int(r["correct"])
+        per_group[g][1] += 1
+    groups = result["groups"]
+    for i, (correct, total) in per_group.items():
+        assert groups["per_group"][i]["correct"] == correct and groups["per_group"][i]["total"] == total == 2
+    accs = [100.0 * c / n for c, n in per_group.values()]
+    assert groups["worst_group_accuracy"] == pytest.approx(min(accs))
+    assert result["accuracy"] == groups["average_accuracy"] == pytest.approx(np.mean(accs))
+    assert groups["weighted_accuracy"] == pytest.approx(np.dot(accs, [6, 0, 0, 6]) / 12)  # round(0.95*6)=6
+    log = (out / "log.txt").read_text()
+    assert "=> per-group result" in log and f"* worst-group accuracy: {min(accs):.1f}%" in log
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINER_REGISTRY.registered_names()))
+def test_every_trainer_reports_group_metrics(spurious_waterbirds, tmp_path, trainer):
+    result = _train(spurious_waterbirds, tmp_path / trainer, trainer)
+    _check_run(tmp_path / trainer, result)
+    sel = result["model_selection"]
+    assert sel["metric"] == "worst_group_accuracy" and sel["final_model"] == "best_val"
+    if trainer != "ZeroshotCLIP":  # trained: the val metric of epoch 1 picked the model
+        assert sel["best_epoch"] == 1 and 0.0 <= sel["best_val"] <= 100.0
+
+
+def test_craft_on_groups_with_class_mean_anchors(spurious_waterbirds, tmp_path):
+    result = _train(spurious_waterbirds, tmp_path / "craft", "CoOp", "TRAINER.CRAFT.ENABLED", "True",
+                    "TRAINER.CRAFT.ANCHOR_NUM_SHOTS", "-1", "TRAINER.COOP.PREC", "fp32")
+    _check_run(tmp_path / "craft", result)
+    import torch
+
+    anchors = torch.load(tmp_path / "craft" / "craft_anchors.pt", weights_only=True)
+    assert tuple(anchors["anchors"].shape[:1]) == (2,)  # one anchor per class: the class mean
+
+
+def test_selection_metric_needs_the_group_evaluator(spurious_waterbirds, tmp_path):
+    import train
+
+    args = ["--root", spurious_waterbirds, "--output-dir", str(tmp_path / "x"), "--trainer", "ZeroshotCLIP",
+            "--dataset-config-file", osp.join(ROOT, "configs", "datasets", "waterbirds.yaml"),
+            "MODEL.BACKBONE.NAME", "tiny", "USE_CUDA", "False", "DATALOADER.NUM_WORKERS", "0",
+            "TEST.EVALUATOR", "Classification", "TEST.SELECTION_METRIC", "worst_group_accuracy"]
+    from restore.engine.trainer import build_trainer
+
+    trainer = build_trainer(train.setup_cfg(train.build_parser().parse_args(args)))
+    with pytest.raises(ValueError, match="is not computed by TEST.EVALUATOR 'Classification'"):
+        trainer.selection_value({"accuracy": 50.0})
