@@ -241,3 +241,68 @@ def test_selection_metric_needs_the_group_evaluator(spurious_waterbirds, tmp_pat
     trainer = build_trainer(train.setup_cfg(train.build_parser().parse_args(args)))
     with pytest.raises(ValueError, match="is not computed by TEST.EVALUATOR 'Classification'"):
         trainer.selection_value({"accuracy": 50.0})
+
+
+# ------------------------------------------------------------------------------------------ protocol, tables
+def test_groups_protocol_steps(tmp_path):
+    from restore import protocols as P
+
+    ctx = P.Context(data=str(tmp_path), output=str(tmp_path / "out"), shots=-1, opts=["MODEL.BACKBONE.NAME", "tiny"])
+    jobs = P.build_jobs(ctx, "groups", "coop", [1, 2])
+    assert [len(j) for j in jobs] == [1, 1, 1, 1]
+    step = jobs[0][0]
+    assert step.output_dir == osp.join(str(tmp_path / "out"), "groups", "train", "waterbirds", "shots_-1", "CoOp",
+                                       "vit_b16_ep50", "seed1")
+    argv = step.argv
+    assert argv[argv.index("--dataset-config-file") + 1].endswith(osp.join("configs", "datasets", "waterbirds.yaml"))
+    text = " ".join(argv)
+    assert "PROTOCOL groups DATASET.NUM_SHOTS -1 TEST.FINAL_MODEL best_val TEST.SELECTION_METRIC " \
+           "worst_group_accuracy" in text and text.endswith("MODEL.BACKBONE.NAME tiny")
+    assert [j[0].output_dir.split(os.sep)[-5] for j in jobs] == ["waterbirds", "waterbirds", "celeba", "celeba"]
+    with pytest.raises(P.ProtocolError, match="dtd is not a group-robustness dataset"):
+        P.groups_train(ctx, "coop", "dtd", 1)
+
+
+def _fake_run(root, method, seed, per_group, trained=True):
+    from restore.evaluation.results import run_dir
+
+    folder = run_dir(str(root), "groups", "train", "waterbirds", 16, method, "cfg", seed)
+    os.makedirs(folder)
+    names = group_names(["landbird", "waterbird"], ["land", "water"])
+    m = group_metrics(*zip(*[(y, p, a) for (y, a), accs in zip([(0, 0), (0, 1), (1, 0), (1, 1)], per_group)
+                             for p in [y] * accs + [1 - y] * (4 - accs)]), names=names, num_attributes=2,
+                      train_counts=[3, 1, 1, 3])
+    rec = {"accuracy": m.accuracy, "trainer": method, "dataset": "Waterbirds", "seed": seed, "backbone": "tiny",
+           "groups": m.as_record(), "model_selection": {"final_model": "best_val", "metric": "worst_group_accuracy",
+                                                        "best_epoch": 1 if trained else None, "best_val": 50.0}}
+    with open(osp.join(folder, "results.json"), "w") as f:
+        json.dump(rec, f)
+
+
+def test_group_tables_mean_std_csv_and_png(tmp_path):
+    from PIL import Image
+
+    from restore.evaluation.group_tables import aggregate_groups, main
+
+    _fake_run(tmp_path, "CoOp", 1, [4, 2, 1, 4])  # correct of 4 per group: avg 68.75, worst 25
+    _fake_run(tmp_path, "CoOp", 2, [4, 0, 3, 4])  # avg 68.75, worst 0
+    _fake_run(tmp_path, "ZeroshotCLIP", 1, [4, 0, 0, 4], trained=False)  # avg 50, worst 0
+    written = aggregate_groups(str(tmp_path), str(tmp_path / "agg"))
+    md = open(written["md"]).read()
+    assert ("| CoOp | cfg | 16 | tiny | val worst_group_accuracy | 2 | 68.8 ± 0.0 | 12.5 ± 12.5 | 56.2 ± 12.5 |"
+            in md)
+    assert "| ZeroshotCLIP | cfg | 16 | tiny | none (not trained) | 1 | 50.0 ± 0.0 | 0.0 ± 0.0 | 50.0 ± 0.0 |" in md
+    with open(written["csv"]) as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    coop = rows["CoOp"]
+    assert float(coop["worst_group_mean"]) == pytest.approx(12.5) and float(coop["gap_std"]) == pytest.approx(12.5)
+    assert float(coop["group: waterbird / land"]) == pytest.approx(50.0)  # (25 + 75) / 2
+    # train-weighted: (3*100 + 1*50 + 1*25 + 3*100) / 8 and (3*100 + 0 + 1*75 + 3*100) / 8
+    assert float(coop["weighted_mean"]) == pytest.approx((84.375 + 84.375) / 2)
+    assert coop["seeds"] == "1 2"
+    assert written["png"] == [str(tmp_path / "agg" / "groups_waterbirds.png")]
+    assert Image.open(written["png"][0]).size[0] > 400
+    assert main([str(tmp_path / "missing")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 2

@@ -63,9 +63,9 @@ def group_rows(root: str) -> list[GroupRow]:
         groups = rec.info.get("groups") if rec.source == RESULTS_FILE else None
         if not isinstance(groups, dict):
             continue
-        selection = str((rec.info.get("model_selection") or {}).get("metric", ""))
-        if (rec.info.get("model_selection") or {}).get("final_model") != "best_val":
-            selection = "last epoch"
+        sel = rec.info.get("model_selection") or {}
+        selection = ("last epoch" if sel.get("final_model") != "best_val"
+                     else "none (not trained)" if sel.get("best_epoch") is None else f"val {sel.get('metric')}")
         key = (rec.dataset, rec.method, rec.cfg, str(rec.shots), rec.backbone, selection)
         row = rows.setdefault(key, GroupRow(rec.dataset, rec.method, rec.cfg, rec.shots, rec.backbone, selection))
         row.seeds.append(rec.seed)
