@@ -203,7 +203,7 @@ class GroupClassification(Classification):
         if self.last_metrics is None:
             return {}
         num_attrs = len(self._attribute_names)
-        rows = [["impath", "label", "attribute", "group", "prediction", "correct"]]
+        rows: list[list[Any]] = [["impath", "label", "attribute", "group", "prediction", "correct"]]
         for path, y, a, p in zip(self._impaths, self._y_true, self._attrs, self._y_pred):
             rows.append([path, y, a, y * num_attrs + a, p, int(y == p)])
         buf = io.StringIO()
