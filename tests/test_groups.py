@@ -306,3 +306,38 @@ def test_group_tables_mean_std_csv_and_png(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main([str(empty)]) == 2
+
+
+def test_group_evaluator_state_merges_over_ranks_like_one_process(tmp_path):
+    """DDP gathers an evaluator's int/float/list/dict state from every rank; the group constants survive."""
+    import torch
+
+    from restore.engine.distributed import _EVAL_SKIP, _merge
+    from restore.engine.evaluator import GroupClassification
+
+    make_group_synthetic("waterbirds", tmp_path, images_per_class=4, eval_per_group=1)
+    cfg = _cfg(tmp_path, "waterbirds")
+    ds = build_dataset(cfg)
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])
+    attrs = torch.tensor([0, 1, 0, 1, 1, 0])
+    logits = torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1], [1, 0], [0, 1]])
+
+    def run(sl):
+        ev = GroupClassification(cfg, lab2cname=ds.lab2cname)
+        ev.bind_dataset(ds)
+        ev.observe_batch({"domain": attrs[sl], "impath": [f"im{i}" for i in range(6)][sl]})
+        ev.process(logits[sl], labels[sl])
+        return ev
+
+    whole = run(slice(0, 6)).evaluate()
+    ranks = [run(slice(0, 3)), run(slice(3, 6))]
+    states = [{k: v for k, v in vars(e).items() if k not in _EVAL_SKIP and isinstance(v, (int, float, list, dict))}
+              for e in ranks]
+    merged = ranks[0]
+    for key, value in _merge(states).items():
+        setattr(merged, key, value)
+    assert merged.evaluate() == whole
+    assert whole["worst_group_accuracy"] == 50.0 and whole["accuracy"] == pytest.approx(100 * 4 / 6)
+    assert merged.last_metrics.per_group[1][0] == "landbird / water background"
+    with pytest.raises(RuntimeError, match="observe_batch"):
+        ranks[1].process(logits, labels)  # no batch observed

@@ -142,8 +142,9 @@ class GroupClassification(Classification):
 
     def __init__(self, cfg: Any, lab2cname: dict[int, str] | None = None, **kwargs: Any) -> None:
         node = cfg.DATASET.GROUPS
-        self._attribute_names: list[str] = list(node.ATTRIBUTE_NAMES) or ["attribute 0", "attribute 1"]
-        self._train_counts: list[int] | None = None
+        # tuples: DDP's evaluate() concatenates an evaluator's lists over ranks, these are per-dataset constants
+        self._attribute_names: tuple[str, ...] = tuple(node.ATTRIBUTE_NAMES) or ("attribute 0", "attribute 1")
+        self._train_counts: tuple[int, ...] | None = None
         self._pending: tuple[list[int], list[str]] | None = None
         self.last_metrics: Any = None
         metric = str(cfg.TEST.SELECTION_METRIC)
@@ -162,9 +163,9 @@ class GroupClassification(Classification):
         """Attribute names and train group counts of a group dataset (``attribute_names``, ``train_group_counts``)."""
         names = getattr(dataset, "attribute_names", None)
         if names:
-            self._attribute_names = list(names)
+            self._attribute_names = tuple(names)
         counts = getattr(dataset, "train_group_counts", None)
-        self._train_counts = list(counts) if counts else None
+        self._train_counts = tuple(counts) if counts else None
 
     def observe_batch(self, batch: dict[str, Any]) -> None:
         """Remember the spurious attributes (``domain``) and paths of the batch ``process`` gets next."""
