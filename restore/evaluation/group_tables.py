@@ -135,12 +135,15 @@ def plot_groups(rows: Sequence[GroupRow], dataset: str, path: str) -> Optional[s
     for i, r in enumerate(items):
         stats = [mean_std(r.groups.get(g, [])) for g in names]
         xs = [k + (i - (len(items) - 1) / 2) * width for k in range(len(names))]
-        label = f"{r.method} ({r.cfg}, {r.shots} shots): avg {_fmt(r.average)}, worst {_fmt(r.worst)}"
-        ax.bar(xs, [m or 0.0 for m, _ in stats], width, yerr=[s or 0.0 for _, s in stats], capsize=3, label=label)
+        shots = "all images" if r.shots < 1 else f"{r.shots} shots"
+        label = f"{r.method} ({r.cfg}, {shots}, {len(r.seeds)} seeds): avg {_fmt(r.average)}, worst {_fmt(r.worst)}"
+        bars = ax.bar(xs, [m or 0.0 for m, _ in stats], width, yerr=[s or 0.0 for _, s in stats], capsize=3,
+                      label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)  # a 0% bar is otherwise invisible
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.replace(" / ", "\n") for n in names], fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 112)
     ax.set_title(f"{dataset}: accuracy per group (class / spurious attribute), mean ± std over seeds")
     ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=1)
     fig.tight_layout()
