@@ -341,3 +341,30 @@ def test_group_evaluator_state_merges_over_ranks_like_one_process(tmp_path):
     assert merged.last_metrics.per_group[1][0] == "landbird / water background"
     with pytest.raises(RuntimeError, match="observe_batch"):
         ranks[1].process(logits, labels)  # no batch observed
+
+
+def _val_values(log):
+    """The worst-group accuracies of the val evaluations, in log order."""
+    values, in_val = [], False
+    for line in log.splitlines():
+        if "Evaluate on the *" in line:
+            in_val = "*val*" in line
+        if in_val and line.startswith("* worst-group accuracy:"):
+            values.append(float(line.split(":")[1].split("%")[0]))
+    return values
+
+
+def test_resumed_run_keeps_the_best_val_so_far(spurious_waterbirds, tmp_path):
+    """A run resumed after epoch 1 selects the model an uninterrupted run would (best val is restored)."""
+    out = tmp_path / "run"
+    epochs = ["OPTIM.LR", "0.5", "TRAIN.CHECKPOINT_FREQ", "1"]
+    _train(spurious_waterbirds, out, "CoOp", *epochs, "OPTIM.MAX_EPOCH", "1")
+    first = _val_values((out / "log.txt").read_text())
+    (out / "results.json").unlink()  # as if killed after epoch 1's checkpoint
+    result = _train(spurious_waterbirds, out, "CoOp", *epochs, "OPTIM.MAX_EPOCH", "3")
+    log = (out / "log.txt").read_text()
+    assert "Best val result so far:" in log
+    values = first + _val_values(log.split("Best val result so far:")[-1])
+    assert len(values) == 3
+    assert result["model_selection"]["best_epoch"] == values.index(max(values)) + 1
+    assert result["model_selection"]["best_val"] == max(values)

@@ -389,6 +389,8 @@ class SimpleTrainer(TrainerBase):
         self.start_epoch = self.resume_model_if_exist(directory)
         distributed.check_same(self.start_epoch, "the resumed epoch")  # DDP
         self._resume_only_paths = self.resumed_resume_only_paths(directory)
+        if self.start_epoch > 0 and self.cfg.TEST.FINAL_MODEL == "best_val":
+            self.restore_best_val(directory)
         self.install_scaler_sync()  # DDP: a scaler built after build_model
         if self.start_epoch < self.max_epoch and distributed.is_main_process():  # DDP: rank 0 logs
             self.init_writer(osp.join(self.output_dir, "tensorboard"))
@@ -406,6 +408,19 @@ class SimpleTrainer(TrainerBase):
                 self.best_epoch = self.epoch + 1
                 self.save_model(self.epoch, self.output_dir, val_result=curr_result, model_name="model-best.pth.tar")
         self.save_epoch_checkpoint(keep=meet_checkpoint_freq or last_epoch)
+
+    def restore_best_val(self, directory: str) -> None:
+        """After a resume: the best val result so far, from ``model-best.pth.tar``, so the resumed run picks
+        the same model as an uninterrupted one (otherwise its first val result would count as the best)."""
+        names = self.get_model_names()
+        path = osp.join(directory, names[0], "model-best.pth.tar") if names else ""
+        if not path or not osp.isfile(path):
+            return
+        checkpoint = load_checkpoint(path, corrupted_advice=resume_advice(path))
+        val = checkpoint.get("val_result")
+        if isinstance(val, (int, float)):
+            self.best_result, self.best_epoch = float(val), checkpoint.get("epoch")
+            print(f"Best val result so far: {val:.1f} (epoch {self.best_epoch}, {path})")
 
     def keeps_checkpoint(self, epoch: int) -> bool:
         """Whether ``model.pth.tar-<epoch>`` stays for good: the last epoch and every CHECKPOINT_FREQ-th."""
