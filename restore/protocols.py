@@ -1173,7 +1173,7 @@ def _print_list() -> int:
     root = repo_root()
     for spec in TRAINERS.values():
         print(f"{spec.key:10s} -> {spec.trainer} (output label {spec.label})")
-        for protocol in ("base2new", "xd", "fewshot"):
+        for protocol in ("base2new", "xd", "fewshot", "groups"):
             try:
                 path, _ = resolve_config(spec, protocol, "dtd", root=root)
                 shown = osp.relpath(path, root)
