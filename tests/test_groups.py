@@ -15,7 +15,7 @@ from helpers import run_train_py
 
 import datasets  # noqa: F401  registers the loaders
 import trainers  # noqa: F401  registers every trainer
-from restore.data.group_synthetic import group_split_counts, make_group_synthetic
+from restore.datasets.group_synthetic import group_split_counts, make_group_synthetic
 from restore.engine.config import get_cfg_default
 from restore.engine.data import DatasetNotFoundError, build_dataset, load_datum_cache
 from restore.engine.registry import TRAINER_REGISTRY
@@ -96,7 +96,7 @@ def test_classnames_and_template_are_configurable(tmp_path):
     cfg.DATASET.GROUPS.CLASSNAMES = ["bird"]
     with pytest.raises(ValueError, match="must list 2 names"):
         build_dataset(cfg)
-    from restore.data.templates import configured_template
+    from restore.datasets.templates import configured_template
 
     assert configured_template(cfg) == "a photo of a {}."
     cfg.DATASET.TEMPLATE = "a bird photo: {}."

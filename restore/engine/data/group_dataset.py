@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from typing import Any, Sequence
 
 from ..utils import atomic_write_bytes
-from .benchmark import BenchmarkMixin
+from .split_datasets import BenchmarkMixin
 from .dataset_base import (
     DatasetBase,
     cache_root,

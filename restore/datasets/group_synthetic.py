@@ -8,7 +8,7 @@ attribute ``c``); Waterbirds' val and test are balanced over the attribute withi
 real release), CelebA's follow the same correlation as train (as in the real one). Every group gets
 at least one val and one test image.
 
-    python -m restore.data.synthetic waterbirds --root /tmp/data --spurious 0.95 [--layout original|wilds|both]
+    python -m restore.datasets.synthetic waterbirds --root /tmp/data --spurious 0.95 [--layout original|wilds|both]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .benchmarks import GROUP_BENCHMARKS
+from .catalog import GROUP_BENCHMARKS
 
 __all__ = ["LAYOUTS", "make_group_synthetic", "group_split_counts"]
 
