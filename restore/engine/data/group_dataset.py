@@ -19,7 +19,6 @@ from collections import Counter, defaultdict
 from typing import Any, Sequence
 
 from ..utils import atomic_write_bytes
-from .split_datasets import BenchmarkMixin
 from .dataset_base import (
     DatasetBase,
     cache_root,
@@ -29,6 +28,7 @@ from .dataset_base import (
     writable_cache,
 )
 from .datum import DatasetNotFoundError, Datum, dumps_datum_cache, load_datum_cache
+from .split_datasets import BenchmarkMixin
 
 __all__ = ["GroupDataset", "SPLIT_NAMES", "read_csv_table", "sample_per_group"]
 
