@@ -19,14 +19,8 @@ from collections import Counter, defaultdict
 from typing import Any, Sequence
 
 from ..utils import atomic_write_bytes
-from .dataset_base import (
-    DatasetBase,
-    cache_root,
-    load_or_create_fewshot,
-    make_datums,
-    subsample_classes,
-    writable_cache,
-)
+from .dataset_base import (DatasetBase, cache_root, load_or_create_fewshot, make_datums, subsample_classes,
+                           writable_cache)
 from .datum import DatasetNotFoundError, Datum, dumps_datum_cache, load_datum_cache
 from .split_datasets import BenchmarkMixin
 
