@@ -9,6 +9,7 @@ arguments (trainer class, config file, per-dataset options, output folder, check
     python -m restore.protocols xd-test         TRAINER DATASET|all SEED [opts...]
     python -m restore.protocols dg-test         TRAINER DATASET|all SEED [opts...]
     python -m restore.protocols fewshot-train   TRAINER DATASET SHOTS SEED [opts...]
+    python -m restore.protocols groups-train    TRAINER waterbirds|celeba SEED [opts...]  # SHOTS (-1 = all)
     python -m restore.protocols run-all         PROTOCOL TRAINER[,TRAINER...] [--seeds 1,2,3] [--datasets ...] [--gpus 0,1] [opts...]
     python -m restore.protocols list            # trainers, their classes and config files
 
@@ -63,8 +64,8 @@ from restore.methods import MethodSpec, config_path, dataset_config, get_method,
 
 __all__ = [
     "Step", "ProtocolError", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS",
-    "FEWSHOT_SHOTS", "OPTS_FILE", "get_spec", "resolve_config", "last_epoch",
-    "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_test", "fewshot_train", "build_jobs",
+    "FEWSHOT_SHOTS", "GROUP_DATASETS", "GROUPS_OPTS", "OPTS_FILE", "get_spec", "resolve_config", "last_epoch",
+    "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_test", "fewshot_train", "groups_train", "build_jobs",
     "run_steps", "run_jobs", "move_aside", "check_steps", "Interrupted", "main",
 ]
 
@@ -74,6 +75,10 @@ XD_SOURCE = "imagenet"
 XD_TARGETS = [d for d in BASE2NEW_DATASETS if d != XD_SOURCE]
 DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 FEWSHOT_SHOTS = [1, 2, 4, 8, 16]
+GROUP_DATASETS = ["waterbirds", "celeba"]
+#: What the ``groups`` protocol adds to every run (the user's opts come later and win): the model with
+#: the best worst-group accuracy on val is tested.
+GROUPS_OPTS = ("TEST.FINAL_MODEL", "best_val", "TEST.SELECTION_METRIC", "worst_group_accuracy")
 DEFAULT_SEEDS = [1, 2, 3]
 
 
@@ -91,7 +96,7 @@ def get_spec(trainer: str) -> MethodSpec:
                             f"{', '.join(s.key for s in list_methods())}") from None
 
 
-_PROTOCOL_FALLBACK = {"dg": "xd", "fewshot": "base2new", "xd": "base2new"}
+_PROTOCOL_FALLBACK = {"dg": "xd", "fewshot": "base2new", "xd": "base2new", "groups": "fewshot"}
 _PROTOCOL_ALIASES = {"cross_dataset": "xd", "cross_datasets": "xd", "domain_generalization": "dg", "few_shot": "fewshot",
                      "b2n": "base2new", "base_to_novel": "base2new"}
 
@@ -497,6 +502,18 @@ def fewshot_train(ctx: Context, trainer: str, dataset: str, shots: int, seed: in
                 _argv(ctx, spec, dataset, seed, cfg_path, out, "fewshot", opts), user_opts=list(ctx.opts))
 
 
+def groups_train(ctx: Context, trainer: str, dataset: str, seed: int) -> Step:
+    """Group robustness: train on the train split (``SHOTS`` per class, -1 = all), select on val, test per group."""
+    spec, dataset = get_spec(trainer), dataset_key(dataset)
+    if dataset not in GROUP_DATASETS:
+        raise ProtocolError(f"{dataset} is not a group-robustness dataset; choose one of {', '.join(GROUP_DATASETS)}")
+    cfg_path, cfg = _train_cfg(ctx, spec, "groups", dataset)
+    out = run_dir(ctx.output, "groups", "train", dataset, ctx.shots, spec.display, cfg, seed)
+    opts = ["DATASET.NUM_SHOTS", str(ctx.shots), *GROUPS_OPTS]
+    return Step(f"groups train {spec.display} {dataset} seed{seed}", out,
+                _argv(ctx, spec, dataset, seed, cfg_path, out, "groups", opts), user_opts=list(ctx.opts))
+
+
 def _dataset_list(value: str, default: Sequence[str]) -> list[str]:
     if value in ("", "all"):
         return list(default)
@@ -523,6 +540,10 @@ def build_jobs(ctx: Context, protocol: str, trainer: str, seeds: Sequence[int], 
             job += [dg_test(ctx, trainer, d, seed) for d in (_dataset_list(datasets, DG_TARGETS) if protocol == "dg"
                                                              else DG_TARGETS)]
             jobs.append(job)
+    elif protocol == "groups":
+        for dataset in _dataset_list(datasets, GROUP_DATASETS):
+            for seed in seeds:
+                jobs.append([groups_train(ctx, trainer, dataset, seed)])
     else:
         for dataset in _dataset_list(datasets, BASE2NEW_DATASETS):
             for k in shots or FEWSHOT_SHOTS:
@@ -939,6 +960,7 @@ _COMMANDS = {
     "xd-test": "evaluate the ImageNet model on the 10 other datasets",
     "dg-test": "evaluate the ImageNet model on ImageNetV2, -Sketch, -A and -R",
     "fewshot-train": "train and test on all classes with NUM_SHOTS shots",
+    "groups-train": "group robustness (waterbirds, celeba): select on val, worst-group accuracy on test",
     "run-all": "the full grid of datasets x seeds (x shots) of a protocol",
     "list": "trainers, their classes and the config files they resolve to",
 }
@@ -954,7 +976,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     _common(p)
     opts_help = "config options KEY VALUE ... passed to every step (after all others, so they win)"
     if command == "run-all":
-        p.add_argument("protocol", help="base2new | xd | dg | fewshot")
+        p.add_argument("protocol", help="base2new | xd | dg | fewshot | groups")
         p.add_argument("trainer", help="one or a comma list of method names (python -m restore.methods lists them)")
         p.add_argument("--seeds", type=_int_list, default=DEFAULT_SEEDS, help="default 1,2,3")
         p.add_argument("--datasets", default="", help="comma list (default: all of the protocol)")
@@ -991,7 +1013,7 @@ def _print_list() -> int:
     load_plugins()
     for spec in list_methods():
         print(f"{spec.key:10s} -> {spec.trainer} (output label {spec.display})")
-        for protocol in ("base2new", "xd", "fewshot"):
+        for protocol in ("base2new", "xd", "fewshot", "groups"):
             try:
                 path, _ = resolve_config(spec, protocol, "dtd", root=root)
                 shown = osp.relpath(path, root)
@@ -1050,6 +1072,8 @@ def _run_command(args: argparse.Namespace) -> int:
         elif args.command in ("xd-test", "dg-test"):
             fn, default = (xd_test, XD_TARGETS) if args.command == "xd-test" else (dg_test, DG_TARGETS)
             steps = [fn(ctx, args.trainer, d, args.seed) for d in _dataset_list(args.dataset, default)]
+        elif args.command == "groups-train":
+            steps = [groups_train(ctx, args.trainer, args.dataset, args.seed)]
         else:
             steps = [fewshot_train(ctx, args.trainer, args.dataset, args.num_shots, args.seed)]
         if args.dry_run:

@@ -391,9 +391,9 @@ def test_recorded_md5s_are_torchvisions_for_the_same_files(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------- bad command lines
 
 BAD_INPUTS = [  # (argv after --root, the one line printed)
-    (["dtdd"], "error: Unknown dataset 'dtdd'. Did you mean 'dtd'? Choose one of ['caltech101', 'dtd', 'eurosat', "
-               "'fgvc_aircraft', 'food101', 'imagenet', 'imagenet_a', 'imagenet_r', 'imagenet_sketch', 'imagenetv2', "
-               "'oxford_flowers', 'oxford_pets', 'stanford_cars', 'sun397', 'ucf101']."),
+    (["dtdd"], "error: Unknown dataset 'dtdd'. Did you mean 'dtd'? Choose one of ['caltech101', 'celeba', 'dtd', "
+               "'eurosat', 'fgvc_aircraft', 'food101', 'imagenet', 'imagenet_a', 'imagenet_r', 'imagenet_sketch', "
+               "'imagenetv2', 'oxford_flowers', 'oxford_pets', 'stanford_cars', 'sun397', 'ucf101', 'waterbirds']."),
     (["dtd", "--sha256", "abc123"], "error: --sha256 value 'abc123' is not a SHA256 (64 hexadecimal characters): pass "
                                     "the output of `sha256sum FILE` as HEX or FILE=HEX."),
     (["dtd", "--sha256", f"{DTD}={'g' * 64}"], f"error: --sha256 value '{'g' * 64}' is not a SHA256 (64 hexadecimal "
@@ -425,3 +425,12 @@ def test_help_names_every_dataset_and_option(capsys):
         assert option in out
     assert "Downloaded: dtd, oxford_pets, oxford_flowers, food101, fgvc_aircraft, eurosat" in " ".join(out.split())
     assert ".corrupt-<time>" in out and "Exit status: 0 done, 2 failed" in " ".join(out.split())
+
+
+def test_group_datasets_print_where_to_get_them(tmp_path, capsys):
+    """waterbirds / celeba have no verified archive: prepare names the release and the WILDS route."""
+    for name, folder in (("waterbirds", "waterbirds_v1.0"), ("celeba", "celebA_v1.0")):
+        steps = P.prepare(name, str(tmp_path))
+        assert len(steps) == 1 and f"{tmp_path}/{folder}/" in steps[0] and "get_dataset(" in steps[0]
+        assert f"DATASETS.md#{name}" in steps[0]
+    assert not os.listdir(tmp_path)  # nothing downloaded or created

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
-from restore.datasets.templates import CUSTOM_TEMPLATES, dataset_template
+from restore.datasets.templates import CUSTOM_TEMPLATES, configured_template
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
 from restore.clip.replay import replay_openai_build
@@ -87,7 +87,7 @@ class KgCoOp(PromptTrainer):
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
                            draws: BuildDraws = None) -> PromptModel:
-        template = dataset_template(cfg.DATASET.NAME, KGCOOP_TEMPLATES)
+        template = configured_template(cfg, KGCOOP_TEMPLATES)
         return KgCoOpModel(clip_model, classnames, cls.method_node(cfg), template)
 
     @torch.no_grad()

@@ -335,10 +335,10 @@ class MMRL(PromptTrainer):
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
                            draws: BuildDraws = None) -> PromptModel:
-        from restore.datasets.templates import dataset_template
+        from restore.datasets.templates import configured_template
 
         node = cls.method_node(cfg)
-        template = node.TEMPLATE or dataset_template(cfg.DATASET.NAME)
+        template = node.TEMPLATE or configured_template(cfg)
         logger.info(f"MMRL text template: {template!r}")
         drawn = draws or [{}]
         proj_rep = (drawn[0].get("vision_proj_extra") or [None])[0]  # drawn inside the official CLIP build

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from restore.clip.model import CLIP
+from restore.datasets.templates import configured_template
 from restore.methods import MethodSpec, register_method
 from restore.options import Option, Options
 from restore.official import OfficialRun
@@ -15,13 +16,13 @@ from restore.prompting.model import PromptModel
 from restore.prompting.trainer import BuildDraws, PromptTrainer
 
 
-def dataset_templates(dataset_name: str, ensemble: bool = False) -> list[str]:
-    """The hand-written template of a dataset; with ``ensemble`` also CoOp's 7 ImageNet templates."""
+def dataset_templates(dataset_name: str, ensemble: bool = False, template: str = "") -> list[str]:
+    """The hand-written template of a dataset (or ``template``); with ``ensemble`` also CoOp's 7 ImageNet ones."""
     from restore.datasets.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
-    if dataset_name not in CUSTOM_TEMPLATES:
+    if not template and dataset_name not in CUSTOM_TEMPLATES:
         raise KeyError(f"No hand-written template for dataset {dataset_name!r}; known: {sorted(CUSTOM_TEMPLATES)}")
-    templates = [CUSTOM_TEMPLATES[dataset_name]]
+    templates = [template or CUSTOM_TEMPLATES[dataset_name]]
     if ensemble:
         templates = list(IMAGENET_TEMPLATES_SELECT) + ([] if dataset_name == "ImageNet" else templates)
     return templates
@@ -53,7 +54,8 @@ class ZeroshotCLIP(PromptTrainer):
     @classmethod
     def build_prompt_model(cls, cfg: Any, classnames: list[str], clip_model: CLIP,
                            draws: BuildDraws = None) -> PromptModel:
-        return ZeroshotModel(clip_model, classnames, dataset_templates(cfg.DATASET.NAME, cls.method_node(cfg).ENSEMBLE))
+        return ZeroshotModel(clip_model, classnames, dataset_templates(cfg.DATASET.NAME, cls.method_node(cfg).ENSEMBLE,
+                                                                       configured_template(cfg)))
 
     def train(self) -> None:  # type: ignore[override]
         self.test()

@@ -1,4 +1,4 @@
-"""Facts about the 15 benchmarks shared by the loaders (``datasets/``) and the data tools."""
+"""Facts about the 15 benchmarks (and the 2 group-robustness sets) shared by the loaders (``datasets/``) and the data tools."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "imagenet_sketch": ("ImageNetSketch", "imagenet-sketch"),
     "imagenet_a": ("ImageNetA", "imagenet-adversarial"),
     "imagenet_r": ("ImageNetR", "imagenet-rendition"),
+}
+
+# Group-robustness datasets: yaml name -> (DATASET.NAME, folders under ROOT in the order the loader tries them:
+# the original release, then the WILDS package's).
+GROUP_BENCHMARKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "waterbirds": ("Waterbirds", ("waterbird_complete95_forest2water2", "waterbirds_v1.0")),
+    "celeba": ("CelebA", ("celeba", "celebA_v1.0")),
 }
 
 EUROSAT_NEW_CNAMES: dict[str, str] = {
@@ -42,12 +49,13 @@ CALTECH101_NEW_CNAMES: dict[str, str] = {
 
 def resolve(name: str) -> str:
     """The yaml name for a yaml or class name (case-insensitive); unknown -> ValueError naming the closest one."""
-    for key, (cls, _) in BENCHMARKS.items():
+    classes = {key: cls for key, (cls, _) in [*BENCHMARKS.items(), *GROUP_BENCHMARKS.items()]}
+    for key, cls in classes.items():
         if name.lower() in (key, cls.lower()):
             return key
     from restore.engine.registry import closest_names  # lazy: the engine package is heavier than this table
 
-    by_name = {alias: key for key, (cls, _) in BENCHMARKS.items() for alias in (key, cls)}
+    by_name = {alias: key for key, cls in classes.items() for alias in (key, cls)}
     hint = closest_names(name, by_name)
     suggestion = f" Did you mean {by_name[hint[0]]!r}?" if hint else ""
-    raise ValueError(f"Unknown dataset {name!r}.{suggestion} Choose one of {sorted(BENCHMARKS)}.")
+    raise ValueError(f"Unknown dataset {name!r}.{suggestion} Choose one of {sorted(classes)}.")

@@ -40,7 +40,7 @@ from typing import Mapping, Sequence
 from restore.clip.loader import sha256_file
 from restore.protocols import move_aside
 
-from .catalog import BENCHMARKS, resolve
+from .catalog import BENCHMARKS, GROUP_BENCHMARKS, resolve
 
 __all__ = ["Source", "Recipe", "RECIPES", "PrepareError", "ChecksumError", "DownloadError", "ExtractError",
            "CORRUPT_SUFFIX", "download", "extract", "prepare", "sha256_overrides", "main"]
@@ -143,6 +143,19 @@ RECIPES: dict[str, Recipe] = {
                                  extract_to="imagenet-rendition"),),
                          manual="Copy imagenet/classnames.txt into $ROOT/imagenet-rendition/.",
                          check=("imagenet-rendition/imagenet-r",)),
+    # group robustness: archives without a recorded checksum; the WILDS package is the other route
+    # (``pip install wilds`` is not a dependency of this package)
+    "waterbirds": Recipe(manual="Download waterbird_complete95_forest2water2.tar.gz (Sagawa et al.'s group-DRO "
+                                "release, https://nlp.stanford.edu/data/dro/) and extract it into $ROOT/; or, with the "
+                                "WILDS package (pip install wilds): python -c \"from wilds import get_dataset; "
+                                "get_dataset('waterbirds', root_dir='$ROOT', download=True)\", which writes "
+                                "$ROOT/waterbirds_v1.0/ (read as it is). See DATASETS.md#waterbirds."),
+    "celeba": Recipe(manual="Download img_align_celeba.zip, list_attr_celeba.txt and list_eval_partition.txt from "
+                            "the CelebA page (https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html) into $ROOT/celeba/ "
+                            "and unzip the images there (torchvision.datasets.CelebA(root='$ROOT', download=True) "
+                            "writes the same layout); or, with the WILDS package: python -c \"from wilds import "
+                            "get_dataset; get_dataset('celebA', root_dir='$ROOT', download=True)\", which writes "
+                            "$ROOT/celebA_v1.0/ (read as it is). See DATASETS.md#celeba."),
     "imagenet": Recipe(manual="ImageNet-1k (ILSVRC-2012) needs a login at image-net.org: put train/ and val/ "
                               "(val sorted into wnid folders) under $ROOT/imagenet/images/ and classnames.txt "
                               "(CoOp's DATASETS.md) under $ROOT/imagenet/."),
@@ -361,7 +374,7 @@ def prepare(name: str, root: str, mirror: str | None = None, sha256: Mapping[str
         for archive in archives:
             os.remove(archive)
     steps = [recipe.manual.replace("$ROOT", root)] if recipe.manual else []
-    print(f"{BENCHMARKS[key][0]}: " + ("done." if not steps else "remaining step: " + steps[0]))
+    print(f"{(BENCHMARKS.get(key) or GROUP_BENCHMARKS[key])[0]}: " + ("done." if not steps else "remaining step: " + steps[0]))
     return steps
 
 
@@ -386,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"<file>{CORRUPT_SUFFIX}<time>. Checksums: torchvision's MD5s for {_verified()}; the other downloads "
                "are reported unverified (with their SHA256) unless --sha256 is given. Exit status: 0 done, 2 failed "
                "(one line on stderr says why).")
-    parser.add_argument("name", help=f"dataset, yaml or class name (case-insensitive): {', '.join(BENCHMARKS)}")
+    parser.add_argument("name", help=f"dataset, yaml or class name (case-insensitive): {', '.join([*BENCHMARKS, *GROUP_BENCHMARKS])}")
     parser.add_argument("--root", required=True, help="DATASET.ROOT: the folder that holds all datasets")
     parser.add_argument("--mirror", default=None,
                         help=f"base URL serving the same file names (default: ${MIRROR_ENV}, else the "

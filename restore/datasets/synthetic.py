@@ -6,6 +6,7 @@ the real loaders read them unchanged::
 
     python -m restore.datasets.synthetic dtd --root /tmp/data --classes 4 --images-per-class 6
     python -m restore.datasets.synthetic all --root /tmp/data
+    python -m restore.datasets.synthetic waterbirds --root /tmp/data --spurious 0.95 --layout both   # also celeba
 
 Per class with n images: test = max(1, n // 3), val = max(1, n // 6), train = the rest
 (ImageNet: n train + test-size val images; test-only variants: n test images).
@@ -23,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .catalog import BENCHMARKS, CALTECH101_IGNORED, CALTECH101_NEW_CNAMES, EUROSAT_NEW_CNAMES, resolve
+from .catalog import BENCHMARKS, CALTECH101_IGNORED, GROUP_BENCHMARKS, CALTECH101_NEW_CNAMES, EUROSAT_NEW_CNAMES, resolve
 
 __all__ = ["make_synthetic", "split_sizes", "main"]
 
@@ -341,19 +342,41 @@ def _make_imagenet_r(d, w, c, n, sj):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", help=f"dataset (yaml or class name) or 'all': {', '.join(BENCHMARKS)}")
+    parser.add_argument("name", help=f"dataset (yaml or class name) or 'all' (the 15): "
+                                     f"{', '.join([*BENCHMARKS, *GROUP_BENCHMARKS])}")
     parser.add_argument("--root", required=True, help="DATASET.ROOT to write into")
     parser.add_argument("--classes", type=int, default=4, help="number of classes (default: %(default)s)")
-    parser.add_argument("--images-per-class", type=int, default=6,
+    parser.add_argument("--images-per-class", type=int, default=None,
                         help="images per class n; with a split file: test max(1, n // 3), val max(1, n // 6), "
-                             "train the rest (default: %(default)s)")
+                             "train the rest (default: 6; waterbirds / celeba: n train images per class, default 20)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the image noise; the same seed writes the same files (default: %(default)s)")
     parser.add_argument("--no-split-json", action="store_true", help="leave out split_zhou_*.json")
+    group = parser.add_argument_group("waterbirds / celeba (group robustness; --classes is always 2, "
+                                      "--images-per-class counts train images, default 20)")
+    group.add_argument("--spurious", type=float, default=0.95,
+                       help="share of each class's train images with its majority attribute (default: %(default)s)")
+    group.add_argument("--layout", choices=["original", "wilds", "both"], default="original",
+                       help="original release folder, the WILDS package's, or both (default: %(default)s)")
+    group.add_argument("--eval-per-group", type=int, default=4,
+                       help="val and test images per group (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.name.lower() in GROUP_BENCHMARKS:
+        from .group_synthetic import make_group_synthetic
+
+        per_class = 20 if args.images_per_class is None else args.images_per_class
+        for layout in (("original", "wilds") if args.layout == "both" else (args.layout,)):
+            try:
+                path = make_group_synthetic(args.name.lower(), args.root, layout, per_class, args.eval_per_group,
+                                            args.spurious, args.seed)
+            except ValueError as err:
+                parser.error(str(err))
+            print(f"Wrote synthetic {args.name} ({layout} layout, spurious correlation {args.spurious}) to {path}")
+        return 0
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
     for name in names:
-        path = make_synthetic(name, args.root, args.classes, args.images_per_class, args.seed,
+        path = make_synthetic(name, args.root, args.classes, 6 if args.images_per_class is None else args.images_per_class,
+                              args.seed,
                               split_json=not args.no_split_json)
         print(f"Wrote synthetic {name} to {path}")
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 # ``{}`` takes the class name with "_" replaced by a space.
 CUSTOM_TEMPLATES: dict[str, str] = {
@@ -21,6 +21,9 @@ CUSTOM_TEMPLATES: dict[str, str] = {
     "ImageNetV2": "a photo of a {}.",
     "ImageNetA": "a photo of a {}.",
     "ImageNetR": "a photo of a {}.",
+    # group robustness: the class names carry the meaning ("landbird", "person with blond hair")
+    "Waterbirds": "a photo of a {}.",
+    "CelebA": "a photo of a {}.",
 }
 
 # The 7-template ensemble of CoOp's ZeroshotCLIP2 (which adds the dataset's custom template).
@@ -61,6 +64,14 @@ def dataset_template(dataset_name: str, templates: Mapping[str, str] = CUSTOM_TE
     """The dataset's hand-written template in ``templates`` (CoOp's table by default: ``"{} texture."``
     for DTD); unknown datasets -> 'a photo of a {}.'."""
     return templates.get(dataset_name, "a photo of a {}.")
+
+
+def configured_template(cfg: Any, templates: Mapping[str, str] = CUSTOM_TEMPLATES) -> str:
+    """``DATASET.TEMPLATE`` when set, else the dataset's hand-written template in ``templates``."""
+    given = str(getattr(cfg.DATASET, "TEMPLATE", "") or "")
+    if given and "{}" not in given:
+        raise ValueError(f"DATASET.TEMPLATE {given!r} has no '{{}}' where the class name goes.")
+    return given or dataset_template(str(cfg.DATASET.NAME), templates)
 
 
 def template_for(dataset_name: str, classname: str) -> str:

@@ -69,6 +69,13 @@ _C.DATASET.ALL_AS_UNLABELED = False
 _C.DATASET.SUBSAMPLE_CLASSES = "all"
 # Added here: where split_fewshot/*.pkl caches go ("" = inside the dataset folder, as CoOp).
 _C.DATASET.CACHE_DIR = ""
+# Added here: group-robustness datasets (Waterbirds, CelebA). Empty lists = the dataset's defaults.
+_C.DATASET.GROUPS = CN()
+_C.DATASET.GROUPS.CLASSNAMES = []  # one name per class (the prompts' class words)
+_C.DATASET.GROUPS.ATTRIBUTE_NAMES = []  # one name per spurious-attribute value (tables only)
+_C.DATASET.GROUPS.SHOTS_PER_GROUP = False  # NUM_SHOTS K images per (class, attribute) group, not per class
+# Added here: the hand-written prompt template of the dataset ("" = restore.datasets.templates' table).
+_C.DATASET.TEMPLATE = ""
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 4
@@ -138,6 +145,9 @@ _C.TEST.COMPUTE_CMAT = False
 _C.TEST.NO_TEST = False
 _C.TEST.SPLIT = "test"
 _C.TEST.FINAL_MODEL = "last_step"
+# Added here: the val metric that picks the best_val model (GroupClassification: also worst_group_accuracy,
+# group_mean_accuracy, weighted_accuracy).
+_C.TEST.SELECTION_METRIC = "accuracy"
 
 _C.TRAINER = CN()
 _C.TRAINER.NAME = ""

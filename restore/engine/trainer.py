@@ -346,7 +346,11 @@ class SimpleTrainer(TrainerBase):
         distributed.broadcast_parameters(self._models.values())  # DDP: same start on every rank
         self.install_scaler_sync()  # DDP
         self.evaluator = build_evaluator(cfg, lab2cname=self.lab2cname)
+        bind = getattr(self.evaluator, "bind_dataset", None)
+        if callable(bind):  # a group-aware evaluator learns the dataset's groups
+            bind(self.dm.dataset)
         self.best_result = -np.inf
+        self.best_epoch: int | None = None
 
     def check_cfg(self, cfg: Any) -> None:
         pass
@@ -375,6 +379,8 @@ class SimpleTrainer(TrainerBase):
         self.start_epoch = self.resume_model_if_exist(directory)
         distributed.check_same(self.start_epoch, "the resumed epoch")  # DDP
         self._resume_only_paths = self.resumed_resume_only_paths(directory)
+        if self.start_epoch > 0 and self.cfg.TEST.FINAL_MODEL == "best_val":
+            self.restore_best_val(directory)
         self.install_scaler_sync()  # DDP: a scaler built after build_model
         if self.start_epoch < self.max_epoch and distributed.is_main_process():  # DDP: rank 0 logs
             self.init_writer(osp.join(self.output_dir, "tensorboard"))
@@ -389,8 +395,22 @@ class SimpleTrainer(TrainerBase):
             curr_result = self.test(split="val")
             if curr_result > self.best_result:
                 self.best_result = curr_result
+                self.best_epoch = self.epoch + 1
                 self.save_model(self.epoch, self.output_dir, val_result=curr_result, model_name="model-best.pth.tar")
         self.save_epoch_checkpoint(keep=meet_checkpoint_freq or last_epoch)
+
+    def restore_best_val(self, directory: str) -> None:
+        """After a resume: the best val result so far, from ``model-best.pth.tar``, so the resumed run picks
+        the same model as an uninterrupted one (otherwise its first val result would count as the best)."""
+        names = self.get_model_names()
+        path = osp.join(directory, names[0], "model-best.pth.tar") if names else ""
+        if not path or not osp.isfile(path):
+            return
+        checkpoint = load_checkpoint(path, corrupted_advice=resume_advice(path))
+        val = checkpoint.get("val_result")
+        if isinstance(val, (int, float)):
+            self.best_result, self.best_epoch = float(val), checkpoint.get("epoch")
+            print(f"Best val result so far: {val:.1f} (epoch {self.best_epoch}, {path})")
 
     def keeps_checkpoint(self, epoch: int) -> bool:
         """Whether ``model.pth.tar-<epoch>`` stays for good: the last epoch and every CHECKPOINT_FREQ-th."""
@@ -449,10 +469,13 @@ class SimpleTrainer(TrainerBase):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start, images = time.time(), 0
+        observe = getattr(self.evaluator, "observe_batch", None)  # a group-aware evaluator sees the batch first
         with self.inference_context():
             for batch in tqdm(data_loader, desc=f"eval {split}", leave=False, dynamic_ncols=True):
                 input, label = self.parse_batch_test(batch)
                 output = self.model_inference(input)
+                if callable(observe):
+                    observe(batch)
                 self.evaluator.process(output, label)
                 images += label.shape[0]
         seconds = time.time() - start
@@ -462,7 +485,18 @@ class SimpleTrainer(TrainerBase):
             self.write_scalar(f"{split}/{k}", v, self.epoch)
         if split == "test":
             self.write_results(results, split, total_images, seconds)
-        return list(results.values())[0]
+        return self.selection_value(results)
+
+    def selection_value(self, results: dict[str, float]) -> float:
+        """The number that ranks models on val: ``TEST.SELECTION_METRIC`` (Dassl: the first result)."""
+        metric = str(self.cfg.TEST.SELECTION_METRIC)
+        if metric == "accuracy" or not metric:
+            return list(results.values())[0]
+        if metric not in results:
+            raise ValueError(f"TEST.SELECTION_METRIC {metric!r} is not computed by TEST.EVALUATOR "
+                             f"{self.cfg.TEST.EVALUATOR!r} (it gives {', '.join(results)}); use GroupClassification "
+                             "for the group metrics.")
+        return results[metric]
 
     def inference_context(self) -> Any:
         """A context manager for the whole evaluation loop (prompt trainers cache text features)."""
@@ -518,6 +552,12 @@ class SimpleTrainer(TrainerBase):
             record["shots_per_class"] = shots_per_class  # train images per label: fewer than num_shots if scarce
         if "perclass_accuracy" in results:
             record["perclass_accuracy"] = results["perclass_accuracy"]
+        details = getattr(self.evaluator, "results_details", None)
+        if callable(details):  # a group-aware evaluator: per-group table and predictions.csv
+            record.update(details(self.output_dir))
+            record["model_selection"] = {"final_model": cfg.TEST.FINAL_MODEL, "metric": cfg.TEST.SELECTION_METRIC,
+                                         "best_val": None if self.best_epoch is None else float(self.best_result),
+                                         "best_epoch": self.best_epoch}
         path = osp.join(self.output_dir, RESULTS_FILE)
         # the whole config beside the numbers: what a table row was computed with, loadable by yacs
         atomic_write_bytes(cfg.dump().encode(), osp.join(self.output_dir, CONFIG_FILE))

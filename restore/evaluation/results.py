@@ -13,6 +13,8 @@ protocol dir   phases                          meaning
                ``test``                        other datasets (cross-dataset transfer)
 ``dg``         ``test``                        the same ImageNet model on ImageNetV2/-Sketch/-A/-R
 ``fewshot``    ``train``                       train and test on all classes with K shots
+``groups``     ``train``                       group robustness (Waterbirds, CelebA): train, pick the
+                                               model on val, per-group test accuracy
 =============  ==============================  ===================================================
 
 ``K`` is the number of *training* shots (also for the evaluation folders), ``METHOD`` the method label
@@ -62,6 +64,7 @@ PROTOCOL_DIRS: dict[str, str] = {
     "xd": "cross_dataset",
     "dg": "domain_generalization",
     "fewshot": "few_shot",
+    "groups": "groups",
 }
 # (protocol folder, phase) -> evaluated class split
 PHASES: dict[tuple[str, str], str] = {
@@ -72,6 +75,7 @@ PHASES: dict[tuple[str, str], str] = {
     ("xd", "test"): "all",
     ("dg", "test"): "all",
     ("fewshot", "train"): "all",
+    ("groups", "train"): "all",
 }
 
 # Dassl's end signals: "Finish training" (CoOp, Dassl >= 0.6.1), "Finished training" (MaPLe/PromptSRC

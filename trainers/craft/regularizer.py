@@ -110,9 +110,9 @@ class CraftRegularizer:
 
     @property
     def template(self) -> str:
-        from restore.datasets.templates import dataset_template
+        from restore.datasets.templates import configured_template
 
-        return str(self.node.TEMPLATE) or dataset_template(str(self.cfg.DATASET.NAME))
+        return str(self.node.TEMPLATE) or configured_template(self.cfg)
 
     def _resolve_text_mode(self, model: torch.nn.Module) -> tuple[str, Any]:
         mode = str(self.node.STOCHASTIC_TEXT)

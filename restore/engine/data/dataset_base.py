@@ -155,21 +155,22 @@ class DatasetBase:
         return output
 
 
-def make_datums(items: Iterable[tuple[str, int, str]], source: str, hint: str = "") -> list[Datum]:
-    """Build Datum objects from (impath, label, classname); missing files give ONE error listing them.
+def make_datums(items: Iterable[tuple], source: str, hint: str = "") -> list[Datum]:
+    """Build Datum objects from (impath, label, classname[, domain]); missing files give ONE error listing them.
 
     ``source`` names the split file (or folder) the paths came from, ``hint`` is appended (e.g. the
     DATASETS.md section).
     """
     items = list(items)
-    missing = [impath for impath, _, _ in items if not osp.isfile(impath)]
+    missing = [item[0] for item in items if not osp.isfile(item[0])]
     if missing:
         shown = "\n  ".join(missing[:5])
         more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise DatasetNotFoundError(
             f"{len(missing)} of {len(items)} images listed in {source} do not exist, e.g.:\n  {shown}{more}\n"
             f"The dataset is incomplete or extracted into a different layout.{(' ' + hint) if hint else ''}")
-    return [Datum(impath=impath, label=int(label), classname=classname) for impath, label, classname in items]
+    return [Datum(impath=item[0], label=int(item[1]), classname=item[2], domain=int(item[3]) if len(item) > 3 else 0)
+            for item in items]
 
 
 def read_split(filepath: str, path_prefix: str, hint: str = "") -> tuple[list[Datum], list[Datum], list[Datum]]:
