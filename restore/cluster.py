@@ -1,0 +1,648 @@
+"""Cluster execution of the protocol runner through ``submitit`` (SLURM, or its local executor).
+
+``python -m restore.protocols run-all ... --launcher slurm`` submits one SLURM job per job of the grid
+(a training step and the evaluations of its model, run in order inside the job, so an evaluation starts
+only once its model exists); ``--launcher submitit-local`` runs the same jobs as local processes through
+submitit's ``LocalExecutor`` (a cluster setup tried on one machine; the command waits for them). The
+SLURM settings come from a YAML file (``--cluster-config``) and/or flags, flags winning::
+
+    partition: gpu          # --partition
+    gpus_per_job: 1         # --gpus-per-job (more than 1: the steps run under torchrun, DDP)
+    cpus_per_task: 8        # --cpus-per-task
+    mem_gb: 32              # --mem-gb
+    time: "04:00:00"        # --time (minutes, or [D-]HH:MM[:SS])
+    account: myproject      # --account
+    qos: normal             # --qos
+    array_parallelism: 16   # --array-parallelism (jobs of the array running at once)
+    sbatch: {constraint: a100}          # --sbatch constraint=a100 (any other sbatch flag)
+    setup: ["module load cuda"]         # --setup (shell lines before the job starts)
+
+The rules are those of the local runner: a finished step is never resubmitted (a job whose steps are
+all finished is not submitted), nor is a job whose submission is still queued or running. A job that
+SLURM preempts or that reaches its time limit gets ``USR2`` (``signal_delay_s`` before the end); the
+running ``train.py`` is stopped and the job requeued (submitit's checkpointing hook), and the
+requeued job resumes the training from its last checkpoint (``train.py`` does that). ``--overwrite``
+applies to the first start only: a requeued job resumes what the overwrite started.
+
+Every submission is recorded in ``<folder>/jobs.jsonl`` (default folder
+``<output>/logs/submitit/<protocol>``, also holding submitit's files and each job's log
+``<job id>_0_log.out``). ``python -m restore.protocols status`` with the arguments of ``run-all`` reads
+these records, the output folders and SLURM's accounting (``sacct``, else ``squeue``) and lists every
+step as finished / running / queued / failed / not submitted with its SLURM job id and log: a sweep is
+watched and resumed after the submitting shell is gone (run the same ``run-all`` again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import os.path as osp
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional, Sequence
+
+from restore.protocols import _CHILDREN, Context, Interrupted, ProtocolError, Step, _in_use, run_steps
+
+__all__ = [
+    "LAUNCHERS", "JOBS_FILE", "ClusterSettings", "ChainJob", "add_arguments", "settings_from_args",
+    "load_settings", "parse_time", "slurm_parameters", "sbatch_script", "submit", "step_states", "print_status",
+    "jobs_folder", "read_records", "job_states",
+]
+
+logger = logging.getLogger(__name__)
+
+LAUNCHERS = ("local", "slurm", "submitit-local")
+#: One JSON line per submitted job: its id, launcher, host, submission time and steps (name, output folder).
+JOBS_FILE = "jobs.jsonl"
+_INSTALL = ('submitit is not installed: pip install -e ".[cluster]" (or pip install submitit) to use '
+            "--launcher {launcher}")
+STATES = ("finished", "running", "queued", "failed", "not submitted")
+
+
+def _submitit(launcher: str) -> Any:
+    try:
+        import submitit
+    except ImportError:
+        raise ProtocolError(_INSTALL.format(launcher=launcher)) from None
+    return submitit
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass
+class ClusterSettings:
+    """What every job of a sweep asks the scheduler for (``None`` / empty: the scheduler's default)."""
+
+    partition: str = ""
+    gpus_per_job: int = 1
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+    time: int = 240  # minutes
+    account: str = ""
+    qos: str = ""
+    array_parallelism: Optional[int] = None
+    sbatch: dict[str, str] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    signal_delay_s: int = 120
+    max_requeues: int = 3  # submitit's max_num_timeout: time-outs (preemptions requeue without limit)
+    job_name: str = "restore"
+    folder: str = ""
+
+
+_INT_FIELDS = {"gpus_per_job", "cpus_per_task", "array_parallelism", "signal_delay_s", "max_requeues"}
+
+
+def parse_time(value: Any) -> int:
+    """A time limit in minutes from ``90``, ``"90"``, ``"HH:MM"``, ``"HH:MM:SS"`` or ``"D-HH:MM:SS"``."""
+    text = str(value).strip()
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{1,2})(?::(\d{1,2}))?", text)
+    if match:
+        days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+        total = days * 1440 + hours * 60 + minutes + (1 if seconds else 0)
+    elif re.fullmatch(r"\d+", text):
+        total = int(text)
+    else:
+        raise ProtocolError(f"time {value!r} is not a time limit: give minutes (240) or [D-]HH:MM[:SS] (04:00:00)")
+    if total < 1:
+        raise ProtocolError(f"time {value!r} is under a minute: give a time limit of at least 1 minute")
+    return total
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """``value`` as the type of setting ``key``; :class:`ProtocolError` naming ``source`` otherwise."""
+    try:
+        if key == "time":
+            return parse_time(value)
+        if key in _INT_FIELDS:
+            number = int(str(value).strip())
+            if number < (1 if key in ("cpus_per_task", "array_parallelism") else 0):
+                raise ValueError
+            return number
+        if key == "mem_gb":
+            gb = float(str(value).strip().upper().removesuffix("G").removesuffix("GB"))
+            if gb <= 0:
+                raise ValueError
+            return gb
+        if key == "sbatch":
+            if isinstance(value, dict):
+                return {str(k).lstrip("-"): str(v) for k, v in value.items()}
+            items = [value] if isinstance(value, str) else list(value)
+            return dict(_sbatch_flag(str(item)) for item in items)
+        if key == "setup":
+            if isinstance(value, str):
+                return [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return list(value)
+        if not isinstance(value, (str, int, float)):
+            raise ValueError
+        return str(value)
+    except (ValueError, TypeError):
+        raise ProtocolError(f"{key}: {value!r} in {source} is not valid; {_HELP[key]}") from None
+
+
+def _sbatch_flag(text: str) -> tuple[str, str]:
+    key, sep, value = text.lstrip("-").partition("=")
+    if not key or not sep:
+        raise ProtocolError(f"--sbatch {text!r}: give KEY=VALUE (e.g. --sbatch constraint=a100)")
+    return key.strip(), value.strip()
+
+
+_HELP = {
+    "partition": "the SLURM partition",
+    "gpus_per_job": "GPUs per job, an integer >= 0 (more than 1: the steps run under torchrun)",
+    "cpus_per_task": "CPUs per job, an integer >= 1",
+    "mem_gb": "memory per job in GB, a number > 0",
+    "time": "time limit per job: minutes (240) or [D-]HH:MM[:SS]",
+    "account": "SLURM account (sbatch --account)",
+    "qos": "SLURM quality of service (sbatch --qos)",
+    "array_parallelism": "jobs of the array running at once, an integer >= 1 (submitit-local: default 1)",
+    "sbatch": "other sbatch flags as KEY=VALUE (YAML: a mapping)",
+    "setup": "shell lines run before the job (YAML: a list)",
+    "signal_delay_s": "seconds before the time limit at which USR2 asks the job to requeue, an integer >= 0",
+    "max_requeues": "how often a job that hits its time limit is requeued, an integer >= 0",
+    "job_name": "the SLURM job name",
+    "folder": "where submitit's files, the job logs and jobs.jsonl go",
+}
+
+
+def load_settings(path: str, settings: Optional[ClusterSettings] = None) -> ClusterSettings:
+    """``settings`` (default: the defaults) updated from a YAML file; one sentence for a bad file or key."""
+    from restore.engine.config import ConfigError, load_yaml
+
+    try:
+        data = load_yaml(path)
+    except ConfigError as err:
+        raise ProtocolError(str(err)) from None
+    settings = settings or ClusterSettings()
+    known = {f.name for f in fields(ClusterSettings)}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ProtocolError(f"Unknown cluster setting {key!r} in {path}; known: {', '.join(sorted(known))}")
+        setattr(settings, name, _coerce(name, value, path))
+    return settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The launcher flags of ``run-all`` and ``status`` (every setting defaults to the YAML's, then the built-in)."""
+    group = parser.add_argument_group("cluster (submitit)")
+    group.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                       help="local (default): this machine; slurm: one SLURM job per train->test chain; "
+                            "submitit-local: the same jobs as local processes through submitit (waits)")
+    group.add_argument("--cluster-config", default="", help="YAML file of cluster settings (flags override it)")
+    for name, kind in (("partition", str), ("gpus-per-job", str), ("cpus-per-task", str), ("mem-gb", str),
+                       ("time", str), ("account", str), ("qos", str), ("array-parallelism", str),
+                       ("signal-delay-s", str), ("max-requeues", str), ("job-name", str)):
+        group.add_argument(f"--{name}", type=kind, default=None, help=_HELP[name.replace("-", "_")])
+    group.add_argument("--jobs-folder", default=None, help=_HELP["folder"] + " (default <output>/logs/submitit/"
+                       "<protocol>)")
+    group.add_argument("--sbatch", action="append", default=None, metavar="KEY=VALUE", help=_HELP["sbatch"])
+    group.add_argument("--setup", action="append", default=None, metavar="CMD", help=_HELP["setup"])
+    group.add_argument("--wait", action="store_true", help="slurm: wait until the submitted jobs end, then "
+                       "print their status")
+
+
+def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
+    """Defaults, then ``--cluster-config``, then the flags given."""
+    settings = load_settings(args.cluster_config) if getattr(args, "cluster_config", "") else ClusterSettings()
+    flags = {"partition": "partition", "gpus_per_job": "gpus_per_job", "cpus_per_task": "cpus_per_task",
+             "mem_gb": "mem_gb", "time": "time", "account": "account", "qos": "qos",
+             "array_parallelism": "array_parallelism", "signal_delay_s": "signal_delay_s",
+             "max_requeues": "max_requeues", "job_name": "job_name", "folder": "jobs_folder", "setup": "setup"}
+    for name, attr in flags.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            setattr(settings, name, _coerce(name, value, f"--{attr.replace('_', '-')}"))
+    if getattr(args, "sbatch", None):
+        settings.sbatch = {**settings.sbatch, **_coerce("sbatch", args.sbatch, "--sbatch")}
+    return settings
+
+
+def jobs_folder(settings: ClusterSettings, output: str, protocol: str) -> str:
+    """Where submitit's files, the job logs and :data:`JOBS_FILE` of a sweep go."""
+    return osp.abspath(settings.folder or osp.join(output, "logs", "submitit", protocol))
+
+
+def slurm_parameters(settings: ClusterSettings) -> dict[str, Any]:
+    """The settings as ``submitit.SlurmExecutor.update_parameters`` keywords (names of its sbatch writer)."""
+    params: dict[str, Any] = {"job_name": settings.job_name, "time": settings.time, "nodes": 1,
+                              "ntasks_per_node": 1, "signal_delay_s": settings.signal_delay_s,
+                              "stderr_to_stdout": True}  # one log per job: <job id>_0_log.out
+    if settings.gpus_per_job:
+        params["gpus_per_node"] = settings.gpus_per_job
+    optional = {"partition": settings.partition, "cpus_per_task": settings.cpus_per_task,
+                "mem": _mem(settings.mem_gb), "account": settings.account, "qos": settings.qos,
+                "array_parallelism": settings.array_parallelism}
+    params.update({k: v for k, v in optional.items() if v not in (None, "")})
+    if settings.sbatch:
+        params["additional_parameters"] = dict(settings.sbatch)
+    if settings.setup:
+        params["setup"] = list(settings.setup)
+    return params
+
+
+def _mem(gb: Optional[float]) -> Optional[str]:
+    """sbatch's ``--mem`` value: whole GB as ``32GB``, else MB (``1536MB``)."""
+    if gb is None:
+        return None
+    return f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"
+
+
+def _slurm_executor(folder: str, settings: ClusterSettings, dry_run: bool = False) -> Any:
+    submitit = _submitit("slurm")
+    cls = submitit.SlurmExecutor
+    if dry_run:
+        class DryRunSlurmExecutor(cls):  # type: ignore[misc,valid-type]
+            """submitit's SLURM executor on a machine without ``srun``: used only to write the sbatch file."""
+
+            @classmethod
+            def affinity(cls) -> int:
+                return 1
+
+        cls = DryRunSlurmExecutor
+    try:
+        executor = cls(folder=folder, max_num_timeout=settings.max_requeues)
+    except RuntimeError as err:
+        raise ProtocolError(f"{err} --launcher slurm submits from a SLURM login node; here use --dry-run to see "
+                            "the sbatch file, or --launcher submitit-local") from None
+    try:
+        executor.update_parameters(**slurm_parameters(settings))
+    except ValueError as err:
+        raise ProtocolError(f"A cluster setting is refused by submitit: {str(err).splitlines()[0]}") from None
+    return executor
+
+
+def sbatch_script(settings: ClusterSettings, folder: str, num_jobs: int = 1) -> str:
+    """The sbatch file submitit writes for these settings (an array of ``num_jobs`` jobs if more than 1)."""
+    executor = _slurm_executor(folder, settings, dry_run=True)
+    params = dict(executor.parameters)
+    if num_jobs > 1:
+        params["map_count"] = num_jobs  # as submitit does for an array
+    executor.parameters = params
+    return str(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
+
+
+# --------------------------------------------------------------------------- the job
+class ChainJob:
+    """One job of the grid run inside a submitit job: its steps in order (``train.py`` subprocesses,
+    under ``torchrun`` with ``nproc`` > 1). Checkpointable: on USR2 (preemption, time limit) the
+    running step is stopped and the job requeued without ``--overwrite``, so it resumes."""
+
+    def __init__(self, steps: Sequence[Step], root: str, nproc: int = 1, overwrite: bool = False) -> None:
+        self.steps = list(steps)
+        self.root = root
+        self.nproc = nproc
+        self.overwrite = overwrite
+
+    def __call__(self) -> list[dict[str, Any]]:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        outcomes: list[Any] = []
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                outcomes.extend(run_steps(self.steps, self.root, self.overwrite, in_process=False,
+                                          nproc=self.nproc, report=lambda line: print(line, flush=True)))
+            except Interrupted:  # stopped for a requeue (checkpoint below)
+                pass
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(err)
+
+        # the steps run in a thread, so that submitit's USR2 handler (main thread) can stop them
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+        if errors:
+            raise errors[0]
+        summary = [{"step": o.step.name, "status": o.status, "rc": o.rc, "seconds": round(o.seconds, 1),
+                    "message": o.message} for o in outcomes]
+        failed = [o for o in outcomes if o.status in ("failed", "not-run")]
+        if failed:
+            raise RuntimeError("; ".join(f"{o.step.name}: {o.status} ({o.message})" for o in failed))
+        return summary
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Stop the running ``train.py`` (its last checkpoint stays) and requeue this job to resume."""
+        import submitit
+
+        print("Preempted or out of time: stopping the running step; the requeued job resumes it", flush=True)
+        _CHILDREN.signum = _CHILDREN.signum or signal.SIGUSR2
+        _CHILDREN.signal_all(signal.SIGTERM)
+        deadline = time.time() + _CHILDREN.KILL_AFTER_S
+        while _CHILDREN.procs and time.time() < deadline:
+            time.sleep(0.05)
+        if _CHILDREN.procs:
+            _CHILDREN.signal_all(signal.SIGKILL)
+            time.sleep(0.5)
+        return submitit.helpers.DelayedSubmission(ChainJob(self.steps, self.root, self.nproc, overwrite=False))
+
+
+# --------------------------------------------------------------------------- records and states
+def _append_record(folder: str, record: dict[str, Any]) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(osp.join(folder, JOBS_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(folder: str) -> dict[str, dict[str, Any]]:
+    """The latest submission record of every step output folder in ``folder``'s :data:`JOBS_FILE`."""
+    latest: dict[str, dict[str, Any]] = {}
+    path = osp.join(folder, JOBS_FILE)
+    if not osp.isfile(path):
+        return latest
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut by a crash: the others still count
+                continue
+            if isinstance(record, dict) and isinstance(record.get("steps"), list):
+                for step in record["steps"]:
+                    if isinstance(step, dict) and step.get("output_dir"):
+                        latest[osp.abspath(str(step["output_dir"]))] = record
+    return latest
+
+
+_QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED",
+           "PREEMPTED"}
+_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
+
+
+def _expand_array(job_id: str) -> list[str]:
+    """``123_[0-3,7%2]`` (a pending array in sacct / squeue) -> ``123_0 ... 123_3, 123_7``."""
+    match = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
+    if not match:
+        return [job_id]
+    out = []
+    for part in match.group(2).split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        out += [f"{match.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def _slurm_states(job_ids: Sequence[str], run: Callable[[list[str]], str]) -> dict[str, str]:
+    states: dict[str, str] = {}
+    if not job_ids:
+        return states
+    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    for cmd in (["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ids],
+                ["squeue", "-h", "-o", "%i|%T", "-j", ids]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        try:
+            text = run(cmd)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in text.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) >= 2 and parts[0]:
+                for jid in _expand_array(parts[0]):
+                    states[jid] = parts[1].split()[0].upper() if parts[1].strip() else "UNKNOWN"
+        if states:
+            return states
+    return states
+
+
+def _run_quiet(cmd: list[str]) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def _local_state(record: dict[str, Any]) -> str:
+    """A submitit-local job: RUNNING while its controller process lives, else ENDED (UNKNOWN elsewhere)."""
+    if record.get("host") != socket.gethostname():
+        return "UNKNOWN"
+    try:
+        pid = int(str(record["job_id"]))
+        os.kill(pid, 0)
+    except (ValueError, KeyError, ProcessLookupError):
+        return "ENDED"
+    except PermissionError:
+        return "RUNNING"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"submitit" not in f.read():
+                return "ENDED"  # the id was reused by an unrelated process
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                return "ENDED"
+    except OSError:
+        pass
+    return "RUNNING"
+
+
+def job_states(records: Sequence[dict[str, Any]], run: Callable[[list[str]], str] = _run_quiet) -> dict[str, str]:
+    """The scheduler state of each recorded job id (SLURM's names; submitit-local: RUNNING / ENDED)."""
+    states: dict[str, str] = {}
+    slurm = [str(r["job_id"]) for r in records if r.get("launcher") == "slurm"]
+    found = _slurm_states(slurm, run)
+    for jid in slurm:
+        states[jid] = found.get(jid, "UNKNOWN")
+    for r in records:
+        if r.get("launcher") != "slurm":
+            states[str(r["job_id"])] = _local_state(r)
+    return states
+
+
+@dataclass
+class StepState:
+    """Where one step of a submitted sweep stands."""
+
+    step: Step
+    state: str  # one of STATES
+    job_id: str = ""
+    log: str = ""
+    note: str = ""
+
+
+def _job_log(record: dict[str, Any]) -> str:
+    return osp.join(str(record.get("folder", "")), f"{record['job_id']}_0_log.out")
+
+
+def step_states(jobs: Sequence[Sequence[Step]], folder: str,
+                states: Optional[dict[str, str]] = None) -> list[StepState]:
+    """Each step's state from its output folder, the latest submission record and the job's state."""
+    records = read_records(folder)
+    if states is None:
+        states = job_states(list({id(r): r for r in records.values()}.values()))
+    out: list[StepState] = []
+    for job in jobs:
+        record = records.get(osp.abspath(job[0].output_dir)) if job else None
+        job_id = str(record["job_id"]) if record else ""
+        job_state = states.get(job_id, "UNKNOWN") if record else ""
+        first_open = True
+        for step in job:
+            step_log = osp.join(step.output_dir, "log.txt")
+            log = step_log if osp.isfile(step_log) else (_job_log(record) if record else "")
+            rec = records.get(osp.abspath(step.output_dir))
+            sid = str(rec["job_id"]) if rec else ""
+            if step.is_done():
+                out.append(StepState(step, "finished", sid, log))
+                continue
+            busy = _in_use(step.output_dir)
+            if busy:
+                out.append(StepState(step, "running", sid, log, busy))
+            elif not rec:
+                note = "partly trained" if step.has_started_training() else ""
+                out.append(StepState(step, "not submitted", "", log, note))
+            elif job_state in _QUEUED:
+                out.append(StepState(step, "queued", sid, log, job_state.lower()))
+            elif job_state in _RUNNING:
+                what = "running" if first_open else "queued"
+                out.append(StepState(step, what, sid, log, "" if first_open else "after the steps before it"))
+            elif job_state == "UNKNOWN":
+                out.append(StepState(step, "queued", sid, log, "state unknown (no sacct/squeue answer)"))
+            else:
+                out.append(StepState(step, "failed", sid, _job_log(rec) if not osp.isfile(step_log) else log,
+                                     f"job {job_state.lower()}"))
+            first_open = False
+    return out
+
+
+def print_status(jobs: Sequence[Sequence[Step]], folder: str, states: Optional[dict[str, str]] = None) -> int:
+    """Print one line per step (state, job id, step, log) and a count per state."""
+    rows = step_states(jobs, folder, states)
+    width = max([len(r.step.name) for r in rows] + [4])
+    print(f"{'STATE':14s}{'JOB':12s}{'STEP':{width}s}  LOG")
+    for r in rows:
+        note = f"  ({r.note})" if r.note else ""
+        print(f"{r.state:14s}{r.job_id or '-':12s}{r.step.name:{width}s}  {r.log or '-'}{note}")
+    counts = {s: sum(r.state == s for r in rows) for s in STATES}
+    print(f"{len(rows)} step{'' if len(rows) == 1 else 's'}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+          + f" (submissions: {osp.join(folder, JOBS_FILE)})")
+    return 0
+
+
+# --------------------------------------------------------------------------- submission
+def _selectable(jobs: Sequence[Sequence[Step]], folder: str, overwrite: bool) -> tuple[list[list[Step]], int]:
+    """The jobs to submit (reporting the others) and the number refused with a conflict."""
+    records = read_records(folder)
+    live = job_states(list({id(r): r for r in records.values()}.values())) if records else {}
+    chosen, refused = [], 0
+    for job in jobs:
+        head = job[0]
+        record = records.get(osp.abspath(head.output_dir))
+        state = live.get(str(record["job_id"]), "") if record else ""
+        if record and (state in _QUEUED or state in _RUNNING):
+            print(f"skip (job {record['job_id']} is {state.lower()}) {head.name}")
+            continue
+        busy = next((b for b in (_in_use(s.output_dir) for s in job) if b), None)
+        if busy:
+            print(f"FAILED {head.name}: {busy}")
+            refused += 1
+            continue
+        if not overwrite:
+            problem = next((p for p in (s.conflict() for s in job) if p), None)
+            if problem:
+                print(f"FAILED {head.name}: {problem}")
+                refused += 1
+                continue
+            if all(s.is_done() for s in job):
+                print(f"skip (finished: {head.results_path()}) {head.name}")
+                continue
+        chosen.append(list(job))
+    return chosen, refused
+
+
+def submit(jobs: Sequence[Sequence[Step]], ctx: Context, protocol: str, settings: ClusterSettings, launcher: str,
+           overwrite: bool = False, dry_run: bool = False, wait: bool = False) -> int:
+    """Submit the unfinished jobs (one submitit job each); 0 if all were submitted (and, waiting, finished)."""
+    if launcher not in LAUNCHERS[1:]:
+        raise ProtocolError(f"launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}")
+    folder = jobs_folder(settings, ctx.output, protocol)
+    if dry_run:
+        _submitit(launcher)
+        print(f"# {len(jobs)} job{'' if len(jobs) == 1 else 's'}, one {launcher} job each (steps in order); "
+              f"submitit folder {folder}")
+        for i, job in enumerate(jobs):
+            for step in job:
+                print(f"# job {i}: {step.command(overwrite, resolve_epoch=False)}")
+        if launcher == "slurm":
+            print(sbatch_script(settings, folder, len(jobs)))
+        return 0
+    chosen, refused = _selectable(jobs, folder, overwrite)
+    if not chosen:
+        print(f"Nothing to submit ({len(jobs) - refused} of {len(jobs)} jobs finished or in the queue"
+              f"{f', {refused} refused' if refused else ''}).")
+        return 1 if refused else 0
+    nproc = max(1, settings.gpus_per_job)
+    calls = [ChainJob(job, ctx.root, nproc, overwrite) for job in chosen]
+    if launcher == "slurm":
+        executor = _slurm_executor(folder, settings)
+        with executor.batch():
+            futures = [executor.submit(call) for call in calls]
+        handles = list(zip(chosen, futures))
+        for job, future in handles:
+            _record(folder, launcher, str(future.job_id), job)
+        ids = [str(f.job_id) for f in futures]
+        print(f"Submitted {len(ids)} SLURM job{'' if len(ids) == 1 else 's'} ({ids[0]}"
+              f"{f' ... {ids[-1]}' if len(ids) > 1 else ''}); logs and records in {folder}")
+        print("Watch with: python -m restore.protocols status <the same arguments as run-all>")
+        if not wait:
+            return 1 if refused else 0
+        for _, future in handles:
+            _wait(future)
+    else:
+        failed = _run_local(calls, chosen, folder, settings)
+        refused += failed
+    print_status(chosen, folder)
+    states = step_states(chosen, folder)
+    return 1 if refused or any(s.state != "finished" for s in states) else 0
+
+
+def _record(folder: str, launcher: str, job_id: str, job: Sequence[Step]) -> None:
+    _append_record(folder, {
+        "job_id": job_id, "launcher": launcher, "host": socket.gethostname(), "folder": folder,
+        "submitted": datetime.datetime.now().isoformat(timespec="seconds"),
+        "steps": [{"name": s.name, "output_dir": osp.abspath(s.output_dir)} for s in job],
+    })
+
+
+def _wait(future: Any) -> None:
+    while not future.done():
+        time.sleep(2.0)
+
+
+def _run_local(calls: Sequence[ChainJob], chosen: Sequence[Sequence[Step]], folder: str,
+               settings: ClusterSettings) -> int:
+    """submitit's LocalExecutor, at most ``array_parallelism`` jobs at once (default 1); failed jobs."""
+    submitit = _submitit("submitit-local")
+    executor = submitit.LocalExecutor(folder=folder, max_num_timeout=settings.max_requeues)
+    executor.update_parameters(timeout_min=settings.time, gpus_per_node=settings.gpus_per_job,
+                               signal_delay_s=settings.signal_delay_s, stderr_to_stdout=True)
+    if settings.setup:
+        executor.update_parameters(setup=list(settings.setup))
+    limit = settings.array_parallelism or 1
+    pending = list(zip(calls, chosen))
+    running: list[tuple[Any, Sequence[Step]]] = []
+    failed = 0
+    total, finished = len(pending), 0
+    while pending or running:
+        while pending and len(running) < limit:
+            call, job = pending.pop(0)
+            future = executor.submit(call)
+            _record(folder, "submitit-local", str(future.job_id), job)
+            running.append((future, job))
+        time.sleep(0.2)
+        for item in [r for r in running if r[0].done()]:
+            running.remove(item)
+            future, job = item
+            finished += 1
+            ok = all(step.is_done() for step in job)  # from the output folders (no result pickle is read)
+            failed += not ok
+            log = _job_log({"job_id": future.job_id, "folder": folder})
+            print(f"[{finished}/{total}] {'done' if ok else 'FAILED'}: job {future.job_id} {job[0].name}"
+                  f"{'' if ok else f' (see {log})'}", flush=True)
+    return failed
