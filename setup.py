@@ -23,6 +23,6 @@ setup(
         "ftfy",
         "regex",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "submitit>=1.5"], "cluster": ["submitit>=1.5"]},
     entry_points={"console_scripts": ["restore-dassl-alias=restore.dassl_alias:main"]},
 )

@@ -45,18 +45,39 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
-from restore.protocols import _CHILDREN, Context, Interrupted, ProtocolError, Step, _in_use, run_steps
+from restore.protocols import (
+    _CHILDREN,
+    Context,
+    Interrupted,
+    ProtocolError,
+    Step,
+    _in_use,
+    run_steps,
+)
 
 __all__ = [
-    "LAUNCHERS", "JOBS_FILE", "ClusterSettings", "ChainJob", "add_arguments", "settings_from_args",
-    "load_settings", "parse_time", "slurm_parameters", "sbatch_script", "submit", "step_states", "print_status",
-    "jobs_folder", "read_records", "job_states",
+    "JOBS_FILE",
+    "LAUNCHERS",
+    "ChainJob",
+    "ClusterSettings",
+    "add_arguments",
+    "job_states",
+    "jobs_folder",
+    "load_settings",
+    "parse_time",
+    "print_status",
+    "read_records",
+    "sbatch_script",
+    "settings_from_args",
+    "slurm_parameters",
+    "step_states",
+    "submit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,12 +105,12 @@ class ClusterSettings:
 
     partition: str = ""
     gpus_per_job: int = 1
-    cpus_per_task: Optional[int] = None
-    mem_gb: Optional[float] = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
     time: int = 240  # minutes
     account: str = ""
     qos: str = ""
-    array_parallelism: Optional[int] = None
+    array_parallelism: int | None = None
     sbatch: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
     signal_delay_s: int = 120
@@ -144,7 +165,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
                 raise ValueError
             return list(value)
         if not isinstance(value, (str, int, float)):
-            raise ValueError
+            raise TypeError(value)
         return str(value)
     except (ValueError, TypeError):
         raise ProtocolError(f"{key}: {value!r} in {source} is not valid; {_HELP[key]}") from None
@@ -175,7 +196,7 @@ _HELP = {
 }
 
 
-def load_settings(path: str, settings: Optional[ClusterSettings] = None) -> ClusterSettings:
+def load_settings(path: str, settings: ClusterSettings | None = None) -> ClusterSettings:
     """``settings`` (default: the defaults) updated from a YAML file; one sentence for a bad file or key."""
     from restore.engine.config import ConfigError, load_yaml
 
@@ -251,7 +272,7 @@ def slurm_parameters(settings: ClusterSettings) -> dict[str, Any]:
     return params
 
 
-def _mem(gb: Optional[float]) -> Optional[str]:
+def _mem(gb: float | None) -> str | None:
     """sbatch's ``--mem`` value: whole GB as ``32GB``, else MB (``1536MB``)."""
     if gb is None:
         return None
@@ -472,7 +493,7 @@ def _job_log(record: dict[str, Any]) -> str:
 
 
 def step_states(jobs: Sequence[Sequence[Step]], folder: str,
-                states: Optional[dict[str, str]] = None) -> list[StepState]:
+                states: dict[str, str] | None = None) -> list[StepState]:
     """Each step's state from its output folder, the latest submission record and the job's state."""
     records = read_records(folder)
     if states is None:
@@ -492,8 +513,9 @@ def step_states(jobs: Sequence[Sequence[Step]], folder: str,
                 out.append(StepState(step, "finished", sid, log))
                 continue
             busy = _in_use(step.output_dir)
-            if busy:
-                out.append(StepState(step, "running", sid, log, busy))
+            if busy:  # a live train.py holds the folder's run.lock
+                holder = re.search(r"\(PID [^)]*\)", busy)
+                out.append(StepState(step, "running", sid, log, holder.group(0)[1:-1] if holder else ""))
             elif not rec:
                 note = "partly trained" if step.has_started_training() else ""
                 out.append(StepState(step, "not submitted", "", log, note))
@@ -511,7 +533,7 @@ def step_states(jobs: Sequence[Sequence[Step]], folder: str,
     return out
 
 
-def print_status(jobs: Sequence[Sequence[Step]], folder: str, states: Optional[dict[str, str]] = None) -> int:
+def print_status(jobs: Sequence[Sequence[Step]], folder: str, states: dict[str, str] | None = None) -> int:
     """Print one line per step (state, job id, step, log) and a count per state."""
     rows = step_states(jobs, folder, states)
     width = max([len(r.step.name) for r in rows] + [4])
