@@ -1260,4 +1260,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run the imported module, not this __main__ copy: restore.cluster (and the jobs it submits) use
+    # restore.protocols' classes and state, which must be the ones main() works with
+    from restore import protocols as _protocols
+
+    raise SystemExit(_protocols.main())

@@ -35,6 +35,19 @@ def _jobs(tmp_path, output: str = "out", trainers: str = "coop", seeds=(1,), dat
     return ctx, [job for t in trainers.split(",") for job in P.build_jobs(ctx, "base2new", t, list(seeds), datasets)]
 
 
+class _Spy:
+    """Wraps ``ChainJob.__init__`` and keeps its keyword arguments."""
+
+    def __init__(self, init) -> None:
+        self.init, self.calls = init, []
+
+    def __get__(self, obj, owner=None):
+        def bound(steps, root, nproc=1, overwrite=False):
+            self.calls.append({"nproc": nproc, "overwrite": overwrite})
+            return self.init(obj, steps, root, nproc, overwrite)
+        return bound
+
+
 def _read(path) -> str:
     with open(path) as f:
         return f.read()
@@ -193,6 +206,15 @@ def test_slurm_submission_records_skips_and_status(tmp_path, capsys, monkeypatch
     # the failed jobs are submitted again (the training that finished inside job 0 is skipped by the job)
     assert C.submit(jobs, ctx, "base2new", settings, "slurm") == 0
     assert "Submitted 2 SLURM jobs" in capsys.readouterr().out
+    # seed 3 asked with other opts is refused with one line, not skipped; --overwrite submits it again
+    jobs[2][0].write_record()  # what train.py's run recorded: no trailing opts
+    _, other = _jobs(tmp_path, seeds=(3,), opts=["OPTIM.MAX_EPOCH", "5"])
+    assert C.submit(other, ctx, "base2new", settings, "slurm") == 1
+    refused = capsys.readouterr().out
+    assert "FAILED base2new train_base CoOp dtd seed3:" in refused and "OPTIM.MAX_EPOCH <not set> -> 5" in refused
+    monkeypatch.setattr(C.ChainJob, "__init__", _spy_init := _Spy(C.ChainJob.__init__))
+    assert C.submit(other, ctx, "base2new", settings, "slurm", overwrite=True) == 0
+    assert "Submitted 1 SLURM job (4242)" in capsys.readouterr().out and _spy_init.calls[-1]["overwrite"] is True
     # status from the CLI, as after the submitting shell is gone (a new process reads the records)
     (tmp_path / "sacct.txt").write_text("4242_0|RUNNING\n4242_1|PENDING\n")
     rc = P.main(["status", "base2new", "coop", "--datasets", "dtd", "--seeds", "1,2,3", "--output", ctx.output,
