@@ -331,6 +331,9 @@ class ChainJob:
         errors: list[BaseException] = []
 
         def work() -> None:
+            # SLURM may signal every process of the job: USR2 is for submitit's handler (main thread)
+            # only, so this thread and the train.py processes it starts (which inherit the mask) block it
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
             try:
                 outcomes.extend(run_steps(self.steps, self.root, self.overwrite, in_process=False,
                                           nproc=self.nproc, report=lambda line: print(line, flush=True)))

@@ -8,6 +8,7 @@ requeued, and finishes with the tensors and tables of an uninterrupted run.
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import os.path as osp
@@ -250,9 +251,13 @@ def test_torchrun_for_multi_gpu_jobs_and_requeue_without_overwrite(tmp_path, mon
 
 
 # --------------------------------------------------------------------------- a real job, preempted
-def _children(pid: str) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(x) for x in f.read().split()]
+def _children(pid) -> list[int]:
+    """The child processes of ``pid`` (started by any of its threads)."""
+    out = []
+    for children in glob.glob(f"/proc/{pid}/task/*/children"):
+        with open(children) as f:
+            out += [int(x) for x in f.read().split()]
+    return out
 
 
 @pytest.mark.skipif(not osp.isdir("/proc/self/task"), reason="finds the job's process through /proc")
@@ -289,7 +294,11 @@ def test_local_executor_job_preempted_requeues_and_equals_an_uninterrupted_run(t
     assert [(r.state, r.job_id) for r in mid] == [("running", job_id)] and "PID" in mid[0].note
     worker = _children(job_id)  # submitit's controller (the job id) runs the job as its child
     assert len(worker) == 1
-    os.kill(worker[0], signal.SIGUSR2)  # what SLURM sends before a time limit / on preemption
+    train = _children(worker[0])  # the train.py process the job started
+    assert len(train) == 1
+    # what SLURM sends before a time limit (to every process of the job); the train.py blocks it
+    for pid in (train[0], worker[0]):
+        os.kill(pid, signal.SIGUSR2)
     submitter.join(240)
     assert result.get("rc") == 0
     assert [r.state for r in C.step_states(jobs, folder)] == ["finished"]
