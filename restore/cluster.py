@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import os
 import os.path as osp
 import re
@@ -79,8 +78,6 @@ __all__ = [
     "step_states",
     "submit",
 ]
-
-logger = logging.getLogger(__name__)
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 #: One JSON line per submitted job: its id, launcher, host, submission time and steps (name, output folder).
@@ -326,7 +323,6 @@ class ChainJob:
         self.overwrite = overwrite
 
     def __call__(self) -> list[dict[str, Any]]:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
         outcomes: list[Any] = []
         errors: list[BaseException] = []
 

@@ -115,6 +115,15 @@ def test_without_submitit_the_launcher_says_what_to_install(tmp_path, capsys, mo
                                'submitit) to use --launcher slurm')
 
 
+def test_slurm_launcher_off_a_cluster_says_what_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun / sbatch here
+    rc = P.main(["run-all", "base2new", "coop", "--launcher", "slurm", "--datasets", "dtd", "--seeds", "1",
+                 "--data", str(tmp_path), "--output", str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "srun" in err and "use --dry-run to see the sbatch file" in err
+    assert not osp.exists(tmp_path / "o" / "logs" / "submitit" / "base2new" / C.JOBS_FILE)
+
+
 # --------------------------------------------------------------------------- sbatch (dry run)
 def _fake_tools(tmp_path, monkeypatch) -> str:
     """``srun``, ``sbatch`` (prints a job id, keeps the script) and ``sacct`` (prints tmp/sacct.txt) on PATH."""
