@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import getpass
 import json
 import os
 import os.path as osp
@@ -414,26 +415,28 @@ def _expand_array(job_id: str) -> list[str]:
 
 
 def _slurm_states(job_ids: Sequence[str], run: Callable[[list[str]], str]) -> dict[str, str]:
+    """SLURM's state of each job id: ``sacct`` (accounting, also ended jobs), then ``squeue`` (this user's
+    live jobs, which win); a job neither lists while one of them answered has ENDED, UNKNOWN if none did."""
     states: dict[str, str] = {}
     if not job_ids:
         return states
     ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    answered = False
     for cmd in (["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ids],
-                ["squeue", "-h", "-o", "%i|%T", "-j", ids]):
+                ["squeue", "-h", "-o", "%i|%T", "-u", getpass.getuser()]):
         if shutil.which(cmd[0]) is None:
             continue
         try:
             text = run(cmd)
         except (OSError, subprocess.SubprocessError):
             continue
+        answered = True
         for line in text.splitlines():
             parts = line.strip().split("|")
-            if len(parts) >= 2 and parts[0]:
+            if len(parts) >= 2 and parts[0] and parts[1].strip():
                 for jid in _expand_array(parts[0]):
-                    states[jid] = parts[1].split()[0].upper() if parts[1].strip() else "UNKNOWN"
-        if states:
-            return states
-    return states
+                    states[jid] = parts[1].split()[0].upper()
+    return {jid: states.get(jid, "ENDED" if answered else "UNKNOWN") for jid in job_ids}
 
 
 def _run_quiet(cmd: list[str]) -> str:
@@ -467,9 +470,7 @@ def job_states(records: Sequence[dict[str, Any]], run: Callable[[list[str]], str
     """The scheduler state of each recorded job id (SLURM's names; submitit-local: RUNNING / ENDED)."""
     states: dict[str, str] = {}
     slurm = [str(r["job_id"]) for r in records if r.get("launcher") == "slurm"]
-    found = _slurm_states(slurm, run)
-    for jid in slurm:
-        states[jid] = found.get(jid, "UNKNOWN")
+    states.update(_slurm_states(slurm, run))
     for r in records:
         if r.get("launcher") != "slurm":
             states[str(r["job_id"])] = _local_state(r)

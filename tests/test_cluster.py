@@ -134,6 +134,7 @@ def _fake_tools(tmp_path, monkeypatch) -> str:
         "sbatch": f"#!/bin/sh\ncp \"$1\" {tmp_path}/sbatch_$(ls {tmp_path} | grep -c sbatch_).sh\n"
                   "echo 'Submitted batch job 4242'\n",
         "sacct": f"#!/bin/sh\ncat {tmp_path}/sacct.txt\n",
+        "squeue": f"#!/bin/sh\ncat {tmp_path}/squeue.txt 2>/dev/null\n",
     }
     for name, text in scripts.items():
         path = bin_dir / name
@@ -207,6 +208,13 @@ def test_slurm_submission_records_skips_and_status(tmp_path, capsys, monkeypatch
     rows = C.step_states(jobs, folder)
     assert [r.state for r in rows] == ["finished", "failed", "failed", "failed", "finished", "finished"]
     assert rows[1].note == "job timeout" and rows[1].log == osp.join(folder, "4242_0_0_log.out")
+    # squeue (live jobs) wins over sacct; a job that neither lists has ended
+    (tmp_path / "squeue.txt").write_text("4242_0|RUNNING\n")
+    (tmp_path / "sacct.txt").write_text("4242_0|PENDING\n")
+    assert C.job_states([{"job_id": "4242_0", "launcher": "slurm"}, {"job_id": "4242_1", "launcher": "slurm"}]) == {
+        "4242_0": "RUNNING", "4242_1": "ENDED"}
+    (tmp_path / "squeue.txt").unlink()
+    (tmp_path / "sacct.txt").write_text("4242_0|TIMEOUT\n4242_1|FAILED\n")
     # the printed table, read back: a header, one line per step, the counts
     C.print_status(jobs, folder)
     printed = capsys.readouterr().out.splitlines()
