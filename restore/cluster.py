@@ -27,7 +27,7 @@ applies to the first start only: a requeued job resumes what the overwrite start
 Every submission is recorded in ``<folder>/jobs.jsonl`` (default folder
 ``<output>/logs/submitit/<protocol>``, also holding submitit's files and each job's log
 ``<job id>_0_log.out``). ``python -m restore.protocols status`` with the arguments of ``run-all`` reads
-these records, the output folders and SLURM's accounting (``sacct``, else ``squeue``) and lists every
+these records, the output folders and SLURM (``sacct`` and ``squeue``) and lists every
 step as finished / running / queued / failed / not submitted with its SLURM job id and log: a sweep is
 watched and resumed after the submitting shell is gone (run the same ``run-all`` again).
 """
