@@ -614,8 +614,7 @@ def submit(jobs: Sequence[Sequence[Step]], ctx: Context, protocol: str, settings
         print("Watch with: python -m restore.protocols status <the same arguments as run-all>")
         if not wait:
             return 1 if refused else 0
-        for _, future in handles:
-            _wait(future)
+        _wait([{"job_id": i, "launcher": "slurm"} for i in ids])
     else:
         failed = _run_local(calls, chosen, folder, settings)
         refused += failed
@@ -632,9 +631,14 @@ def _record(folder: str, launcher: str, job_id: str, job: Sequence[Step]) -> Non
     })
 
 
-def _wait(future: Any) -> None:
-    while not future.done():
-        time.sleep(2.0)
+#: Seconds between two looks at the queue while ``--wait`` waits.
+WAIT_POLL_S = 30.0
+
+
+def _wait(records: Sequence[dict[str, Any]]) -> None:
+    """Until none of these jobs is queued or running (by :func:`job_states`; UNKNOWN counts as ended)."""
+    while any(state in _QUEUED or state in _RUNNING for state in job_states(records).values()):
+        time.sleep(WAIT_POLL_S)
 
 
 def _run_local(calls: Sequence[ChainJob], chosen: Sequence[Sequence[Step]], folder: str,

@@ -233,6 +233,22 @@ def test_slurm_submission_records_skips_and_status(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(C.ChainJob, "__init__", _spy_init := _Spy(C.ChainJob.__init__))
     assert C.submit(other, ctx, "base2new", settings, "slurm", overwrite=True) == 0
     assert "Submitted 1 SLURM job (4242)" in capsys.readouterr().out and _spy_init.calls[-1]["overwrite"] is True
+    # --wait: looks at the queue until no job of the submission is queued or running, then prints the status
+    monkeypatch.setattr(C, "WAIT_POLL_S", 0.05)
+    (tmp_path / "squeue.txt").write_text("4242_0|PENDING\n4242_1|RUNNING\n")
+    waiter = threading.Thread(target=C._wait, args=([{"job_id": j, "launcher": "slurm"} for j in ("4242_0", "4242_1")],))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()
+    (tmp_path / "squeue.txt").write_text("4242_1|COMPLETING\n")
+    time.sleep(0.5)
+    assert waiter.is_alive()
+    (tmp_path / "squeue.txt").write_text("")  # both left the queue
+    waiter.join(5)
+    assert not waiter.is_alive()
+    _, fresh = _jobs(tmp_path, output="out2")
+    assert C.submit(fresh, ctx, "base2new", settings, "slurm", wait=True) == 1  # ended without results
+    assert "2 steps: 0 finished, 0 running, 0 queued, 2 failed" in capsys.readouterr().out
     # status from the CLI, as after the submitting shell is gone (a new process reads the records)
     (tmp_path / "sacct.txt").write_text("4242_0|RUNNING\n4242_1|PENDING\n")
     rc = P.main(["status", "base2new", "coop", "--datasets", "dtd", "--seeds", "1,2,3", "--output", ctx.output,
