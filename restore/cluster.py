@@ -45,6 +45,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -342,8 +343,12 @@ class ChainJob:
         # the steps run in a thread, so that submitit's USR2 handler (main thread) can stop them
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        while worker.is_alive():
-            worker.join(0.2)
+        try:
+            while worker.is_alive():
+                worker.join(0.2)
+        except KeyboardInterrupt:  # the job is cancelled (submitit-local's cancel is a SIGINT): no orphan
+            self._stop_steps(signal.SIGINT, wait_s=1.0)
+            raise
         if errors:
             raise errors[0]
         summary = [{"step": o.step.name, "status": o.status, "rc": o.rc, "seconds": round(o.seconds, 1),
@@ -353,19 +358,24 @@ class ChainJob:
             raise RuntimeError("; ".join(f"{o.step.name}: {o.status} ({o.message})" for o in failed))
         return summary
 
+    @staticmethod
+    def _stop_steps(signum: int, wait_s: float) -> None:
+        """Start no further step; SIGTERM the running ``train.py`` (its process group), SIGKILL after ``wait_s``."""
+        _CHILDREN.signum = _CHILDREN.signum or signum
+        _CHILDREN.signal_all(signal.SIGTERM)
+        deadline = time.time() + wait_s
+        while _CHILDREN.procs and time.time() < deadline:
+            time.sleep(0.05)
+        if _CHILDREN.procs:
+            _CHILDREN.signal_all(signal.SIGKILL)
+            time.sleep(0.2)
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Stop the running ``train.py`` (its last checkpoint stays) and requeue this job to resume."""
         import submitit
 
         print("Preempted or out of time: stopping the running step; the requeued job resumes it", flush=True)
-        _CHILDREN.signum = _CHILDREN.signum or signal.SIGUSR2
-        _CHILDREN.signal_all(signal.SIGTERM)
-        deadline = time.time() + _CHILDREN.KILL_AFTER_S
-        while _CHILDREN.procs and time.time() < deadline:
-            time.sleep(0.05)
-        if _CHILDREN.procs:
-            _CHILDREN.signal_all(signal.SIGKILL)
-            time.sleep(0.5)
+        self._stop_steps(signal.SIGUSR2, wait_s=_CHILDREN.KILL_AFTER_S)
         return submitit.helpers.DelayedSubmission(ChainJob(self.steps, self.root, self.nproc, overwrite=False))
 
 
@@ -641,6 +651,21 @@ def _wait(records: Sequence[dict[str, Any]]) -> None:
         time.sleep(WAIT_POLL_S)
 
 
+def _submit_quietly(executor: Any, call: ChainJob, log: str) -> Any:
+    """``executor.submit(call)`` with the stderr of submitit's local controller process going to ``log``
+    (on Ctrl-C it would print a KeyboardInterrupt traceback on the terminal; the job has its own log)."""
+    os.makedirs(osp.dirname(log), exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(log, "a") as f:
+            os.dup2(f.fileno(), 2)
+        return executor.submit(call)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _run_local(calls: Sequence[ChainJob], chosen: Sequence[Sequence[Step]], folder: str,
                settings: ClusterSettings) -> int:
     """submitit's LocalExecutor, at most ``array_parallelism`` jobs at once (default 1); failed jobs."""
@@ -658,10 +683,19 @@ def _run_local(calls: Sequence[ChainJob], chosen: Sequence[Sequence[Step]], fold
     while pending or running:
         while pending and len(running) < limit:
             call, job = pending.pop(0)
-            future = executor.submit(call)
+            future = _submit_quietly(executor, call, osp.join(folder, "controllers.err"))
             _record(folder, "submitit-local", str(future.job_id), job)
             running.append((future, job))
         time.sleep(0.2)
+        if _CHILDREN.signum:  # Ctrl-C / SIGTERM to this command: cancel the running jobs, then stop
+            for future, _ in running:
+                future.cancel()  # SIGINT to submitit's controller, which stops the job (and its train.py)
+            deadline = time.time() + _CHILDREN.KILL_AFTER_S
+            while any(not f.done() for f, _ in running) and time.time() < deadline:
+                time.sleep(0.1)
+            with _CHILDREN.lock:
+                _CHILDREN.stopped += len(running)
+            raise Interrupted(_CHILDREN.signum)
         for item in [r for r in running if r[0].done()]:
             running.remove(item)
             future, job = item

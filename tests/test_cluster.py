@@ -283,6 +283,33 @@ def test_torchrun_for_multi_gpu_jobs_and_requeue_without_overwrite(tmp_path, mon
     assert [s.output_dir for s in requeued.function.steps] == [s.output_dir for s in jobs[0]]
 
 
+def test_a_cancelled_job_leaves_no_train_py_behind(tmp_path, monkeypatch):
+    """submitit-local cancels a job (Ctrl-C of the sweep) with SIGINT: the job stops its train.py first."""
+    marker = tmp_path / "child.pid"
+    code = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    monkeypatch.setattr(P, "train_command", lambda root, argv, nproc=1: [sys.executable, "-c", code])
+    ctx, jobs = _jobs(tmp_path)
+
+    def interrupt() -> None:
+        while not marker.exists() or not marker.read_text():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)  # as submitit's controller does to cancel the job
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            C.ChainJob(jobs[0], ctx.root)()
+        pid = int(marker.read_text())
+        deadline = time.time() + 10
+        while osp.exists(f"/proc/{pid}") and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert not P._CHILDREN.procs and not osp.isfile(jobs[0][0].results_path())
+    finally:
+        P._CHILDREN.reset()
+
+
 # --------------------------------------------------------------------------- a real job, preempted
 def _children(pid) -> list[int]:
     """The child processes of ``pid`` (started by any of its threads)."""
