@@ -22,7 +22,8 @@ all finished is not submitted), nor is a job whose submission is still queued or
 SLURM preempts or that reaches its time limit gets ``USR2`` (``signal_delay_s`` before the end); the
 running ``train.py`` is stopped and the job requeued (submitit's checkpointing hook), and the
 requeued job resumes the training from its last checkpoint (``train.py`` does that). ``--overwrite``
-applies to the first start only: a requeued job resumes what the overwrite started.
+moves the jobs' existing run folders aside (``<folder>.old-<time>``) when they are submitted, so that
+every start of a job, the first as a requeued one (USR2 or SLURM's own requeue), only resumes.
 
 Every submission is recorded in ``<folder>/jobs.jsonl`` (default folder
 ``<output>/logs/submitit/<protocol>``, also holding submitit's files and each job's log
@@ -59,6 +60,7 @@ from restore.protocols import (
     ProtocolError,
     Step,
     _in_use,
+    move_aside,
     run_steps,
 )
 
@@ -316,13 +318,12 @@ def sbatch_script(settings: ClusterSettings, folder: str, num_jobs: int = 1) -> 
 class ChainJob:
     """One job of the grid run inside a submitit job: its steps in order (``train.py`` subprocesses,
     under ``torchrun`` with ``nproc`` > 1). Checkpointable: on USR2 (preemption, time limit) the
-    running step is stopped and the job requeued without ``--overwrite``, so it resumes."""
+    running step is stopped and the job requeued; every start resumes (``--overwrite`` acts at submission)."""
 
-    def __init__(self, steps: Sequence[Step], root: str, nproc: int = 1, overwrite: bool = False) -> None:
+    def __init__(self, steps: Sequence[Step], root: str, nproc: int = 1) -> None:
         self.steps = list(steps)
         self.root = root
         self.nproc = nproc
-        self.overwrite = overwrite
 
     def __call__(self) -> list[dict[str, Any]]:
         outcomes: list[Any] = []
@@ -333,7 +334,7 @@ class ChainJob:
             # only, so this thread and the train.py processes it starts (which inherit the mask) block it
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
             try:
-                outcomes.extend(run_steps(self.steps, self.root, self.overwrite, in_process=False,
+                outcomes.extend(run_steps(self.steps, self.root, False, in_process=False,
                                           nproc=self.nproc, report=lambda line: print(line, flush=True)))
             except Interrupted:  # stopped for a requeue (checkpoint below)
                 pass
@@ -376,7 +377,7 @@ class ChainJob:
 
         print("Preempted or out of time: stopping the running step; the requeued job resumes it", flush=True)
         self._stop_steps(signal.SIGUSR2, wait_s=_CHILDREN.KILL_AFTER_S)
-        return submitit.helpers.DelayedSubmission(ChainJob(self.steps, self.root, self.nproc, overwrite=False))
+        return submitit.helpers.DelayedSubmission(ChainJob(self.steps, self.root, self.nproc))
 
 
 # --------------------------------------------------------------------------- records and states
@@ -610,7 +611,12 @@ def submit(jobs: Sequence[Sequence[Step]], ctx: Context, protocol: str, settings
               f"{f', {refused} refused' if refused else ''}).")
         return 1 if refused else 0
     nproc = max(1, settings.gpus_per_job)
-    calls = [ChainJob(job, ctx.root, nproc, overwrite) for job in chosen]
+    if overwrite:  # here, not in the job: a requeued job (or SLURM's own requeue) must only resume
+        for job in chosen:
+            for step in job:
+                if osp.isdir(step.output_dir):
+                    print(f"moved the previous run {step.output_dir} aside to {move_aside(step.output_dir)}")
+    calls = [ChainJob(job, ctx.root, nproc) for job in chosen]
     if launcher == "slurm":
         executor = _slurm_executor(folder, settings)
         with executor.batch():

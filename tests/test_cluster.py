@@ -36,19 +36,6 @@ def _jobs(tmp_path, output: str = "out", trainers: str = "coop", seeds=(1,), dat
     return ctx, [job for t in trainers.split(",") for job in P.build_jobs(ctx, "base2new", t, list(seeds), datasets)]
 
 
-class _Spy:
-    """Wraps ``ChainJob.__init__`` and keeps its keyword arguments."""
-
-    def __init__(self, init) -> None:
-        self.init, self.calls = init, []
-
-    def __get__(self, obj, owner=None):
-        def bound(steps, root, nproc=1, overwrite=False):
-            self.calls.append({"nproc": nproc, "overwrite": overwrite})
-            return self.init(obj, steps, root, nproc, overwrite)
-        return bound
-
-
 def _read(path) -> str:
     with open(path) as f:
         return f.read()
@@ -230,9 +217,11 @@ def test_slurm_submission_records_skips_and_status(tmp_path, capsys, monkeypatch
     assert C.submit(other, ctx, "base2new", settings, "slurm") == 1
     refused = capsys.readouterr().out
     assert "FAILED base2new train_base CoOp dtd seed3:" in refused and "OPTIM.MAX_EPOCH <not set> -> 5" in refused
-    monkeypatch.setattr(C.ChainJob, "__init__", _spy_init := _Spy(C.ChainJob.__init__))
+    # (the old folders are moved aside at submission, so every start of the job, requeued too, only resumes)
     assert C.submit(other, ctx, "base2new", settings, "slurm", overwrite=True) == 0
-    assert "Submitted 1 SLURM job (4242)" in capsys.readouterr().out and _spy_init.calls[-1]["overwrite"] is True
+    submitted = capsys.readouterr().out
+    assert "Submitted 1 SLURM job (4242)" in submitted and submitted.count("moved the previous run") == 2
+    assert not osp.exists(other[0][0].output_dir) and len(glob.glob(other[0][0].output_dir + ".old-*")) == 1
     # --wait: looks at the queue until no job of the submission is queued or running, then prints the status
     monkeypatch.setattr(C, "WAIT_POLL_S", 0.05)
     (tmp_path / "squeue.txt").write_text("4242_0|PENDING\n4242_1|RUNNING\n")
@@ -254,10 +243,10 @@ def test_slurm_submission_records_skips_and_status(tmp_path, capsys, monkeypatch
     rc = P.main(["status", "base2new", "coop", "--datasets", "dtd", "--seeds", "1,2,3", "--output", ctx.output,
                  "--shots", "2"])
     assert rc == 0 and capsys.readouterr().out.splitlines()[-1].startswith(
-        "6 steps: 3 finished, 1 running, 2 queued, 0 failed, 0 not submitted")
+        "6 steps: 1 finished, 1 running, 2 queued, 2 failed, 0 not submitted")  # seed 3: job 4242 ended
 
 
-def test_torchrun_for_multi_gpu_jobs_and_requeue_without_overwrite(tmp_path, monkeypatch):
+def test_torchrun_for_multi_gpu_jobs_and_requeue(tmp_path, monkeypatch):
     argv = ["--root", "d", "--output-dir", "o"]
     assert P.train_command("/r", argv) == [sys.executable, "/r/train.py", *argv]
     assert P.train_command("/r", argv, nproc=4) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -274,12 +263,12 @@ def test_torchrun_for_multi_gpu_jobs_and_requeue_without_overwrite(tmp_path, mon
     ctx, jobs = _jobs(tmp_path)
     summary = C.ChainJob(jobs[0], ctx.root, nproc=2)()
     assert calls == [2, 2] and [s["status"] for s in summary] == ["done", "done"]
-    # a preempted job is requeued without --overwrite, so that it resumes what the overwrite started
+    # a preempted job is requeued as the same chain
     try:
-        requeued = C.ChainJob(jobs[0], ctx.root, nproc=2, overwrite=True).checkpoint()
+        requeued = C.ChainJob(jobs[0], ctx.root, nproc=2).checkpoint()
     finally:
         P._CHILDREN.reset()  # checkpoint() marks this process as stopping (a real job exits next)
-    assert requeued.function.overwrite is False and requeued.function.nproc == 2
+    assert isinstance(requeued.function, C.ChainJob) and requeued.function.nproc == 2
     assert [s.output_dir for s in requeued.function.steps] == [s.output_dir for s in jobs[0]]
 
 
