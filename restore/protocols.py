@@ -1262,6 +1262,6 @@ def _run_command(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     # run the imported module, not this __main__ copy: restore.cluster (and the jobs it submits) use
     # restore.protocols' classes and state, which must be the ones main() works with
-    from restore import protocols as _protocols
+    import importlib
 
-    raise SystemExit(_protocols.main())
+    raise SystemExit(importlib.import_module("restore.protocols").main())
