@@ -511,15 +511,13 @@ def step_states(jobs: Sequence[Sequence[Step]], folder: str,
         states = job_states(list({id(r): r for r in records.values()}.values()))
     out: list[StepState] = []
     for job in jobs:
-        record = records.get(osp.abspath(job[0].output_dir)) if job else None
-        job_id = str(record["job_id"]) if record else ""
-        job_state = states.get(job_id, "UNKNOWN") if record else ""
         first_open = True
         for step in job:
-            step_log = osp.join(step.output_dir, "log.txt")
-            log = step_log if osp.isfile(step_log) else (_job_log(record) if record else "")
-            rec = records.get(osp.abspath(step.output_dir))
+            rec = records.get(osp.abspath(step.output_dir))  # the step's latest submission
             sid = str(rec["job_id"]) if rec else ""
+            job_state = states.get(sid, "UNKNOWN") if rec else ""
+            step_log = osp.join(step.output_dir, "log.txt")
+            log = step_log if osp.isfile(step_log) else (_job_log(rec) if rec else "")
             if step.is_done():
                 out.append(StepState(step, "finished", sid, log))
                 continue
@@ -538,8 +536,7 @@ def step_states(jobs: Sequence[Sequence[Step]], folder: str,
             elif job_state == "UNKNOWN":
                 out.append(StepState(step, "queued", sid, log, "state unknown (no sacct/squeue answer)"))
             else:
-                out.append(StepState(step, "failed", sid, _job_log(rec) if not osp.isfile(step_log) else log,
-                                     f"job {job_state.lower()}"))
+                out.append(StepState(step, "failed", sid, log, f"job {job_state.lower()}"))
             first_open = False
     return out
 
