@@ -248,9 +248,9 @@ def test_slurm_submission_records_skips_and_status(tmp_path, capsys, monkeypatch
 
 def test_torchrun_for_multi_gpu_jobs_and_requeue(tmp_path, monkeypatch):
     argv = ["--root", "d", "--output-dir", "o"]
-    assert P.train_command("/r", argv) == [sys.executable, "/r/train.py", *argv]
-    assert P.train_command("/r", argv, nproc=4) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    "--nproc_per_node=4", "/r/train.py", *argv]
+    assert P.train_command(argv) == [sys.executable, "-m", "restore.launch", *argv]
+    assert P.train_command(argv, nproc=4) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              "--nproc_per_node=4", "-m", "restore.launch", *argv]
     calls = []
 
     def fake_subprocess(argv, root, env=None, log=None, nproc=1):
@@ -276,7 +276,7 @@ def test_a_cancelled_job_leaves_no_train_py_behind(tmp_path, monkeypatch):
     """submitit-local cancels a job (Ctrl-C of the sweep) with SIGINT: the job stops its train.py first."""
     marker = tmp_path / "child.pid"
     code = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    monkeypatch.setattr(P, "train_command", lambda root, argv, nproc=1: [sys.executable, "-c", code])
+    monkeypatch.setattr(P, "train_command", lambda argv, nproc=1: [sys.executable, "-c", code])
     ctx, jobs = _jobs(tmp_path)
 
     def interrupt() -> None:

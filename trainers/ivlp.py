@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput
 from restore.prompting.official import OfficialKeys, shifted
@@ -114,7 +114,6 @@ class IVLPModel(DeepPromptModel):
             ctx_init=method_cfg.CTX_INIT)
 
 
-@TRAINER_REGISTRY.register()
 class IVLP(PromptTrainer):
     """Independent Vision-Language Prompting (both towers, or one of them via config)."""
 
@@ -124,3 +123,7 @@ class IVLP(PromptTrainer):
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return IVLPModel(clip_model, classnames, self.method_cfg)
+
+
+SPEC = register_method(MethodSpec("ivlp", "IVLP", aliases=("independentvl",),
+                  configs={"base2new": ("IVLP/vit_b16_c2_ep5_batch4_2+2ctx",)}), IVLP)

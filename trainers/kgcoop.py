@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from restore.clip.model import CLIP
-from restore.data.templates import CUSTOM_TEMPLATES, dataset_template
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.datasets.templates import CUSTOM_TEMPLATES, dataset_template
+from restore.methods import MethodSpec, register_method
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
@@ -66,7 +66,6 @@ class KgCoOpModel(CoOpModel):
         return loss, {"loss": loss.item(), "loss_ce": ce.item(), "loss_kg": kg.item()}
 
 
-@TRAINER_REGISTRY.register()
 class KgCoOp(PromptTrainer):
     """Knowledge-guided Context Optimization."""
 
@@ -78,3 +77,6 @@ class KgCoOp(PromptTrainer):
         template = dataset_template(cfg.DATASET.NAME, KGCOOP_TEMPLATES)
         clip_model.to(getattr(self, "device", torch.device("cpu")))  # teacher features on the training device
         return KgCoOpModel(clip_model, classnames, self.method_cfg, template)
+
+
+SPEC = register_method(MethodSpec("kgcoop", "KgCoOp", configs={"base2new": ("KgCoOp/vit_b16_ep100_ctxv1",)}), KgCoOp)

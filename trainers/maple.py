@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.prompting.deep import CoupledPrompts
 from restore.prompting.encoders import DeepTokens
 from restore.prompting.trainer import PromptModel, PromptTrainer
@@ -58,7 +58,6 @@ class MaPLeModel(DeepPromptModel):
         return self.prompt_learner.vision_deep(self.deep_vision_tokens())
 
 
-@TRAINER_REGISTRY.register()
 class MaPLe(PromptTrainer):
     """Multi-modal Prompt Learning."""
 
@@ -68,3 +67,14 @@ class MaPLe(PromptTrainer):
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         node = self.method_cfg
         return MaPLeModel(clip_model, classnames, n_ctx=node.N_CTX, depth=node.PROMPT_DEPTH, ctx_init=node.CTX_INIT)
+
+
+SPEC = register_method(MethodSpec("maple", "MaPLe", configs={
+    "base2new": ("MaPLe/vit_b16_c2_ep5_batch4_2ctx",),
+    "xd": ("MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets",),
+}, published_by_config={
+    # at RESTORE's schedule (10 epochs): like-for-like with the RESTORE paper's re-run MaPLe row
+    "vit_b16_c2_ep10_batch4_2ctx": "MaPLe",
+    # MaPLe's official schedule (5 epochs): MaPLe's own published numbers
+    "vit_b16_c2_ep5_batch4_2ctx": "MaPLe (MaPLe paper)",
+}), MaPLe)

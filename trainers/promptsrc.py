@@ -22,7 +22,7 @@ Reuse from other trainers (RESTORE's PromptSRC variant):
   buffers of ``model.gpa``, so it is checkpointed every epoch and training resumes exactly.
 
 Teacher templates: :data:`TEACHER_TEMPLATES` is the official 60-template ensemble (the first 60
-of CLIP's 80 ImageNet prompt-engineering templates, ``restore.data.templates``), averaged as the
+of CLIP's 80 ImageNet prompt-engineering templates, ``restore.datasets.templates``), averaged as the
 official code does: the raw text features' mean over templates, normalised once (not CLIP's
 normalise-then-average ensembling); computed once per run.
 Differences from the official code, on purpose: GPA aggregates only learnable tensors (not the
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
-from restore.data.templates import CLIP_IMAGENET_TEMPLATES_60
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.datasets.templates import CLIP_IMAGENET_TEMPLATES_60
+from restore.methods import MethodSpec, register_method
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
@@ -219,7 +219,6 @@ class PromptSRCModel(IVLPModel):
         return promptsrc_loss(output, label, self.frozen_teacher_text, self.text_loss_weight, self.image_loss_weight)
 
 
-@TRAINER_REGISTRY.register()
 class PromptSRC(PromptTrainer):
     """Self-regulating prompts with Gaussian prompt aggregation."""
 
@@ -244,3 +243,10 @@ class PromptSRC(PromptTrainer):
     def after_epoch(self) -> None:
         gpa_end_of_epoch(self.model, self.epoch, self.max_epoch)
         super().after_epoch()
+
+
+SPEC = register_method(MethodSpec("promptsrc", "PromptSRC", configs={
+    "base2new": ("PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx",),
+    "xd": ("PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets",),
+    "fewshot": ("PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot",),
+}), PromptSRC)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.trainer import PromptModel, PromptTrainer
 
@@ -28,7 +28,6 @@ class VPTModel(DeepPromptModel):
             depth_vision=method_cfg.PROMPT_DEPTH_VISION, ctx_init=method_cfg.CTX_INIT)
 
 
-@TRAINER_REGISTRY.register()
 class VPT(PromptTrainer):
     """Visual Prompt Tuning (shallow with PROMPT_DEPTH_VISION 1, deep above)."""
 
@@ -38,3 +37,6 @@ class VPT(PromptTrainer):
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return VPTModel(clip_model, classnames, self.method_cfg)
+
+
+SPEC = register_method(MethodSpec("vpt", "VPT", configs={"base2new": ("VPT/vit_b16_c2_ep5_batch4_4",)}), VPT)

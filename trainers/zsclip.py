@@ -7,14 +7,14 @@ from typing import Any
 import torch
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptTrainer
 
 
 def dataset_templates(dataset_name: str, ensemble: bool = False) -> list[str]:
     """The hand-written template of a dataset; with ``ensemble`` also CoOp's 7 ImageNet templates."""
-    from restore.data.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
+    from restore.datasets.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
     if dataset_name not in CUSTOM_TEMPLATES:
         raise KeyError(f"No hand-written template for dataset {dataset_name!r}; known: {sorted(CUSTOM_TEMPLATES)}")
@@ -39,7 +39,6 @@ class ZeroshotModel(PromptModel):
         return self._weights
 
 
-@TRAINER_REGISTRY.register()
 class ZeroshotCLIP(PromptTrainer):
     """Evaluate CLIP with hand-written prompts (``--eval-only``; training just evaluates)."""
 
@@ -52,3 +51,7 @@ class ZeroshotCLIP(PromptTrainer):
 
     def train(self) -> None:  # type: ignore[override]
         self.test()
+
+
+SPEC = register_method(MethodSpec("zsclip", "ZeroshotCLIP", aliases=("clip", "zeroshotclip", "zeroshot"), published="CLIP",
+                  configs={"base2new": ("ZeroshotCLIP/vit_b16",)}, trains=False), ZeroshotCLIP)

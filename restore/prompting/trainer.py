@@ -208,20 +208,6 @@ class PromptTrainer(TrainerX):
 
     model_name = "prompt_learner"
     default_cfg: dict[str, Any] = {"PREC": "auto"}
-    #: ``(dataset, protocol) -> opts``: the method's published per-dataset settings (MMRL's lambda,
-    #: RESTORE's ratios), merged by ``train.py`` before the command-line opts (:meth:`dataset_defaults`).
-    dataset_opts_hook: Callable[[str, str], list[str]] | None = None
-
-    @classmethod
-    def dataset_defaults(cls, cfg: Any) -> list[str]:
-        """The per-dataset opts for ``cfg``'s dataset and protocol; ``[]`` where none are published."""
-        if cls.dataset_opts_hook is None:
-            return []
-        try:
-            return list(cls.dataset_opts_hook(str(cfg.DATASET.NAME), str(cfg.PROTOCOL)))
-        except ValueError:  # a dataset or protocol without published values
-            return []
-
     @classmethod
     def cfg_node_name(cls) -> str:
         return cls.__name__.upper()

@@ -55,7 +55,7 @@ def build_dataset(cfg: Any) -> Any:
     try:
         check_availability(cfg.DATASET.NAME, avai)
     except ValueError as err:
-        hint = "" if avai else " No dataset is registered: did you `import datasets`?"
+        hint = "" if avai else " No dataset is registered: import a dataset plugin (restore.methods.load_plugins() loads the installed ones)."
         raise ValueError(f"Unknown DATASET.NAME: {err}{hint}") from None
     if cfg.VERBOSE:
         print(f"Loading dataset: {cfg.DATASET.NAME}")
