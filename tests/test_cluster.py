@@ -311,7 +311,7 @@ def _children(pid) -> list[int]:
 
 @pytest.mark.skipif(not osp.isdir("/proc/self/task"), reason="finds the job's process through /proc")
 def test_local_executor_job_preempted_requeues_and_equals_an_uninterrupted_run(tmp_path, capsys):
-    from restore.data import synthetic
+    from restore.datasets import synthetic
     from restore.engine.utils import load_checkpoint
     from restore.evaluation.aggregate import aggregate
 
