@@ -11,6 +11,8 @@ arguments (trainer class, config file, per-dataset options, output folder, check
     python -m restore.protocols fewshot-train   TRAINER DATASET SHOTS SEED [opts...]
     python -m restore.protocols groups-train    TRAINER waterbirds|celeba SEED [opts...]  # SHOTS (-1 = all)
     python -m restore.protocols run-all         PROTOCOL TRAINER[,TRAINER...] [--seeds 1,2,3] [--datasets ...] [--gpus 0,1] [opts...]
+    python -m restore.protocols run-all         ... --launcher slurm [--partition P --gpus-per-job N --time 4:00:00 ...]
+    python -m restore.protocols status          PROTOCOL TRAINER[,TRAINER...] [the other run-all arguments]
     python -m restore.protocols list            # trainers, their classes and config files
 
 ``TRAINER`` is a method's script name (``python -m restore.methods`` lists them). Environment variables (each also a flag):
@@ -25,7 +27,9 @@ is redone. Evaluation steps load the last epoch written by the training run, rea
 ``checkpoint`` file (no hard-coded ``--load-epoch``). A step whose folder another run is using (its
 ``run.lock``) fails with one line naming that process. SIGINT (Ctrl-C) or SIGTERM stops the running
 ``train.py`` processes too (each runs in its own process group, signalled and waited for), prints one
-line and exits with 130 / 143; the same command then resumes where it stopped.
+line and exits with 130 / 143; the same command then resumes where it stopped. ``--launcher slurm``
+submits one SLURM job per job of the grid through submitit, with the same rules (:mod:`restore.cluster`);
+``status`` lists where every step of a grid stands.
 
 Each step records the user's trailing opts in ``<run folder>/protocol_opts.json`` when it runs; a
 finished (or partly trained) step asked again with other opts is refused with one line that says
@@ -66,7 +70,7 @@ __all__ = [
     "Step", "ProtocolError", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS",
     "FEWSHOT_SHOTS", "GROUP_DATASETS", "GROUPS_OPTS", "OPTS_FILE", "get_spec", "resolve_config", "last_epoch",
     "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_test", "fewshot_train", "groups_train", "build_jobs",
-    "run_steps", "run_jobs", "move_aside", "check_steps", "Interrupted", "main",
+    "run_steps", "run_jobs", "train_command", "move_aside", "check_steps", "Interrupted", "main",
 ]
 
 BASE2NEW_DATASETS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -680,10 +684,20 @@ def _interruptible(run: Callable[[], int]) -> int:
         _CHILDREN.reset()
 
 
-def _run_subprocess(argv: list[str], root: str, env: Optional[dict[str, str]] = None, log: Optional[str] = None) -> int:
-    """``python train.py argv`` in its own process group; a signal to the runner stops it (then
-    :class:`Interrupted` is raised here, once it has exited)."""
-    cmd = [sys.executable, "-m", "restore.launch"] + argv
+def train_command(argv: Sequence[str], nproc: int = 1) -> list[str]:
+    """``python -m restore.launch argv`` (what ``train.py`` runs), or with ``nproc`` > 1 the same under
+    ``torchrun`` (one process per GPU, DDP)."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+                "restore.launch", *argv]
+    return [sys.executable, "-m", "restore.launch", *argv]
+
+
+def _run_subprocess(argv: list[str], root: str, env: Optional[dict[str, str]] = None, log: Optional[str] = None,
+                    nproc: int = 1) -> int:
+    """``python -m restore.launch argv`` (``torchrun`` with ``nproc`` > 1) in its own process group; a signal
+    to the runner stops it (then :class:`Interrupted` is raised here, once it has exited)."""
+    cmd = train_command(argv, nproc)
     full_env = {**os.environ, **(env or {})}
     out = None
     if log:
@@ -764,14 +778,14 @@ def _in_use(folder: str) -> Optional[str]:
 
 def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_process: bool = True,
               env: Optional[dict[str, str]] = None, log_dir: Optional[str] = None,
-              report: Callable[[str], None] = print) -> list[Outcome]:
+              report: Callable[[str], None] = print, nproc: int = 1) -> list[Outcome]:
     """Run steps in order; after a failed step the later steps of the list are not run.
 
     A finished step is skipped, unless it was run with other opts (then it fails with one sentence).
     ``overwrite``: every step is redone; a training step's existing folder is moved aside first, so
     that ``train.py`` trains from scratch instead of resuming from the final checkpoint. An
     evaluation that runs again (overwrite, retrained model, failed before) also moves its old folder
-    aside, so that its ``log.txt`` holds the new result.
+    aside, so that its ``log.txt`` holds the new result. ``nproc`` > 1: each step runs under ``torchrun``.
     """
     outcomes: list[Outcome] = []
     failed = False
@@ -818,7 +832,7 @@ def run_steps(steps: Sequence[Step], root: str, overwrite: bool = False, in_proc
             rc = _run_in_process(argv, root)
         else:
             log = osp.join(log_dir, re.sub(r"[^A-Za-z0-9_.+-]+", "_", step.name) + ".out") if log_dir else None
-            rc = _run_subprocess(argv, root, env, log)
+            rc = _run_subprocess(argv, root, env, log, **({"nproc": nproc} if nproc > 1 else {}))
         seconds = time.time() - start
         ok = rc == 0 and osp.isfile(step.results_path())
         message = ""
@@ -962,6 +976,7 @@ _COMMANDS = {
     "fewshot-train": "train and test on all classes with NUM_SHOTS shots",
     "groups-train": "group robustness (waterbirds, celeba): select on val, worst-group accuracy on test",
     "run-all": "the full grid of datasets x seeds (x shots) of a protocol",
+    "status": "each step of a run-all grid: finished / running / queued / failed, with job id and log",
     "list": "trainers, their classes and the config files they resolve to",
 }
 
@@ -975,7 +990,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         return p
     _common(p)
     opts_help = "config options KEY VALUE ... passed to every step (after all others, so they win)"
-    if command == "run-all":
+    if command in ("run-all", "status"):
         p.add_argument("protocol", help="base2new | xd | dg | fewshot | groups")
         p.add_argument("trainer", help="one or a comma list of method names (python -m restore.methods lists them)")
         p.add_argument("--seeds", type=_int_list, default=DEFAULT_SEEDS, help="default 1,2,3")
@@ -984,6 +999,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--gpus", default="", help="e.g. 0,1: one job per GPU at a time (subprocesses)")
         p.add_argument("--in-process", action="store_true", help="run every step in this interpreter (no --gpus)")
         p.add_argument("--test-base", action="store_true", help="base2new: also evaluate on base classes (test_base)")
+        from restore.cluster import add_arguments
+
+        add_arguments(p)
     else:
         p.add_argument("trainer", help="a method name (python -m restore.methods lists them)")
         if command == "base2new-test":
@@ -1042,16 +1060,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _interruptible(lambda: _run_command(args))
 
 
+def _cluster_command(args: argparse.Namespace, ctx: Context, jobs: list[list[Step]]) -> int:
+    """``status``, or ``run-all`` with a submitit launcher (:mod:`restore.cluster`)."""
+    from restore import cluster
+
+    settings = cluster.settings_from_args(args)
+    protocol = normalize_protocol(args.protocol)
+    if args.command == "status":
+        return cluster.print_status(jobs, cluster.jobs_folder(settings, ctx.output, protocol))
+    if args.gpus or args.in_process:
+        raise ProtocolError(f"--launcher {args.launcher} runs every job on its own allocation: drop "
+                            f"{'--gpus' if args.gpus else '--in-process'} (GPUs per job: --gpus-per-job)")
+    return cluster.submit(jobs, ctx, protocol, settings, args.launcher, args.overwrite, args.dry_run, args.wait)
+
+
 def _run_command(args: argparse.Namespace) -> int:
     """Build the steps of a parsed command and run them (or print them with ``--dry-run``)."""
     try:
-        ctx = _context(args, args.opts, check_data=not args.dry_run)
-        if args.dry_run and not ctx.data:
+        status = args.command == "status"  # reads output folders only: DATA is not needed
+        ctx = _context(args, args.opts, check_data=not (args.dry_run or status))
+        if (args.dry_run or status) and not ctx.data:
             ctx.data = "$DATA"
-        if args.command == "run-all":
+        if args.command in ("run-all", "status"):
             jobs = [job for trainer in re.split(r"[,\s]+", args.trainer.strip()) if trainer
                     for job in build_jobs(ctx, args.protocol, trainer, args.seeds, args.datasets, args.shot_list,
                                           args.test_base)]
+            if args.command == "status" or args.launcher != "local":
+                return _cluster_command(args, ctx, jobs)
             if args.dry_run:
                 for job in jobs:
                     for step in job:
@@ -1089,4 +1124,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run the imported module, not this __main__ copy: restore.cluster (and the jobs it submits) use
+    # restore.protocols' classes and state, which must be the ones main() works with
+    import importlib
+
+    raise SystemExit(importlib.import_module("restore.protocols").main())

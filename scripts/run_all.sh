@@ -3,13 +3,17 @@
 #
 #   DATA=/path/to/datasets bash scripts/run_all.sh PROTOCOL TRAINER [--seeds 1,2,3] [--datasets dtd,eurosat]
 #                                                  [--gpus 0,1] [--test-base] [--dry-run] [opts...]
+#                                                  [--launcher slurm --partition P --gpus-per-job N --time 4:00:00 ...]
 #
 # PROTOCOL: base2new (train base, test new), xd (train ImageNet, test the 10 other datasets and the 4
 # ImageNet variants), dg (train ImageNet, test the 4 variants), fewshot (--shot-list 1,2,4,8,16).
 # One job at a time by default; --gpus 0,1 runs one job per GPU (CUDA_VISIBLE_DEVICES round-robin,
 # each job's output in $OUTPUT/logs/PROTOCOL/). Finished runs are skipped, crashed ones resume, so
 # re-running this command after an interruption completes the grid. Ctrl-C or SIGTERM also stops the
-# running train.py processes, prints one line and exits with 130 / 143. OUTPUT defaults to output
+# running train.py processes, prints one line and exits with 130 / 143. --launcher slurm submits one
+# SLURM job per train->test chain through submitit (pip install -e ".[cluster]"; settings and
+# requeue in scripts/README.md); python -m restore.protocols status <same arguments> shows where each
+# step stands. OUTPUT defaults to output
 # (output_random for a backbone with random weights such as MODEL.BACKBONE.NAME tiny). Then:
 #   python -m restore.evaluation.aggregate output/
 set -euo pipefail
