@@ -147,11 +147,14 @@ def run(args, cfg) -> int:  # type: ignore[no-untyped-def]
     if cfg.SEED >= 0:
         print(f"Setting fixed seed: {cfg.SEED}")
         set_random_seed(cfg.SEED, deterministic=cfg.DETERMINISTIC)
+    elif cfg.DETERMINISTIC:  # a deterministic run needs a seed: the global RNG drives batches and initial values
+        print("DETERMINISTIC without a seed: setting fixed seed 0")
+        set_random_seed(0, deterministic=True)
     # an unfinished run (killed, then resumed) continues its log.txt, where CoOp's parse_test_res.py looks
     setup_logger(cfg.OUTPUT_DIR, append=training and not osp.exists(results))
     if torch.cuda.is_available() and cfg.USE_CUDA and not cfg.DETERMINISTIC:
         torch.backends.cudnn.benchmark = True
-    if cfg.SEED < 0:
+    if cfg.SEED < 0 and not cfg.DETERMINISTIC:
         print("Unseeded run (SEED -1): few-shot images, initialisation and batch order differ from run to run; "
               "results.json records seed \"unseeded\".")
     print_args(args, cfg)

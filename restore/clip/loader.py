@@ -428,7 +428,8 @@ def _cached(key: tuple[Any, ...], build: Any) -> _Entry:
     with _CACHE_LOCK:
         entry = _CACHE.get(key)
         if entry is None:
-            entry = build()
+            with torch.random.fork_rng(devices=[]):  # loading never draws from the caller's RNG (see clip.replay)
+                entry = build()
             _CACHE[key] = entry
         return entry
 

@@ -253,8 +253,9 @@ class ShardedSampler(Sampler):
         return start, start + per + (1 if self.rank < extra else 0)
 
     def __iter__(self) -> Iterator[int]:
-        local = self.rank == 0 or not is_distributed()
-        order = broadcast_object(list(iter(self.base)) if local else None)  # type: ignore[call-overload]
+        # every rank draws (the global RNG stays in step across ranks); rank 0's order is used
+        drawn = list(iter(self.base))  # type: ignore[call-overload]
+        order = broadcast_object(drawn if self.rank == 0 or not is_distributed() else None)
         if not self.drop_last:
             start, stop = self._bounds(len(order))
             return iter(order[start:stop])

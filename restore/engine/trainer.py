@@ -137,28 +137,13 @@ class TrainerBase:
     def checkpoint_metadata(self) -> dict[str, Any]:
         return {}
 
-    def _loader_generators(self) -> dict[str, torch.Generator]:
-        gens = {}
-        for name in ("train_loader_x", "train_loader_u"):
-            loader = getattr(self, name, None)
-            gen = getattr(loader, "generator", None) if loader is not None else None
-            if gen is not None:
-                gens[name] = gen
-        return gens
-
     def capture_rng_state(self) -> dict[str, Any]:
-        """Global RNG states plus the train loaders' own generators: resuming replays the same batches."""
-        state = capture_rng_state()
-        state["loaders"] = {name: gen.get_state() for name, gen in self._loader_generators().items()}
-        return state
+        """Global RNG states (they also drive the loaders' shuffling): resuming replays the same batches."""
+        return capture_rng_state()
 
     def restore_rng_state(self, state: dict[str, Any] | None) -> None:
-        if not state:
-            return
-        restore_rng_state(state)
-        for name, gen in self._loader_generators().items():
-            if name in state.get("loaders", {}):
-                gen.set_state(state["loaders"][name])
+        if state:
+            restore_rng_state(state)
 
     def check_checkpoint_metadata(self, checkpoint: dict[str, Any], path: str) -> None:
         pass

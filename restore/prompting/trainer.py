@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
+from restore.clip.replay import BuildPrompts, replay_openai_build
 from restore.engine.config import add_node
 from restore.engine.distributed import average_gradients
 from restore.engine.evaluator import compute_accuracy
@@ -256,11 +257,25 @@ class PromptTrainer(TrainerX):
                              f"{resolution}; set INPUT.SIZE ({resolution}, {resolution}).")
         return clip_model
 
+    #: Prompt tensors the method's official code draws inside its CLIP build (IVLP/VPT); see
+    #: :func:`restore.clip.replay.replay_openai_build`.
+    official_build_prompts: ClassVar[Callable[[Any], BuildPrompts] | None] = None
+
+    def replay_official_build(self, clip_model: CLIP) -> dict[str, list[torch.Tensor]]:
+        """Advance the global RNG as the official code's CLIP build would (so the prompts drawn next get
+        the official initial values for the same seed); returns the prompts drawn inside that build."""
+        config = getattr(clip_model, "config", None)
+        if config is None:
+            return {}
+        hook = type(self).official_build_prompts
+        return replay_openai_build(config, hook(self.method_cfg) if hook is not None else None)
+
     def build_model(self) -> None:
         cfg = self.cfg
         classnames = self.dm.dataset.classnames
         print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
         clip_model = self.load_backbone()
+        self.official_build_draws = self.replay_official_build(clip_model)
         requested = self.method_cfg.PREC
         self.precision = resolve_precision(requested, self.device)
         self.autocast_dtype = autocast_dtype(self.precision, self.device)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import random
 from collections import Counter
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -19,7 +17,7 @@ from .samplers import build_sampler
 from .transforms import INTERPOLATION_MODES, build_transform
 
 __all__ = ["DataManager", "DatasetWrapper", "build_data_loader", "build_dataset", "format_table",
-           "loader_workers", "seed_worker"]
+           "loader_workers"]
 
 _SAID: set[tuple] = set()  # notes printed once per process
 
@@ -62,13 +60,6 @@ def build_dataset(cfg: Any) -> Any:
     return DATASET_REGISTRY.get(cfg.DATASET.NAME)(cfg)
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy and ``random`` in a loader worker from torch's per-worker seed (itself from the generator)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_source: Sequence[Datum] | None = None,
                       batch_size: int = 64, n_domain: int = 0, n_ins: int = 2, tfm: Any = None,
                       is_train: bool = True, dataset_wrapper: Any = None, shard: bool = True) -> DataLoader:
@@ -77,17 +68,13 @@ def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_so
     Under DDP each rank loads its shard of every global batch; ``shard=False`` gives every rank
     the whole loader (for work that one rank does alone, e.g. Craft's anchors).
 
-    With ``cfg.SEED >= 0`` the shuffling order and worker seeds come from a generator seeded with
-    ``cfg.SEED``, so the order is reproducible and independent of other uses of the global RNG.
+    Shuffling and random transforms draw from the global torch RNG, as Dassl's loaders do, so a
+    seeded run gets Dassl's batches for that seed; resuming restores the global RNG states saved in
+    the checkpoint, and under DDP every rank draws the same and rank 0's order is used.
     """
     data_source = list(data_source or [])
-    generator = None
-    seed = int(getattr(cfg, "SEED", -1))
-    if seed >= 0 or getattr(cfg, "DETERMINISTIC", False):
-        generator = torch.Generator()
-        generator.manual_seed(max(seed, 0))
     sampler = build_sampler(sampler_type, cfg=cfg, data_source=data_source, batch_size=batch_size,
-                            n_domain=n_domain, n_ins=n_ins, generator=generator)
+                            n_domain=n_domain, n_ins=n_ins)
     # DDP: batch_size is global; each rank loads its shard of every global batch (no-op in one process)
     if shard:
         sampler, batch_size = shard_sampler(sampler, batch_size, is_train, len(data_source))
@@ -99,8 +86,6 @@ def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_so
         num_workers=loader_workers(cfg),
         drop_last=is_train and len(data_source) >= batch_size,
         pin_memory=torch.cuda.is_available() and cfg.USE_CUDA,
-        generator=generator,
-        worker_init_fn=seed_worker if generator is not None else None,
     )
     if len(loader) == 0:
         raise ValueError(f"Empty data loader ({len(data_source)} items, batch size {batch_size}): the split "
