@@ -156,13 +156,13 @@ Mode = tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], Any]]
 
 
 def _paired(modes: dict[str, Mode], device: torch.device, warmup: int,
-            rounds: int) -> dict[str, tuple[float, float | None]]:
+            rounds: int, samples: dict[str, list[float]] | None = None) -> dict[str, tuple[float, float | None]]:
     """Per mode ``(context, fn)``: median seconds per call and peak MiB (CUDA; None on CPU).
 
     The modes are measured in alternation, one timed call of each per round, each round inside a
     fresh ``context()`` (e.g. :func:`speedups` or an inference context), so load drift on a shared
     machine hits every mode alike and the ratios stay meaningful. ``warmup`` untimed calls open each
-    mode's first round.
+    mode's first round. ``samples``, when given, receives every round's seconds per mode.
     """
     times: dict[str, list[float]] = {k: [] for k in modes}
     peaks: dict[str, float | None] = {k: None for k in modes}
@@ -181,7 +181,21 @@ def _paired(modes: dict[str, Mode], device: torch.device, warmup: int,
                 peak = _peak_mib(device)
                 if peak is not None:
                     peaks[key] = max(peak, peaks[key] or 0.0)
+    if samples is not None:
+        samples.update(times)
     return {k: (sorted(v)[len(v) // 2], peaks[k]) for k, v in times.items()}
+
+
+def _cpu_name() -> str:
+    """The CPU model (``model name`` of /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def _plain() -> contextlib.AbstractContextManager:
@@ -258,7 +272,6 @@ def build_bench_trainer(name: str, clip_model: CLIP, classnames: Sequence[str], 
     """The registered trainer ``name`` with its own ``build_model`` on ``clip_model`` (a copy), no dataset."""
     from restore.engine.config import extend_cfg, get_cfg_default
     from restore.engine.registry import TRAINER_REGISTRY
-    from restore.engine.trainer import TrainerBase
 
     cls = TRAINER_REGISTRY.get(name)
     cfg = get_cfg_default()
@@ -274,6 +287,20 @@ def build_bench_trainer(name: str, clip_model: CLIP, classnames: Sequence[str], 
         node.PREC = precision
     for key, value in (overrides or {}).items():
         node[key] = value
+    trainer = bare_trainer(cls, cfg, classnames, device)
+    trainer.load_backbone = lambda: copy.deepcopy(clip_model)  # type: ignore[method-assign]
+    with _quiet():
+        trainer.build_model()
+    if device.type != "cuda" and precision == "bf16":
+        emulate_working_precision(trainer, torch.bfloat16)
+    return trainer
+
+
+def bare_trainer(cls: type, cfg: Any, classnames: Sequence[str], device: torch.device) -> Any:
+    """An instance of the trainer class ``cls`` (ours or an official one on this engine) with ``cfg``,
+    ``device`` and a dataset of ``classnames`` only (no data loaders), before ``build_model``."""
+    from restore.engine.trainer import TrainerBase
+
     trainer = cls.__new__(cls)
     TrainerBase.__init__(trainer)
     trainer.cfg = cfg
@@ -289,11 +316,6 @@ def build_bench_trainer(name: str, clip_model: CLIP, classnames: Sequence[str], 
     trainer.lab2cname = dict(enumerate(classnames))
     dataset = SimpleNamespace(classnames=list(classnames), num_classes=len(classnames), lab2cname=trainer.lab2cname)
     trainer.dm = SimpleNamespace(dataset=dataset, num_classes=len(classnames), lab2cname=trainer.lab2cname)
-    trainer.load_backbone = lambda: copy.deepcopy(clip_model)  # type: ignore[method-assign]
-    with _quiet():
-        trainer.build_model()
-    if device.type != "cuda" and precision == "bf16":
-        emulate_working_precision(trainer, torch.bfloat16)
     return trainer
 
 
@@ -742,6 +764,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("auto", "bf16"), default="auto",
                         help="auto: the trainers' default (PREC auto on CUDA, fp32 on CPU); bf16: PREC bf16 on CUDA, "
                              "the GPU path emulated on CPU (half the memory of fp32)")
+    parser.add_argument("--official", metavar="DIR", default="",
+                        help="a local checkout of a method's official code: build both models on the same random "
+                             "ViT-B/16 weights, check they agree, time them side by side (default classes 47 100); "
+                             "without it the baseline is an emulation of the official code (see docs/benchmark.md)")
+    parser.add_argument("--official-precision", choices=("fp32", "fp16", "amp"), default=None,
+                        help="PREC of both sides with --official (default fp32 on CPU, fp16 on CUDA: the official)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds, tiny CLIP
     return parser
 
@@ -762,6 +790,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "thread (pass --threads N to override)")
         torch.set_num_threads(1)
     start = time.time()
+    if args.official:
+        return _main_official(args, device, start)
+
     def save_partial(partial: dict[str, Any]) -> None:
         if args.json:
             atomic_write_json({**partial, "partial": True}, os.path.abspath(args.json))
@@ -782,6 +813,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(table)
         print(f"Markdown written to {args.md}")
     return 0
+
+
+def _main_official(args: argparse.Namespace, device: torch.device, start: float) -> int:
+    from restore.benchmark_official import environment_line, official_markdown, run_official_benchmark
+
+    precision = args.official_precision or ("fp16" if device.type == "cuda" else "fp32")
+    try:
+        report = run_official_benchmark(args.official, device, trainers=args.trainers, class_counts=args.classes,
+                                        precision=precision, reps=args.reps, tiny=args.tiny)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report["machine"] = environment_line()
+    report["wall_s"] = round(time.time() - start, 1)
+    table = official_markdown(report)
+    print()
+    print(table)
+    if args.json:
+        atomic_write_json(report, os.path.abspath(args.json))
+        print(f"JSON written to {args.json}")
+    if args.md:
+        os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+        with open(args.md, "w") as f:
+            f.write(table)
+        print(f"Markdown written to {args.md}")
+    refused = [f"{n} {c}" for n, rows in report["results"].items() for c, r in rows.items() if "refused" in r]
+    return 3 if refused else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.official import OfficialRun
 from restore.prompting.context import TextContext
 from restore.prompting.trainer import PromptModel, PromptTrainer
 
@@ -45,3 +46,8 @@ class CoOp(PromptTrainer):
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return CoOpModel(clip_model, classnames, self.method_cfg)
+
+
+#: The official code (python -m restore.parity, python -m restore.benchmark --official DIR).
+OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="CoOp", config="configs/trainers/CoOp/vit_b16.yaml",
+                       ours="CoOp", our_config="configs/trainers/CoOp/vit_b16.yaml")

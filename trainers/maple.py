@@ -24,6 +24,7 @@ import torch
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.official import OfficialRun
 from restore.prompting.deep import CoupledPrompts
 from restore.prompting.encoders import DeepTokens
 from restore.prompting.trainer import PromptModel, PromptTrainer
@@ -68,3 +69,9 @@ class MaPLe(PromptTrainer):
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         node = self.method_cfg
         return MaPLeModel(clip_model, classnames, n_ctx=node.N_CTX, depth=node.PROMPT_DEPTH, ctx_init=node.CTX_INIT)
+
+
+#: The official code (python -m restore.parity, python -m restore.benchmark --official DIR).
+OFFICIAL = OfficialRun(repo="muzairkhattak/multimodal-prompt-learning", trainer="MaPLe",
+                       config="configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml", ours="MaPLe",
+                       our_config="configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml", fp32_needs_half_noop=True)

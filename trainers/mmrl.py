@@ -43,6 +43,7 @@ from restore.clip.model import CLIP
 from restore.clip.tokenizer import tokenize
 from restore.engine.config import per_dataset_opts
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.official import OfficialRun
 from restore.prompting.context import clean_classname, encode_fixed_prompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput, LayerObserver
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
@@ -420,6 +421,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     print(" ".join(mmrl_dataset_opts(args.dataset, args.protocol)))
     return 0
 
+
+#: The official code (python -m restore.parity, python -m restore.benchmark --official DIR).
+OFFICIAL = OfficialRun(repo="yunncheng/MMRL", trainer="MMRL", config="configs/trainers/MMRL/vit_b16.yaml",
+                       ours="MMRL", our_config="configs/trainers/MMRL/vit_b16_base2new.yaml")
 
 if __name__ == "__main__":
     raise SystemExit(_main())

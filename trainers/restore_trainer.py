@@ -65,6 +65,7 @@ from restore.clip.model import CLIP, LayerNorm, QuickGELU
 from restore.engine.config import per_dataset_opts
 from restore.engine.distributed import mean_over_ranks
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.official import OfficialRun
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
 from .ivlp import IVLPModel
@@ -156,8 +157,7 @@ class RestoreMixin:
     """
 
     fs_layers: list[int]
-    # The official RESTORE code (MaPLe_FSA) released no weights and its adapter names are not
-    # documented: its checkpoints are not read.
+    # Official checkpoints are read for the MaPLe host only (RestoreMaPLeModel, the official MaPLe_FSA).
     official_keys: tuple = ()
 
     def _setup_restore(self, node: Any, text_depth: int, vision_depth: int) -> None:
@@ -330,6 +330,22 @@ class RestoreMixin:
 
 class RestoreMaPLeModel(RestoreMixin, MaPLeModel):
     """RESTORE on MaPLe's coupled prompts (the official ``MaPLe_FSA``)."""
+
+    # MaPLe_FSA's names: MaPLe's prompt learner, Feature_Calibrator adapters (post_ln, FFN.0, FFN.2)
+    # and the calibration ratios as parameters.
+    official_keys = (*MaPLeModel.official_keys,
+                     (r"(text|visual)_adapter\.post_ln\.(weight|bias)", r"\1_adapter.ln.\2"),
+                     (r"(text|visual)_adapter\.FFN\.0\.(weight|bias)", r"\1_adapter.up.\2"),
+                     (r"(text|visual)_adapter\.FFN\.2\.(weight|bias)", r"\1_adapter.down.\2"),
+                     (r"text_cali_ratio", "text_ratio"), (r"vis_cali_ratio", "vision_ratio"))
+
+    def complete_official_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """MaPLe_FSA stores no reference norms or ratio-update epoch: this model's current values."""
+        own = self.checkpoint_state()
+        extra = {k: own[k] for k in ("fs_ref_text", "fs_ref_vision", "fs_ref_steps", "ratio_updated_epoch")
+                 if k in own and k not in state}
+        ratios = {k: v.to(own[k].dtype) for k, v in state.items() if k in ("text_ratio", "vision_ratio")}
+        return {**state, **ratios, **extra}
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
         super().__init__(clip_model, classnames, n_ctx=node.N_CTX, depth=node.PROMPT_DEPTH, ctx_init=node.CTX_INIT)
@@ -596,6 +612,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     print(" ".join(restore_dataset_opts(args.dataset, args.protocol)))
     return 0
 
+
+#: The official code (python -m restore.parity, python -m restore.benchmark --official DIR): MaPLe_FSA.
+OFFICIAL = OfficialRun(repo="Yaphabates/RESTORE_", trainer="MaPLe_FSA",
+                       config="configs/trainers/MaPLe_FSA/vit_b16_c2_ep5_batch4_2ctx.yaml", ours="RESTORE",
+                       our_config="configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml", fp32_needs_half_noop=True)
 
 if __name__ == "__main__":
     raise SystemExit(_main())
