@@ -123,6 +123,34 @@ def speedups(truncate: bool = True, cache: bool = True) -> Iterator[None]:
             setattr(owner, name, value)
 
 
+@contextlib.contextmanager
+def mha_attention() -> Iterator[None]:
+    """Run every :class:`restore.clip.model.Attention` through ``nn.MultiheadAttention(batch_first=True)``
+    (sharing its parameters) for the duration of the block: the attention before the fused version,
+    to measure what the fused one gains."""
+    from torch import nn
+
+    from restore.clip.model import Attention
+
+    original = Attention.forward
+
+    def forward(self: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mha = self.__dict__.get("_mha")
+        if mha is None:
+            mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, batch_first=True,
+                                        device=self.in_proj_weight.device, dtype=self.in_proj_weight.dtype)
+            mha.in_proj_weight, mha.in_proj_bias, mha.out_proj = self.in_proj_weight, self.in_proj_bias, self.out_proj
+            self.__dict__["_mha"] = mha  # not a submodule: state dict and parameters unchanged
+        mha.train(self.training)
+        return mha(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+
+    Attention.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Attention.forward = original  # type: ignore[method-assign]
+
+
 # ------------------------------------------------------------------------------ helpers
 
 _WORDS = ("red", "great", "white", "shark", "golden", "retriever", "sports", "car", "wooden", "spoon", "tree",
@@ -770,6 +798,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "without it the baseline is an emulation of the official code (see docs/benchmark.md)")
     parser.add_argument("--official-precision", choices=("fp32", "fp16", "amp"), default=None,
                         help="PREC of both sides with --official (default fp32 on CPU, fp16 on CUDA: the official)")
+    parser.add_argument("--mha", action="store_true",
+                        help="with --official: also time ours with nn.MultiheadAttention (the attention before the "
+                             "fused one) at the first class count, in the same rounds")
+    parser.add_argument("--eval-reps", type=int, default=0, help="with --official: evaluation rounds (default --reps)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds, tiny CLIP
     return parser
 
@@ -821,7 +853,8 @@ def _main_official(args: argparse.Namespace, device: torch.device, start: float)
     precision = args.official_precision or ("fp16" if device.type == "cuda" else "fp32")
     try:
         report = run_official_benchmark(args.official, device, trainers=args.trainers, class_counts=args.classes,
-                                        precision=precision, reps=args.reps, tiny=args.tiny)
+                                        precision=precision, reps=args.reps, tiny=args.tiny, mha=args.mha,
+                                        eval_reps=args.eval_reps)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -283,41 +283,56 @@ def _peak_step_mib(trainer: Any, batch: dict[str, torch.Tensor], device: torch.d
 
 
 def time_pair(official: Any, ours: Any, batch: dict[str, torch.Tensor], images: torch.Tensor,
-              device: torch.device, warmup: int, rounds: int) -> dict[str, Any]:
-    """Training step (ms per image) and evaluation (images/s) of both, official and ours alternating."""
+              device: torch.device, warmup: int, rounds: int, eval_rounds: int | None = None,
+              with_mha: bool = False) -> dict[str, Any]:
+    """Training step (ms per image) and evaluation (images/s) of both, official and ours alternating.
+    ``with_mha`` adds ours with ``nn.MultiheadAttention`` (:func:`restore.benchmark.mha_attention`,
+    the attention before the fused one) as a third mode of the same rounds (``ours_mha``)."""
     samples: dict[str, list[float]] = {}
 
-    def train_mode(trainer: Any) -> Callable[[], contextlib.AbstractContextManager]:
+    def train_mode(trainer: Any, mha: bool = False) -> Callable[[], contextlib.AbstractContextManager]:
         def enter() -> contextlib.AbstractContextManager:
             trainer.set_model_mode("train")
-            return contextlib.nullcontext()
+            return bench.mha_attention() if mha else contextlib.nullcontext()
         return enter
 
-    bench._paired({"official": (train_mode(official), lambda: _step(official, batch)),
-                   "ours": (train_mode(ours), lambda: _step(ours, batch))}, device, warmup, rounds, samples)
+    modes = {"official": (train_mode(official), lambda: _step(official, batch)),
+             "ours": (train_mode(ours), lambda: _step(ours, batch))}
+    if with_mha:
+        modes["ours_mha"] = (train_mode(ours, True), lambda: _step(ours, batch))
+    bench._paired(modes, device, warmup, rounds, samples)
     train = {k: _spread([1000 * s / batch["img"].shape[0] for s in v]) for k, v in samples.items()}
 
-    def eval_context(trainer: Any, cached: bool) -> Callable[[], contextlib.ExitStack]:
+    def eval_context(trainer: Any, cached: bool, mha: bool = False) -> Callable[[], contextlib.ExitStack]:
         def enter() -> contextlib.ExitStack:
             trainer.set_model_mode("eval")
             stack = contextlib.ExitStack()
             stack.enter_context(bench._quiet())
             stack.enter_context(torch.no_grad())
+            if mha:
+                stack.enter_context(bench.mha_attention())
             if cached:
                 stack.enter_context(trainer.inference_context())
             return stack
         return enter
 
     samples = {}
-    bench._paired({"official": (eval_context(official, False), lambda: official.model_inference(images)),
-                   "ours": (eval_context(ours, True), lambda: ours.model_inference(images))},
-                  device, max(1, warmup // 2), rounds, samples)
+    modes = {"official": (eval_context(official, False), lambda: official.model_inference(images)),
+             "ours": (eval_context(ours, True), lambda: ours.model_inference(images))}
+    if with_mha:
+        modes["ours_mha"] = (eval_context(ours, True, True), lambda: ours.model_inference(images))
+    bench._paired(modes, device, 0, eval_rounds or rounds, samples)
     evaluation = {k: _spread([images.shape[0] / s for s in v]) for k, v in samples.items()}
-    for spread in evaluation.values():  # images/s: the slowest round is the min
-        spread["min"], spread["max"] = min(spread.values()), max(spread.values())
-    return {"train_ms_per_image": train, "eval_images_per_s": evaluation,
-            "train_speedup": bench._ratio(train["official"]["median"], train["ours"]["median"]),
-            "eval_speedup": bench._ratio(evaluation["ours"]["median"], evaluation["official"]["median"])}
+    row: dict[str, Any] = {
+        "train_ms_per_image": train, "eval_images_per_s": evaluation,
+        "train_speedup": bench._ratio(train["official"]["median"], train["ours"]["median"]),
+        "eval_speedup": bench._ratio(evaluation["ours"]["median"], evaluation["official"]["median"])}
+    if with_mha:
+        row["mha"] = {"train_speedup": bench._ratio(train["official"]["median"], train["ours_mha"]["median"]),
+                      "eval_speedup": bench._ratio(evaluation["ours_mha"]["median"], evaluation["official"]["median"]),
+                      "fused_vs_mha_train": bench._ratio(train["ours_mha"]["median"], train["ours"]["median"]),
+                      "fused_vs_mha_eval": bench._ratio(evaluation["ours"]["median"], evaluation["ours_mha"]["median"])}
+    return row
 
 
 # ------------------------------------------------------------------------------ the benchmark
@@ -335,7 +350,8 @@ def official_run_of(name: str) -> Any:
 
 def compare_with_official(checkout: str, name: str, classnames: Sequence[str], weights: str, device: torch.device,
                           precision: str, preset: bench.Preset, resolution: int,
-                          build: Callable[..., Any] | None = None) -> dict[str, Any]:
+                          build: Callable[..., Any] | None = None, with_mha: bool = False,
+                          eval_rounds: int | None = None) -> dict[str, Any]:
     """One row: build both models, copy the parameters, check agreement, time them (see the module
     docstring). Raises :class:`DisagreementError` when they disagree."""
     from restore.clip.loader import load_clip
@@ -360,7 +376,8 @@ def compare_with_official(checkout: str, name: str, classnames: Sequence[str], w
             f"{agreement.loss_ours:.6g} vs {agreement.loss_official:.6g}, relative differences: loss "
             f"{agreement.loss_rel_diff:.2e}, logits {agreement.logits_rel_diff:.2e}, gradients of the learned tensors "
             f"{agreement.grads_rel_diff:.2e}; tolerance {agreement.tolerance:.0e}): no speed ratio is reported.")
-    row.update(time_pair(official, ours, batch, images, device, preset.train_warmup, preset.train_reps))
+    row.update(time_pair(official, ours, batch, images, device, preset.train_warmup, preset.train_reps,
+                         eval_rounds, with_mha))
     row["peak_memory_mib"] = {"official": _peak_step_mib(official, batch, device),
                               "ours": _peak_step_mib(ours, batch, device)}
     row["memory_ratio"] = bench._ratio(row["peak_memory_mib"]["official"], row["peak_memory_mib"]["ours"])
@@ -370,8 +387,10 @@ def compare_with_official(checkout: str, name: str, classnames: Sequence[str], w
 def run_official_benchmark(checkout: str, device: torch.device, trainers: Sequence[str] | None = None,
                            class_counts: Sequence[int] | None = None, precision: str = "fp32", reps: int = 0,
                            tiny: bool = False, log: Callable[[str], None] = print,
-                           build: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """The report (JSON-ready) of :func:`compare_with_official` for every selected trainer and class count."""
+                           build: Callable[..., Any] | None = None, mha: bool = False,
+                           eval_reps: int = 0) -> dict[str, Any]:
+    """The report (JSON-ready) of :func:`compare_with_official` for every selected trainer and class count;
+    ``mha``: also ours with ``nn.MultiheadAttention`` at the first class count (see :func:`time_pair`)."""
     import trainers as _registered  # noqa: F401  registers our trainers
 
     from restore.engine.registry import TRAINER_REGISTRY
@@ -386,6 +405,8 @@ def run_official_benchmark(checkout: str, device: torch.device, trainers: Sequen
     config = preset.config if tiny else bench.VIT_B16_CONFIG
     if reps:
         preset.train_reps = reps
+    preset.train_warmup = min(preset.train_warmup, 1)
+    preset.eval_reps = eval_reps or preset.train_reps
     counts = list(class_counts or ((5, 12) if tiny else (47, 100)))
     report: dict[str, Any] = {
         "mode": "official", "checkout": checkout, "device": str(device),
@@ -393,7 +414,7 @@ def run_official_benchmark(checkout: str, device: torch.device, trainers: Sequen
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "precision": precision,
         "clip_config": asdict(config),
         "random_weights": True, "train_batch": preset.train_batch, "eval_batch": preset.eval_batch,
-        "rounds": preset.train_reps, "tolerance": TOLERANCE.get(precision, 5e-3), "results": {}, "notes": [],
+        "rounds": preset.train_reps, "eval_rounds": preset.eval_reps, "tolerance": TOLERANCE.get(precision, 5e-3), "results": {}, "notes": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         weights = write_parity_clip(osp.join(tmp, "clip.pt"), seed=0, config=config)
@@ -404,19 +425,20 @@ def run_official_benchmark(checkout: str, device: torch.device, trainers: Sequen
             if not names:
                 raise ValueError(f"no registered trainer declares an OFFICIAL run whose trainer {checkout}/trainers "
                                  "defines: pass --trainers NAME.")
-            _run_rows(report, checkout, names, counts, weights, device, precision, preset, config, build, log)
+            _run_rows(report, checkout, names, counts, weights, device, precision, preset, config, build, log, mha)
     return report
 
 
 def _run_rows(report: dict[str, Any], checkout: str, names: Sequence[str], counts: Sequence[int], weights: str,
               device: torch.device, precision: str, preset: bench.Preset, config: Any,
-              build: Callable[..., Any] | None, log: Callable[[str], None]) -> None:
+              build: Callable[..., Any] | None, log: Callable[[str], None], mha: bool = False) -> None:
     for name in names:
         report["results"][name] = {}
         for num in counts:
             try:
                 row = compare_with_official(checkout, name, bench.synthetic_classnames(num), weights, device,
-                                            precision, preset, config.image_resolution, build=build)
+                                            precision, preset, config.image_resolution, build=build,
+                                            with_mha=mha and num == counts[0], eval_rounds=preset.eval_reps)
             except DisagreementError as err:
                 row = {"refused": str(err)}
             except Exception as err:  # noqa: BLE001 - one failing method must not stop the others
@@ -429,8 +451,10 @@ def _run_rows(report: dict[str, Any], checkout: str, names: Sequence[str], count
 def _row_line(row: dict[str, Any]) -> str:
     if "refused" in row or "error" in row:
         return row.get("refused") or row["error"]
+    mha = (f"; with nn.MultiheadAttention: train {row['mha']['train_speedup']}x, eval {row['mha']['eval_speedup']}x"
+           if "mha" in row else "")
     return (f"train {row['train_speedup']}x, eval {row['eval_speedup']}x, memory {row['memory_ratio']}x "
-            f"(loss {row['agreement']['loss_rel_diff']:.1e}, logits {row['agreement']['logits_rel_diff']:.1e})")
+            f"(loss {row['agreement']['loss_rel_diff']:.1e}, logits {row['agreement']['logits_rel_diff']:.1e}){mha}")
 
 
 def official_markdown(report: dict[str, Any]) -> str:
@@ -445,10 +469,10 @@ def official_markdown(report: dict[str, Any]) -> str:
         f"{cfg['vision_width']} patch {cfg['vision_patch_size']} @ {cfg['image_resolution']} px, text "
         f"{cfg['transformer_layers']}x{cfg['transformer_width']}. Train batch {report['train_batch']} "
         f"(forward, backward, optimiser step), eval batch {report['eval_batch']}; {report['rounds']} rounds "
-        f"alternating official / ours, median [min-max]. Agreement: relative difference (norm) of the loss, the "
-        f"logits and the gradients of the learned tensors, tolerance {report['tolerance']:.0e}.",
+        f"(evaluation {report.get('eval_rounds')}) alternating official / ours, median [min-max]. Agreement: "
+        f"relative difference (norm) of the loss, the logits and the gradients of the learned tensors, tolerance {report['tolerance']:.0e}.",
         "",
-        "| trainer (official) | classes | loss / logits / step rel. diff | train ms/img official | ours | speed-up "
+        "| trainer (official) | classes | loss / logits / grads rel. diff | train ms/img official | ours | speed-up "
         "| eval img/s official | ours | speed-up | peak MiB official | ours | ratio |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -471,6 +495,16 @@ def official_markdown(report: dict[str, Any]) -> str:
                 spread(row["eval_images_per_s"]["ours"]), f"**{f(row['eval_speedup'])}x**",
                 f(row["peak_memory_mib"]["official"]), f(row["peak_memory_mib"]["ours"]),
                 f"{f(row['memory_ratio'])}x"]) + " |")
+    mha_rows = [(n, c, r) for n, rows in report["results"].items() for c, r in rows.items() if "mha" in r]
+    if mha_rows:
+        lines += ["", "Attention before (nn.MultiheadAttention) and after (fused) in the same rounds:", "",
+                  "| trainer | classes | train speed-up vs official, MHA -> fused | eval speed-up, MHA -> fused "
+                  "| fused / MHA train | fused / MHA eval |", "|---|---:|---:|---:|---:|---:|"]
+        for name, classes, row in mha_rows:
+            m = row["mha"]
+            lines.append(f"| {name} | {classes} | {f(m['train_speedup'])}x -> {f(row['train_speedup'])}x | "
+                         f"{f(m['eval_speedup'])}x -> {f(row['eval_speedup'])}x | {f(m['fused_vs_mha_train'])}x | "
+                         f"{f(m['fused_vs_mha_eval'])}x |")
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"

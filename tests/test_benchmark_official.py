@@ -84,7 +84,7 @@ def test_agreeing_models_are_timed_side_by_side(tmp_path, capsys):
     checkout = fake_checkout(tmp_path / "CoOp", wrong=False)
     out = tmp_path / "out"
     code = benchmark.main(["--official", str(checkout), "--tiny", "--device", "cpu", "--trainers", "CoOp",
-                           "--classes", "3", "5", "--reps", "1", "--json", str(out / "r.json"), "--md", str(out / "r.md")])
+                           "--classes", "3", "5", "--reps", "1", "--mha", "--json", str(out / "r.json"), "--md", str(out / "r.md")])
     assert code == 0
     report = json.loads((out / "r.json").read_text())
     assert report["mode"] == "official" and report["precision"] == "fp32"
@@ -100,8 +100,12 @@ def test_agreeing_models_are_timed_side_by_side(tmp_path, capsys):
         ips = row["eval_images_per_s"]
         assert row["eval_speedup"] == pytest.approx(ips["ours"]["median"] / ips["official"]["median"], rel=1e-2)
         assert row["peak_memory_mib"]["official"] > 0 and row["peak_memory_mib"]["ours"] > 0
+        assert ("mha" in row) == (classes == "3")  # nn.MultiheadAttention timed at the first class count only
+    mha = report["results"]["CoOp"]["3"]["mha"]
+    ms = report["results"]["CoOp"]["3"]["train_ms_per_image"]
+    assert mha["fused_vs_mha_train"] == pytest.approx(ms["ours_mha"]["median"] / ms["ours"]["median"], rel=1e-2)
     table = (out / "r.md").read_text()
-    assert "| CoOp (CoOp) | 3 |" in table and "REFUSED" not in table
+    assert "| CoOp (CoOp) | 3 |" in table and "REFUSED" not in table and "fused / MHA train" in table
 
 
 def test_disagreeing_models_are_refused_without_a_ratio(tmp_path, capsys):
