@@ -145,3 +145,51 @@ def test_bad_official_folder_is_one_sentence(tmp_path, capsys):
     assert benchmark.main(["--official", str(tmp_path / "missing"), "--tiny", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --official") and "\n" not in err and not math.isnan(len(err))
+
+
+def test_mha_attention_switch_computes_the_same_and_changes_no_state(tiny_clip):
+    """benchmark.mha_attention: the 'before' attention (nn.MultiheadAttention on the same parameters)."""
+    model = tiny_clip.eval()
+    keys = list(model.state_dict())
+    images = torch.randn(2, 3, model.visual.input_resolution, model.visual.input_resolution)
+    tokens = torch.randint(1, 100, (3, model.context_length))
+    tokens[:, 5] = model.vocab_size - 1  # EOT (argmax) inside the causal mask's reach
+    with torch.no_grad():
+        fused = model.encode_image(images), model.encode_text(tokens)
+        with benchmark.mha_attention():
+            before = model.encode_image(images), model.encode_text(tokens)
+        after = model.encode_image(images)
+    for a, b in zip(fused, before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert torch.equal(after, fused[0])  # switched back
+    assert list(model.state_dict()) == keys
+
+
+def test_restore_reads_maple_fsa_names(tiny_clip):
+    """RESTORE's official_keys: MaPLe_FSA's adapters (post_ln, FFN.0, FFN.2) and calibration ratios."""
+    from restore.engine.config import extend_cfg, get_cfg_default
+    from trainers.restore_trainer import RestoreMaPLeModel
+
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    node = cfg.TRAINER.RESTORE
+    node.PROMPT_DEPTH = 2
+    model = RestoreMaPLeModel(tiny_clip, ["a", "b"], node)
+    ours = model.checkpoint_state()
+    official = {"prompt_learner.ctx": torch.randn_like(ours["prompt_learner.text_context.ctx"]),
+                "prompt_learner.token_prefix": torch.zeros(2, 1, 4), "text_cali_ratio": torch.tensor(0.3),
+                "vis_cali_ratio": torch.tensor(0.02)}
+    for key, value in ours.items():
+        if key.startswith("prompt_learner.") and "text_context" not in key:
+            official[key] = torch.randn_like(value)
+    for side in ("text", "visual"):
+        for ours_name, theirs in (("ln", "post_ln"), ("up", "FFN.0"), ("down", "FFN.2")):
+            for kind in ("weight", "bias"):
+                official[f"{side}_adapter.{theirs}.{kind}"] = torch.randn_like(ours[f"{side}_adapter.{ours_name}.{kind}"])
+    model.load_checkpoint_state(official, "MaPLe_FSA")
+    state = model.checkpoint_state()
+    assert torch.equal(state["prompt_learner.text_context.ctx"], official["prompt_learner.ctx"])
+    assert torch.equal(state["visual_adapter.down.weight"], official["visual_adapter.FFN.2.weight"])
+    assert torch.equal(state["text_adapter.ln.bias"], official["text_adapter.post_ln.bias"])
+    assert float(state["text_ratio"]) == pytest.approx(0.3) and float(state["vision_ratio"]) == pytest.approx(0.02)
+    assert torch.equal(state["fs_ref_text"], ours["fs_ref_text"])  # not in MaPLe_FSA's state: kept
