@@ -152,7 +152,8 @@ def mha_attention() -> Iterator[None]:
         if mha is None:
             mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, batch_first=True,
                                         device=self.in_proj_weight.device, dtype=self.in_proj_weight.dtype)
-            mha.in_proj_weight, mha.in_proj_bias, mha.out_proj = self.in_proj_weight, self.in_proj_bias, self.out_proj
+            mha.in_proj_weight, mha.in_proj_bias = self.in_proj_weight, self.in_proj_bias
+            mha.out_proj = self.out_proj  # type: ignore[assignment]
             self.__dict__["_mha"] = mha  # not a submodule: state dict and parameters unchanged
         mha.train(self.training)
         return mha(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
@@ -337,7 +338,7 @@ def build_bench_trainer(name: str, clip_model: CLIP, classnames: Sequence[str], 
     return trainer
 
 
-def bare_trainer(cls: type, cfg: Any, classnames: Sequence[str], device: torch.device) -> Any:
+def bare_trainer(cls: Any, cfg: Any, classnames: Sequence[str], device: torch.device) -> Any:
     """An instance of the trainer class ``cls`` (ours or an official one on this engine) with ``cfg``,
     ``device`` and a dataset of ``classnames`` only (no data loaders), before ``build_model``."""
     from restore.engine.trainer import TrainerBase

@@ -88,9 +88,13 @@ def official_trainer_class(checkout: str, name: str) -> type | None:
     our trainers' names)."""
     from restore.engine.registry import TRAINER_REGISTRY
 
-    pattern = re.compile(rf"^class {re.escape(name)}\(", re.M)
-    found = [path for path in sorted(glob.glob(osp.join(checkout, "trainers", "*.py")))
-             if pattern.search(open(path, encoding="utf-8", errors="replace").read())]
+    pattern = re.compile(rf"^class {re.escape(name)}\(", re.MULTILINE)
+
+    def defines(path: str) -> bool:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return pattern.search(f.read()) is not None
+
+    found = [path for path in sorted(glob.glob(osp.join(checkout, "trainers", "*.py"))) if defines(path)]
     if not found:
         return None
     package = _official_package(checkout)
@@ -118,17 +122,18 @@ def official_cfg(checkout: str, trainer: str, config: str, precision: str) -> An
     """The official config: our defaults (Dassl's), the checkout's own ``extend_cfg`` (read from its
     ``train.py`` without running the rest of it), its ``config`` file, and ``PREC = precision`` in
     every trainer node (MaPLe_FSA reads MaPLe's)."""
-    from yacs.config import CfgNode
-
+    from restore.engine.config import CN as CfgNode
     from restore.engine.config import get_cfg_default
 
-    source = open(osp.join(checkout, "train.py"), encoding="utf-8").read()
-    tree = ast.parse(source)
-    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "extend_cfg"]
+    with open(osp.join(checkout, "train.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    functions: list[ast.stmt] = [node for node in tree.body
+                                 if isinstance(node, ast.FunctionDef) and node.name == "extend_cfg"]
     if not functions:
         raise ValueError(f"{checkout}/train.py defines no extend_cfg: is it a CoOp-family checkout?")
     namespace: dict[str, Any] = {"CN": CfgNode}
-    exec(compile(ast.Module(body=functions, type_ignores=[]), osp.join(checkout, "train.py"), "exec"), namespace)
+    # the official code's own config function, from the checkout the user pointed at (its trainers run too)
+    exec(compile(ast.Module(body=functions, type_ignores=[]), osp.join(checkout, "train.py"), "exec"), namespace)  # noqa: S102
     cfg = get_cfg_default()
     namespace["extend_cfg"](cfg)
     cfg.set_new_allowed(True)
@@ -392,7 +397,6 @@ def run_official_benchmark(checkout: str, device: torch.device, trainers: Sequen
     """The report (JSON-ready) of :func:`compare_with_official` for every selected trainer and class count;
     ``mha``: also ours with ``nn.MultiheadAttention`` at the first class count (see :func:`time_pair`)."""
     import trainers as _registered  # noqa: F401  registers our trainers
-
     from restore.engine.registry import TRAINER_REGISTRY
     from restore.official import write_parity_clip
 

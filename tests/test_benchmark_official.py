@@ -15,7 +15,11 @@ import torch
 
 import trainers  # noqa: F401  registers the trainers
 from restore import benchmark
-from restore.benchmark_official import DisagreementError, official_cfg, official_trainer_class
+from restore.benchmark_official import (
+    DisagreementError,
+    official_cfg,
+    official_trainer_class,
+)
 
 FAKE_TRAINER = '''
 import torch
