@@ -867,10 +867,14 @@ def _main_official(args: argparse.Namespace, device: torch.device, start: float)
     from restore.benchmark_official import environment_line, official_markdown, run_official_benchmark
 
     precision = args.official_precision or ("fp16" if device.type == "cuda" else "fp32")
+
+    def save_partial(partial: dict[str, Any]) -> None:  # every row, so a long run is never lost
+        if args.json:
+            atomic_write_json({**partial, "partial": True}, os.path.abspath(args.json))
     try:
         report = run_official_benchmark(args.official, device, trainers=args.trainers, class_counts=args.classes,
                                         precision=precision, reps=args.reps, tiny=args.tiny, mha=args.mha,
-                                        eval_reps=args.eval_reps)
+                                        eval_reps=args.eval_reps, on_progress=save_partial)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -393,7 +393,8 @@ def run_official_benchmark(checkout: str, device: torch.device, trainers: Sequen
                            class_counts: Sequence[int] | None = None, precision: str = "fp32", reps: int = 0,
                            tiny: bool = False, log: Callable[[str], None] = print,
                            build: Callable[..., Any] | None = None, mha: bool = False,
-                           eval_reps: int = 0) -> dict[str, Any]:
+                           eval_reps: int = 0, on_progress: Callable[[dict[str, Any]], None] | None = None
+                           ) -> dict[str, Any]:
     """The report (JSON-ready) of :func:`compare_with_official` for every selected trainer and class count;
     ``mha``: also ours with ``nn.MultiheadAttention`` at the first class count (see :func:`time_pair`)."""
     import trainers as _registered  # noqa: F401  registers our trainers
@@ -429,13 +430,15 @@ def run_official_benchmark(checkout: str, device: torch.device, trainers: Sequen
             if not names:
                 raise ValueError(f"no registered trainer declares an OFFICIAL run whose trainer {checkout}/trainers "
                                  "defines: pass --trainers NAME.")
-            _run_rows(report, checkout, names, counts, weights, device, precision, preset, config, build, log, mha)
+            _run_rows(report, checkout, names, counts, weights, device, precision, preset, config, build, log, mha,
+                      on_progress)
     return report
 
 
 def _run_rows(report: dict[str, Any], checkout: str, names: Sequence[str], counts: Sequence[int], weights: str,
               device: torch.device, precision: str, preset: bench.Preset, config: Any,
-              build: Callable[..., Any] | None, log: Callable[[str], None], mha: bool = False) -> None:
+              build: Callable[..., Any] | None, log: Callable[[str], None], mha: bool = False,
+              on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
     for name in names:
         report["results"][name] = {}
         for num in counts:
@@ -450,6 +453,8 @@ def _run_rows(report: dict[str, Any], checkout: str, names: Sequence[str], count
             bench._free(device)
             report["results"][name][str(num)] = row
             log(f"  {name:>10} {num:>5} classes: " + _row_line(row))
+            if on_progress is not None:
+                on_progress(report)
 
 
 def _row_line(row: dict[str, Any]) -> str:
