@@ -30,15 +30,16 @@ import os.path as osp
 import runpy
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from restore.clip.model import CLIP, CLIPConfig
+from restore.prompting.official import OfficialKeys
 
-__all__ = ["PARITY_CLIP", "OfficialRun", "build_official_trainer", "official_shims", "record_losses",
+__all__ = ["PARITY_CLIP", "OfficialRun", "build_official_trainer", "official_shims", "record_logits", "record_losses",
            "run_official", "write_parity_clip"]
 
 PARITY_CLIP = CLIPConfig(
@@ -59,8 +60,10 @@ class OfficialRun:
         ours: our trainer's registered name.
         our_config: our config file for the same settings (relative to our repository).
         opts: extra ``KEY VALUE`` opts given to both runs (the same values on each side).
-        our_opts: opts given to our run only (switches that reproduce official quirks).
-        fp32_needs_half_noop: the official code halves layers unconditionally (MaPLe).
+        official_opts: opts for the official run only (its own key names for the same values; ``--flag
+            value`` pairs go to its ``train.py``'s own flags).
+        our_opts: opts for our run only (our key names; switches reproducing official quirks).
+        keys: how the official checkpoint names the learned tensors (the model's ``official_keys``).
     """
 
     repo: str
@@ -69,9 +72,9 @@ class OfficialRun:
     ours: str
     our_config: str
     opts: Sequence[str] = ()
+    official_opts: Sequence[str] = ()
     our_opts: Sequence[str] = ()
-    fp32_needs_half_noop: bool = False
-    notes: Sequence[str] = field(default_factory=tuple)
+    keys: OfficialKeys = ()
 
 
 def write_parity_clip(path: str, seed: int = 0, config: CLIPConfig = PARITY_CLIP) -> str:
@@ -224,6 +227,37 @@ def record_losses(path: str | None) -> Iterator[list[dict[str, Any]]]:
                 json.dump(records, f)
 
 
+@contextlib.contextmanager
+def record_logits(path: str | None) -> Iterator[list[list[float]]]:
+    """Record every batch of model outputs an evaluator receives (``process(mo, gt)``), as rows of
+    floats; written as JSON to ``path`` when given, on exit."""
+    rows: list[list[float]] = []
+    classes = []
+    for module_name in ("restore.engine.evaluator", "dassl.evaluation.evaluator"):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, "EvaluatorBase") and module.EvaluatorBase not in classes:
+            classes.append(module.EvaluatorBase)
+    targets = [sub for cls in classes for sub in (cls, *cls.__subclasses__()) if "process" in vars(sub)]
+    originals = [(cls, cls.process) for cls in targets]
+
+    def wrap(process: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(self: Any, mo: torch.Tensor, gt: torch.Tensor) -> Any:
+            rows.extend(mo.detach().float().cpu().tolist())
+            return process(self, mo, gt)
+        return recorded
+
+    for cls, original in originals:
+        cls.process = wrap(original)
+    try:
+        yield rows
+    finally:
+        for cls, original in originals:
+            cls.process = original
+        if path:
+            with open(path, "w") as f:
+                json.dump(rows, f)
+
+
 def build_official_trainer(checkout: str, argv: Sequence[str], weights: str, fp32: bool = True,
                            real_dassl: str | None = None) -> Any:
     """The official trainer of ``checkout`` built for ``argv`` (its ``train.py`` flags) on ``weights``.
@@ -265,11 +299,13 @@ def _run_main(checkout: str, argv: Sequence[str]) -> None:
 
 
 def run_official(checkout: str, argv: Sequence[str], weights: str, fp32: bool = True,
-                 real_dassl: str | None = None, losses: str | None = None) -> None:
+                 real_dassl: str | None = None, losses: str | None = None, logits: str | None = None) -> None:
     """Run the official ``train.py`` of ``checkout`` with ``argv`` as its ``__main__`` would; every
-    batch's loss summary goes to the JSON file ``losses`` (:func:`record_losses`)."""
+    batch's loss summary goes to the JSON file ``losses`` (:func:`record_losses`), every evaluated
+    output row to ``logits`` (:func:`record_logits`)."""
     with official_shims(checkout, weights, fp32=fp32, real_dassl=real_dassl):
-        import dassl.engine.trainer  # noqa: F401  (so record_losses sees its TrainerX)
+        import dassl.engine.trainer  # noqa: F401  (so the recorders see its classes)
+        import dassl.evaluation  # noqa: F401
 
-        with record_losses(losses):
+        with record_losses(losses), record_logits(logits):
             _run_main(checkout, argv)

@@ -476,3 +476,37 @@ def test_analysis_command_writes_csv_and_png(runs, tmp_path, capsys):
     for r in rows:
         assert float(r["discrepancy"]) == pytest.approx(abs(float(r["shift_text"]) - float(r["shift_vision"])), abs=1e-5)
     assert (tmp_path / "fs" / "feature_shift.png").stat().st_size > 1000
+
+
+def test_official_quirk_switches(tmp_path):
+    """RATIO_UPDATE_AFTER_EVAL: with per-epoch validation (best_val) the official code never updates the
+    ratios; RESUME_RECAPTURE_REFS: a resumed run re-captures the shift references from its prompts."""
+    from restore.data.synthetic import make_synthetic
+    from restore.parity import RunKilled, killed_after_epoch
+
+    make_synthetic("dtd", str(tmp_path / "data"), num_classes=4, images_per_class=6)
+
+    def args(out_dir, *extra):
+        return ["--root", str(tmp_path / "data"), "--seed", "1", "--trainer", "RESTORE",
+                "--dataset-config-file", os.path.join(ROOT, "configs/datasets/dtd.yaml"),
+                "--config-file", os.path.join(ROOT, "configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml"),
+                "--output-dir", str(out_dir), *restore_dataset_opts("dtd"), "MODEL.BACKBONE.NAME", "tiny",
+                "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "2", "DATALOADER.NUM_WORKERS", "0",
+                "DATASET.NUM_SHOTS", "2", "DATASET.CACHE_DIR", str(tmp_path / "cache"), *extra]
+
+    best = tmp_path / "best"
+    assert run_train_py(args(best, "TEST.FINAL_MODEL", "best_val", "TRAINER.RESTORE.RATIO_UPDATE_AFTER_EVAL", "True")) == 0
+    log = (best / "log.txt").read_text()
+    assert "surgery ratios not updated" in log and "guided update" not in log
+    assert json.loads((best / "results.json").read_text())["restore"]["ratio_updated_epoch"] == -1
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(RunKilled), killed_after_epoch(1):
+        run_train_py(args(resumed))
+    first = torch.load(resumed / "MultiModalPromptLearner" / "model.pth.tar-1", weights_only=True)["state_dict"]
+    assert run_train_py(args(resumed, "TRAINER.RESTORE.RESUME_RECAPTURE_REFS", "True")) == 0
+    assert "re-captures the feature-shift references" in (resumed / "log.txt").read_text()
+    final = torch.load(resumed / "MultiModalPromptLearner" / "model.pth.tar-2", weights_only=True)["state_dict"]
+    assert int(final["fs_ref_steps"]) == 1
+    # re-captured from the prompts trained in epoch 1, so not the first run's references
+    assert not torch.allclose(final["fs_ref_text"], first["fs_ref_text"])

@@ -17,6 +17,7 @@ from torch import nn
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.official import OfficialRun
 from restore.prompting.context import TextContext
 from restore.prompting.deep import text_width
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
@@ -87,3 +88,10 @@ class CoCoOp(PromptTrainer):
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         node = self.method_cfg
         return CoCoOpModel(clip_model, classnames, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT)
+
+
+#: The official code for parity runs (python -m restore.parity): fp32, batch 1 as its configs.
+OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="CoCoOp",
+                       config="configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml", ours="CoCoOp",
+                       our_config="configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml",
+                       opts=("TRAINER.COCOOP.PREC", "fp32"), keys=CoCoOpModel.official_keys)

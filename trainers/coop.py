@@ -48,6 +48,7 @@ class CoOp(PromptTrainer):
         return CoOpModel(clip_model, classnames, self.method_cfg)
 
 
-#: The official code (python -m restore.parity, python -m restore.benchmark --official DIR).
-OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="CoOp", config="configs/trainers/CoOp/vit_b16.yaml",
-                       ours="CoOp", our_config="configs/trainers/CoOp/vit_b16.yaml")
+#: The official code for parity runs (python -m restore.parity).
+OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="CoOp", config="configs/trainers/CoOp/vit_b32.yaml",
+                       ours="CoOp", our_config="configs/trainers/CoOp/vit_b32.yaml",
+                       opts=("TRAINER.COOP.PREC", "fp32"), keys=CoOpModel.official_keys)

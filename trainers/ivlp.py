@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from restore.clip.model import CLIP
+from restore.clip.replay import BuildPrompts
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.official import OfficialRun
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput
 from restore.prompting.official import OfficialKeys, shifted
@@ -106,12 +108,25 @@ class IVLPModel(DeepPromptModel):
 
     official_keys = IVLP_OFFICIAL_KEYS
 
-    def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any) -> None:
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any,
+                 initial: dict[str, list[torch.Tensor]] | None = None) -> None:
         super().__init__(clip_model, classnames)
         self.prompt_learner = IndependentPrompts(
             clip_model, classnames, n_ctx_text=method_cfg.N_CTX_TEXT, n_ctx_vision=method_cfg.N_CTX_VISION,
             depth_text=method_cfg.PROMPT_DEPTH_TEXT, depth_vision=method_cfg.PROMPT_DEPTH_VISION,
-            ctx_init=method_cfg.CTX_INIT)
+            ctx_init=method_cfg.CTX_INIT, initial=initial)
+
+
+def ivlp_builds(node: Any) -> list[BuildPrompts]:
+    """The official IVLP draws its deep prompts inside its CLIP build (``design_details``)."""
+    return [BuildPrompts(vision_ctx=node.N_CTX_VISION, vision_depth=node.PROMPT_DEPTH_VISION,
+                         language_ctx=node.N_CTX_TEXT, language_depth=node.PROMPT_DEPTH_TEXT)]
+
+
+def build_draws(trainer: PromptTrainer) -> dict[str, list[torch.Tensor]] | None:
+    """What the first replayed official CLIP build drew (the initial deep prompts), if any."""
+    draws = getattr(trainer, "official_build_draws", None)
+    return draws[0] if draws else None
 
 
 @TRAINER_REGISTRY.register()
@@ -122,5 +137,32 @@ class IVLP(PromptTrainer):
     default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "N_CTX_TEXT": 2, "CTX_INIT": "a photo of a", "PREC": "auto",
                                    "PROMPT_DEPTH_VISION": 9, "PROMPT_DEPTH_TEXT": 9}
 
+    official_builds = staticmethod(ivlp_builds)
+
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        return IVLPModel(clip_model, classnames, self.method_cfg)
+        return IVLPModel(clip_model, classnames, self.method_cfg, initial=build_draws(self))
+
+
+
+#: The official code for parity runs (python -m restore.parity): fp32; prompt depths capped at the parity
+#: CLIP's 3 layers (opts given to both sides below). Variants: the single-branch configs.
+OFFICIAL = OfficialRun(
+    repo="muzairkhattak/multimodal-prompt-learning", trainer="IVLP",
+    config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml", ours="IVLP",
+    our_config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml",
+    opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.PROMPT_DEPTH_VISION", "3", "TRAINER.IVLP.PROMPT_DEPTH_TEXT", "3"),
+    keys=IVLP_OFFICIAL_KEYS)
+OFFICIAL_VARIANTS = {
+    "language-only": OfficialRun(
+        repo="muzairkhattak/multimodal-prompt-learning", trainer="IVLP",
+        config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_language_only.yaml", ours="IVLP",
+        our_config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_language_only.yaml",
+        opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.PROMPT_DEPTH_TEXT", "3"), keys=IVLP_OFFICIAL_KEYS),
+    "vision-only": OfficialRun(  # the official code has no usable vision-only yaml: its 2+2 yaml with our values
+        repo="muzairkhattak/multimodal-prompt-learning", trainer="IVLP",
+        config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml", ours="IVLP",
+        our_config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_vision_only.yaml",
+        opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.N_CTX_VISION", "4", "TRAINER.IVLP.N_CTX_TEXT", "0",
+              "TRAINER.IVLP.PROMPT_DEPTH_VISION", "3", "TRAINER.IVLP.PROMPT_DEPTH_TEXT", "0", "OPTIM.LR", "0.0025"),
+        keys=IVLP_OFFICIAL_KEYS),
+}

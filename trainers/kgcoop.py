@@ -20,10 +20,13 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from restore.clip.model import CLIP
+from restore.clip.replay import replay_openai_build
 from restore.data.templates import CUSTOM_TEMPLATES, dataset_template
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.official import OfficialRun
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
@@ -78,3 +81,24 @@ class KgCoOp(PromptTrainer):
         template = dataset_template(cfg.DATASET.NAME, KGCOOP_TEMPLATES)
         clip_model.to(getattr(self, "device", torch.device("cpu")))  # teacher features on the training device
         return KgCoOpModel(clip_model, classnames, self.method_cfg, template)
+
+    @torch.no_grad()
+    def replay_official_draws_after_model(self, clip_model: CLIP) -> None:
+        """The official prompt learner then draws an unused ``bias_vectors`` (1, 512), builds a second
+        CLIP (its teacher), an unused ``meta_net`` Linear(512, 512) and an unused bias-free adapter
+        512 -> 128 -> 512 (widths hard-coded there)."""
+        nn.init.normal_(torch.empty(1, 512), std=0.02)
+        config = getattr(clip_model, "config", None)
+        if config is not None:
+            replay_openai_build(config)
+        nn.Linear(512, 512)
+        nn.Linear(512, 128, bias=False)
+        nn.Linear(128, 512, bias=False)
+
+
+#: The official code for parity runs (python -m restore.parity): htyao89/KgCoOp (its KgCoOp/ folder is the
+#: checkout root), CoOp-node keys, fp32; its CTX_INIT True means "a photo of a" (4 tokens), W 8 as its runs.
+OFFICIAL = OfficialRun(repo="htyao89/KgCoOp", trainer="KgCoOp", config="configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml",
+                       ours="KgCoOp", our_config="configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml",
+                       official_opts=("TRAINER.COOP.N_CTX", "4", "TRAINER.COOP.W", "8.0", "TRAINER.COOP.PREC", "fp32"),
+                       our_opts=("TRAINER.KGCOOP.PREC", "fp32"), keys=KgCoOpModel.official_keys)

@@ -71,7 +71,10 @@ class MaPLe(PromptTrainer):
         return MaPLeModel(clip_model, classnames, n_ctx=node.N_CTX, depth=node.PROMPT_DEPTH, ctx_init=node.CTX_INIT)
 
 
-#: The official code (python -m restore.parity, python -m restore.benchmark --official DIR).
+#: The official code for parity runs (python -m restore.parity): fp32 with ``.half()`` as a no-op (the
+#: official code halves layers unconditionally); PROMPT_DEPTH 3 = the parity CLIP's 3 layers.
 OFFICIAL = OfficialRun(repo="muzairkhattak/multimodal-prompt-learning", trainer="MaPLe",
                        config="configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml", ours="MaPLe",
-                       our_config="configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml", fp32_needs_half_noop=True)
+                       our_config="configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml",
+                       opts=("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "3"),
+                       keys=MaPLeModel.official_keys)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
+from restore.clip.replay import BuildPrompts
 from restore.clip.tokenizer import tokenize
 from restore.engine.config import per_dataset_opts
 from restore.engine.registry import TRAINER_REGISTRY
@@ -165,7 +166,7 @@ class RepresentationLearner(nn.Module):
         if n_tokens < 1 or rep_dim < 1 or n_layers < 1:
             raise ValueError(f"MMRL needs N_REP_TOKENS, REP_DIM and REP_LAYERS >= 1, "
                              f"got {n_tokens}, {rep_dim}, {n_layers}")
-        self.compound_rep_tokens = nn.Parameter(torch.randn(n_tokens, rep_dim) * 0.02)
+        self.compound_rep_tokens = nn.Parameter(nn.init.normal_(torch.empty(n_tokens, rep_dim), std=0.02))
         to_vision = nn.Linear(rep_dim, vision_width)
         to_text = nn.Linear(rep_dim, text_width)
         self.compound_rep_tokens_r2vproj = nn.ModuleList([copy.deepcopy(to_vision) for _ in range(n_layers)])
@@ -197,7 +198,8 @@ class MMRLModel(PromptModel):
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], template: str, n_rep_tokens: int = 5,
                  rep_dim: int = 512, rep_layers: Sequence[int] = (6, 7, 8, 9, 10, 11, 12), alpha: float = 0.7,
-                 reg_weight: float = 1.0, mix: str = "logits", inference: str = "mixed") -> None:
+                 reg_weight: float = 1.0, mix: str = "logits", inference: str = "mixed",
+                 proj_rep: torch.Tensor | None = None) -> None:
         super().__init__(clip_model, classnames)
         if "{}" not in template:
             raise ValueError(f"The MMRL text template must contain '{{}}' for the class name, got {template!r}")
@@ -211,8 +213,11 @@ class MMRLModel(PromptModel):
         width_v, width_t = self.image_encoder.width, self.text_encoder.width
         embed_dim = clip_model.visual.proj.shape[1]
         self.representation_learner = RepresentationLearner(n_rep_tokens, rep_dim, width_t, width_v, n_layers)
-        # P_v^r: a new random projection (the official code does not start it from visual.proj).
-        self.proj_rep = nn.Parameter(torch.randn(width_v, embed_dim) * width_v ** -0.5)
+        # P_v^r: a new random projection (the official code does not start it from visual.proj; it draws it
+        # inside its CLIP build, so the trainer passes that draw as ``proj_rep``).
+        if proj_rep is None:
+            proj_rep = torch.randn(width_v, embed_dim) * width_v ** -0.5
+        self.proj_rep = nn.Parameter(proj_rep.clone())
         self.template = template
         self.prompts = [template.format(clean_classname(name)) for name in self.classnames]
         # Class-dependent buffers are not saved, so a checkpoint loads for other class lists.
@@ -327,6 +332,8 @@ class MMRL(PromptTrainer):
     """
 
     model_name = "MultiModalRepresentationLearner"
+    #: the official code builds CLIP twice (MMRL's, then the zero-shot one); each build draws proj_rep
+    official_builds = staticmethod(lambda node: [BuildPrompts(vision_proj_extra=True)] * 2)
     default_cfg: dict[str, Any] = {
         "ALPHA": 0.7,
         "REG_WEIGHT": 1.0,
@@ -363,8 +370,11 @@ class MMRL(PromptTrainer):
         print(f"MMRL text template: {template!r}")
         self._checkpoint_dataset: str | None = None
         self._loaded_checkpoint = False
+        drawn = getattr(self, "official_build_draws", None) or [{}]
+        proj_rep = (drawn[0].get("vision_proj_extra") or [None])[0]  # drawn inside the official CLIP build
         return MMRLModel(clip_model, classnames, template, n_rep_tokens=node.N_REP_TOKENS, rep_dim=node.REP_DIM,
-                         rep_layers=node.REP_LAYERS, alpha=node.ALPHA, reg_weight=node.REG_WEIGHT, mix=node.MIX)
+                         rep_layers=node.REP_LAYERS, alpha=node.ALPHA, reg_weight=node.REG_WEIGHT, mix=node.MIX,
+                         proj_rep=proj_rep)
 
     # --- decoupled inference ---
     def evaluating_source(self) -> bool:
@@ -422,9 +432,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-#: The official code (python -m restore.parity, python -m restore.benchmark --official DIR).
-OFFICIAL = OfficialRun(repo="yunncheng/MMRL", trainer="MMRL", config="configs/trainers/MMRL/vit_b16.yaml",
-                       ours="MMRL", our_config="configs/trainers/MMRL/vit_b16_base2new.yaml")
-
 if __name__ == "__main__":
     raise SystemExit(_main())
+
+
+#: The official code for parity runs (python -m restore.parity): fp32, REP_LAYERS 2..3 (the parity CLIP has
+#: 3 layers), the official B2N task (DTD's lambda 6 comes from each side's per-dataset settings).
+OFFICIAL = OfficialRun(repo="yunncheng/MMRL", trainer="MMRL", config="configs/trainers/MMRL/vit_b16.yaml", ours="MMRL",
+                       our_config="configs/trainers/MMRL/vit_b16_base2new.yaml",
+                       opts=("TRAINER.MMRL.PREC", "fp32", "TRAINER.MMRL.REP_LAYERS", "[2, 3]"),
+                       official_opts=("TASK", "B2N"), keys=MMRLModel.official_keys)

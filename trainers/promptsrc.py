@@ -39,12 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
+from restore.clip.replay import replay_openai_build
 from restore.data.templates import CLIP_IMAGENET_TEMPLATES_60
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.official import OfficialRun
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
-from .ivlp import IVLPModel
+from .ivlp import IVLPModel, build_draws, ivlp_builds
 
 TEACHER_TEMPLATES: list[str] = list(CLIP_IMAGENET_TEMPLATES_60)
 
@@ -181,8 +183,9 @@ class PromptSRCModel(IVLPModel):
     """
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], method_cfg: Any,
-                 teacher_templates: Sequence[str] = TEACHER_TEMPLATES) -> None:
-        super().__init__(clip_model, classnames, method_cfg)
+                 teacher_templates: Sequence[str] = TEACHER_TEMPLATES,
+                 initial: dict[str, list[torch.Tensor]] | None = None) -> None:
+        super().__init__(clip_model, classnames, method_cfg, initial=initial)
         self.text_loss_weight = float(method_cfg.TEXT_LOSS_WEIGHT)
         self.image_loss_weight = float(method_cfg.IMAGE_LOSS_WEIGHT)
         self.register_buffer("frozen_teacher_text", zeroshot_classifier(
@@ -232,7 +235,18 @@ class PromptSRC(PromptTrainer):
 
     def create_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptSRCModel:
         """The model without GPA (subclasses return their own PromptSRCModel subclass)."""
-        return PromptSRCModel(clip_model, classnames, self.method_cfg)
+        return PromptSRCModel(clip_model, classnames, self.method_cfg, initial=build_draws(self))
+
+    #: the official code draws the deep prompts inside its IVLP CLIP build ...
+    official_builds = staticmethod(ivlp_builds)
+
+    @torch.no_grad()
+    def replay_official_draws_after_model(self, clip_model: CLIP) -> None:
+        """... and builds two prompt-free CLIPs (its teachers) after creating the text context."""
+        config = getattr(clip_model, "config", None)
+        if config is not None:
+            replay_openai_build(config)
+            replay_openai_build(config)
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         clip_model.to(getattr(self, "device", torch.device("cpu")))  # teacher text features on the training device
@@ -244,3 +258,12 @@ class PromptSRC(PromptTrainer):
     def after_epoch(self) -> None:
         gpa_end_of_epoch(self.model, self.epoch, self.max_epoch)
         super().after_epoch()
+
+
+#: The official code for parity runs (python -m restore.parity): fp32 (``.half()`` no-op), prompt depths at
+#: the parity CLIP's 3 layers.
+OFFICIAL = OfficialRun(repo="muzairkhattak/PromptSRC", trainer="PromptSRC",
+                       config="configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml", ours="PromptSRC",
+                       our_config="configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
+                       opts=("TRAINER.PROMPTSRC.PREC", "fp32", "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "3",
+                             "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "3"), keys=PromptSRCModel.official_keys)

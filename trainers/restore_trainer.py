@@ -429,6 +429,9 @@ class RESTORE(PromptTrainer):
         "ADAPTER_HIDDEN": 0,           # hidden width of the surgery adapters (0: ADAPTER_RATIO * embed_dim)
         "ADAPTER_RATIO": 4.0,          # 4 -> 512-2048-512 (official); e.g. 0.25 for a bottleneck
         "ADAPTER_FINAL_ACT": False,    # trailing QuickGELU (PromptSRC bytecode build)
+        # official quirks (docs/parity.md), off by default:
+        "RESUME_RECAPTURE_REFS": False,  # True: a resumed run re-captures the shift references (official)
+        "RATIO_UPDATE_AFTER_EVAL": False,  # True: update after the epoch's evaluation, skipped if it ran (official)
         "PROMPTSRC": {                 # BASE promptsrc: PromptSRC's own keys (official PromptSRC defaults)
             "N_CTX_TEXT": 4, "N_CTX_VISION": 4, "PROMPT_DEPTH_TEXT": 9, "PROMPT_DEPTH_VISION": 9,
             "TEXT_LOSS_WEIGHT": 25.0, "IMAGE_LOSS_WEIGHT": 10.0, "USE_GPA": True, "GPA_MEAN": 15.0, "GPA_STD": 1.0,
@@ -467,15 +470,34 @@ class RESTORE(PromptTrainer):
         if model.use_surgery:
             print(f"RESTORE surgery ratios: text {float(model.text_ratio):.6f}, vision {float(model.vision_ratio):.6f}")
 
-    def after_epoch(self) -> None:
+    def before_train(self) -> None:
+        super().before_train()
+        if self.method_cfg.RESUME_RECAPTURE_REFS and self.start_epoch > 0:  # official quirk: references reset
+            self.model.fs_ref_steps.zero_()
+            print("RESTORE: resumed run re-captures the feature-shift references (RESUME_RECAPTURE_REFS)")
+
+    def _update_ratios(self) -> None:
         model = self.model
         update = model.maybe_update_ratios(self.epoch, self.max_epoch)
         if update is not None:
             print(f"RESTORE guided update after epoch {self.epoch + 1}: text ratio +{update[0]:.6f} -> "
                   f"{float(model.text_ratio):.6f}, vision ratio +{update[1]:.6f} -> {float(model.vision_ratio):.6f}")
+
+    def after_epoch(self) -> None:
+        model = self.model
+        official_timing = bool(self.method_cfg.RATIO_UPDATE_AFTER_EVAL)
+        if not official_timing:
+            self._update_ratios()
         if getattr(model, "gpa", None) is not None:
             gpa_end_of_epoch(model, self.epoch, self.max_epoch)
         super().after_epoch()
+        # official quirk: the update runs after the epoch's checkpoint and evaluation, and only if the
+        # model is still in training mode, so a run that evaluated on val (best_val) never updates
+        if official_timing and model.training:
+            self._update_ratios()
+        elif official_timing and model.ratio_update_due(self.epoch, self.max_epoch):
+            print("RESTORE: surgery ratios not updated (model in eval mode after the validation; "
+                  "RATIO_UPDATE_AFTER_EVAL)")
 
     def results_metadata(self) -> dict[str, Any]:
         meta = dict(super().results_metadata())
@@ -485,6 +507,19 @@ class RESTORE(PromptTrainer):
                            "text_ratio": float(model.text_ratio), "vision_ratio": float(model.vision_ratio),
                            "ratio_updated_epoch": int(model.ratio_updated_epoch)}
         return meta
+
+
+#: The official code for parity runs (python -m restore.parity): ``MaPLe_FSA`` of Yaphabates/RESTORE_, in fp32
+#: (its PREC is read from TRAINER.MAPLE; ``.half()`` a no-op), PROMPT_DEPTH 3 = the parity CLIP's layers,
+#: the official DTD run's ratios and lambda (run_maple_fsa.sh), which are also our DTD defaults.
+OFFICIAL = OfficialRun(
+    repo="Yaphabates/RESTORE_", trainer="MaPLe_FSA", config="configs/trainers/MaPLe_FSA/vit_b16_c2_ep5_batch4_2ctx.yaml",
+    ours="RESTORE", our_config="configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml",
+    official_opts=("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE_FSA.PREC", "fp32", "TRAINER.MAPLE_FSA.PROMPT_DEPTH", "3",
+                   "--vis_calib_r", "0.15", "--text_calib_r", "0.1", "--fs_loss_r", "0.5"),
+    our_opts=("TRAINER.RESTORE.PREC", "fp32", "TRAINER.RESTORE.PROMPT_DEPTH", "3", "TRAINER.RESTORE.VISION_RATIO", "0.15",
+              "TRAINER.RESTORE.TEXT_RATIO", "0.1", "TRAINER.RESTORE.FS_WEIGHT", "0.5"),
+    keys=RestoreMaPLeModel.official_keys)
 
 
 if __name__ != "__main__":  # under ``python -m trainers.restore_trainer`` only the imported module registers
@@ -612,11 +647,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
     print(" ".join(restore_dataset_opts(args.dataset, args.protocol)))
     return 0
 
-
-#: The official code (python -m restore.parity, python -m restore.benchmark --official DIR): MaPLe_FSA.
-OFFICIAL = OfficialRun(repo="Yaphabates/RESTORE_", trainer="MaPLe_FSA",
-                       config="configs/trainers/MaPLe_FSA/vit_b16_c2_ep5_batch4_2ctx.yaml", ours="RESTORE",
-                       our_config="configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml", fp32_needs_half_noop=True)
 
 if __name__ == "__main__":
     raise SystemExit(_main())

@@ -8,6 +8,7 @@ import torch
 
 from restore.clip.model import CLIP
 from restore.engine.registry import TRAINER_REGISTRY
+from restore.official import OfficialRun
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptTrainer
 
@@ -52,3 +53,9 @@ class ZeroshotCLIP(PromptTrainer):
 
     def train(self) -> None:  # type: ignore[override]
         self.test()
+
+
+#: The official code for parity runs (python -m restore.parity --eval-only): CoOp's ZeroshotCLIP, fp32.
+OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="ZeroshotCLIP", config="configs/trainers/CoOp/vit_b32.yaml",
+                       ours="ZeroshotCLIP", our_config="configs/trainers/ZeroshotCLIP/vit_b32.yaml",
+                       our_opts=("TRAINER.ZEROSHOTCLIP.PREC", "fp32"))

@@ -36,6 +36,8 @@ class BuildPrompts:
     vision_depth: int = 0
     language_ctx: int = 0
     language_depth: int = 0
+    #: a second vision projection drawn like ``visual.proj`` right after it (MMRL's ``proj_rep``)
+    vision_proj_extra: bool = False
 
 
 def _normal(shape: tuple[int, ...], std: float = 0.02) -> torch.Tensor:
@@ -62,10 +64,11 @@ def replay_openai_build(config: CLIPConfig, prompts: BuildPrompts | None = None)
 
     Returns the prompt tensors drawn inside the build for ``prompts`` (keys ``vision_input``: the
     input-level ``visual.VPT`` as a one-element list, ``vision_blocks`` and ``text_blocks``: per-block
-    prompts in layer order); empty lists when none.
+    prompts in layer order, ``vision_proj_extra``: the extra projection); empty lists when none.
     """
     prompts = prompts or BuildPrompts()
-    drawn: dict[str, list[torch.Tensor]] = {"vision_input": [], "vision_blocks": [], "text_blocks": []}
+    drawn: dict[str, list[torch.Tensor]] = {"vision_input": [], "vision_blocks": [], "text_blocks": [],
+                                            "vision_proj_extra": []}
     width = config.vision_width
     if config.is_resnet:
         ModifiedResNet(layers=config.vision_layers, output_dim=config.embed_dim,  # type: ignore[arg-type]
@@ -80,7 +83,10 @@ def replay_openai_build(config: CLIPConfig, prompts: BuildPrompts | None = None)
         torch.randn(grid * grid + 1, width)
         drawn["vision_blocks"] = _blocks(width, int(config.vision_layers), prompts.vision_ctx,  # type: ignore[arg-type]
                                          prompts.vision_depth)
+        scale = width ** -0.5
         torch.randn(width, config.embed_dim)
+        if prompts.vision_proj_extra:
+            drawn["vision_proj_extra"].append(scale * torch.randn(width, config.embed_dim))
     text = config.transformer_width
     drawn["text_blocks"] = _blocks(text, config.transformer_layers, prompts.language_ctx, prompts.language_depth)
     nn.Embedding(config.vocab_size, text)

@@ -21,8 +21,16 @@ from .context import TextContext
 from .encoders import DeepTokens, vision_transformer
 
 
-def _normal_tokens(count: int, n_tokens: int, width: int, std: float = 0.02) -> nn.ParameterList:
-    return nn.ParameterList([nn.Parameter(torch.randn(n_tokens, width) * std) for _ in range(count)])
+def _normal_tokens(count: int, n_tokens: int, width: int, std: float = 0.02,
+                   initial: Sequence[torch.Tensor] = ()) -> nn.ParameterList:
+    """``count`` learnable (n_tokens, width) tensors, N(0, std^2) (drawn all first, then filled, as the
+    official code), or copies of ``initial`` when it holds ``count`` tensors of that shape."""
+    if len(initial) == count and all(t.shape == (n_tokens, width) for t in initial):
+        return nn.ParameterList([nn.Parameter(t.detach().clone().float()) for t in initial])
+    params = nn.ParameterList([nn.Parameter(torch.empty(n_tokens, width)) for _ in range(count)])
+    for p in params:
+        nn.init.normal_(p, std=std)
+    return params
 
 
 def text_width(clip_model: CLIP) -> int:
@@ -44,14 +52,20 @@ class IndependentPrompts(nn.Module):
     """
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx_text: int, n_ctx_vision: int,
-                 depth_text: int, depth_vision: int, ctx_init: str = "a photo of a") -> None:
+                 depth_text: int, depth_vision: int, ctx_init: str = "a photo of a",
+                 initial: dict[str, list[torch.Tensor]] | None = None) -> None:
         super().__init__()
+        # ``initial``: the deep prompts the official code draws inside its CLIP build, in build order
+        # (restore.clip.replay: "text_blocks", "vision_input" + "vision_blocks"); drawn here otherwise
+        initial = initial or {}
         use_text = n_ctx_text > 0 and depth_text > 0
         self.text_context = TextContext(clip_model, classnames, n_ctx_text if use_text else 0, ctx_init, "maple")
-        self.text_prompts = _normal_tokens(depth_text - 1 if use_text else 0, n_ctx_text, text_width(clip_model))
         use_vision = n_ctx_vision > 0 and depth_vision > 0
+        vision_initial = [*initial.get("vision_input", []), *initial.get("vision_blocks", [])]
+        self.text_prompts = _normal_tokens(depth_text - 1 if use_text else 0, n_ctx_text, text_width(clip_model),
+                                           initial=initial.get("text_blocks", []))
         self.vision_prompts = _normal_tokens(depth_vision if use_vision else 0, n_ctx_vision,
-                                             vision_width(clip_model) if use_vision else 0)
+                                             vision_width(clip_model) if use_vision else 0, initial=vision_initial)
 
     def text_deep(self) -> list[DeepTokens]:
         if len(self.text_prompts) == 0:

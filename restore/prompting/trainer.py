@@ -257,18 +257,25 @@ class PromptTrainer(TrainerX):
                              f"{resolution}; set INPUT.SIZE ({resolution}, {resolution}).")
         return clip_model
 
-    #: Prompt tensors the method's official code draws inside its CLIP build (IVLP/VPT); see
+    #: What the method's official code draws inside its CLIP build(s): one :class:`BuildPrompts` per
+    #: build, in order, from the method's config node (default: one plain build, as CoOp's). See
     #: :func:`restore.clip.replay.replay_openai_build`.
-    official_build_prompts: ClassVar[Callable[[Any], BuildPrompts] | None] = None
+    official_builds: ClassVar[Callable[[Any], Sequence[BuildPrompts]] | None] = None
 
-    def replay_official_build(self, clip_model: CLIP) -> dict[str, list[torch.Tensor]]:
-        """Advance the global RNG as the official code's CLIP build would (so the prompts drawn next get
-        the official initial values for the same seed); returns the prompts drawn inside that build."""
+    def replay_official_build(self, clip_model: CLIP) -> list[dict[str, list[torch.Tensor]]]:
+        """Advance the global RNG as the official code's CLIP build(s) would, so the tensors drawn next
+        get the official initial values for the same seed; returns what each build drew inside."""
         config = getattr(clip_model, "config", None)
         if config is None:
-            return {}
-        hook = type(self).official_build_prompts
-        return replay_openai_build(config, hook(self.method_cfg) if hook is not None else None)
+            return []
+        hook = type(self).official_builds
+        builds = list(hook(self.method_cfg)) if hook is not None else [BuildPrompts()]
+        return [replay_openai_build(config, build) for build in builds]
+
+    def replay_official_draws_after_model(self, clip_model: CLIP) -> None:
+        """Draw from the global RNG what the official code draws after our learnable tensors are made
+        (tensors it creates but never trains, another CLIP build...), so the batches that follow are
+        the official ones; nothing by default."""
 
     def build_model(self) -> None:
         cfg = self.cfg
@@ -285,6 +292,7 @@ class PromptTrainer(TrainerX):
             print(f"Precision: PREC auto -> {self.precision} on {self.device}")
         print(f"Building {type(self).__name__}")
         self.model = self.build_prompt_model(cfg, classnames, clip_model)
+        self.replay_official_draws_after_model(clip_model)
         learnable = self.model.freeze()
         print(f"Parameters to be updated: {sorted(learnable)}")
         n_learn = sum(p.numel() for p in self.model.parameters() if p.requires_grad)

@@ -1,0 +1,158 @@
+"""Same seed, same run: our trainers reproduce the official code's recorded runs (tests/data/parity/*.json).
+
+Each fixture was written by ``python -m restore.parity ... --fixture`` from the method's official
+checkout run on this engine: per-batch losses (full precision) and, per learned tensor, shape,
+sum, norm and its first / last 8 values after 2 epochs. The official code is not needed here: our
+trainer runs in this process on the same data (a synthetic DTD, 4 classes x 12 images, seed 0),
+the same parity CLIP (:func:`restore.official.write_parity_clip`, seed 0) and the same options,
+and must give the same losses and tensors to fp32 round-off.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os.path as osp
+
+import pytest
+import torch
+
+from helpers import run_train_py
+
+FIXTURES = sorted(glob.glob(osp.join(osp.dirname(__file__), "data", "parity", "*.json")))
+LOSS_ATOL = 1e-5
+
+
+def _runs() -> list[tuple[str, str]]:
+    return [(path, mode) for path in FIXTURES for mode in json.load(open(path))["runs"]]
+
+
+@pytest.fixture(scope="module")
+def parity_env(tmp_path_factory):
+    from restore.data.synthetic import make_synthetic
+    from restore.official import write_parity_clip
+
+    base = tmp_path_factory.mktemp("parity")
+    make_synthetic("dtd", str(base / "data"), num_classes=4, images_per_class=12, seed=0)
+    weights = write_parity_clip(str(base / "parity_clip.pt"))
+    return base, weights
+
+
+def _run_ours(base, weights, fixture: dict, mode: str, tmp_path) -> tuple[list[dict], dict]:
+    from restore.official import record_losses
+    from restore.parity import RunKilled, common_opts, find_official_run, killed_after_epoch, learned_state, our_argv
+
+    run = find_official_run(fixture["trainer"], variant=fixture.get("variant", ""))
+    s = fixture["settings"]
+    out = str(tmp_path / mode)
+    common = common_opts(s["seed"], str(base / "data"), out, s["epochs"], s["shots"], s["batch"], s["resolution"],
+                         best_val=mode == "best-val")
+    argv = our_argv(run, common, weights, s["opts"])
+    losses: list[dict] = []
+    if mode == "resume":  # killed after epoch 1 (its checkpoint written), then the same command resumes
+        with record_losses(None) as records, pytest.raises(RunKilled), killed_after_epoch(1):
+            run_train_py(argv)
+        losses += records
+    with record_losses(None) as records:
+        assert run_train_py(argv) == 0
+    losses += records
+    return losses, learned_state(out, run, s["epochs"], best=mode == "best-val")
+
+
+def _eval_ours(base, weights, fixture: dict, tmp_path) -> list[list[float]]:
+    from restore.official import record_logits
+    from restore.parity import common_opts, find_official_run, our_argv
+
+    run = find_official_run(fixture["trainer"], variant=fixture.get("variant", ""))
+    s = fixture["settings"]
+    common = common_opts(s["seed"], str(base / "data"), str(tmp_path / "eval"), s["epochs"], s["shots"], s["batch"],
+                         s["resolution"])
+    with record_logits(None) as rows:
+        assert run_train_py(["--eval-only", *our_argv(run, common, weights, s["opts"])]) == 0
+    return rows
+
+
+@pytest.mark.parametrize("path,mode", _runs(), ids=lambda v: osp.basename(v).removesuffix(".json") if "/" in str(v) else v)
+def test_same_losses_and_tensors_as_the_official_run(parity_env, path, mode, tmp_path):
+    from restore.parity import RTOL, summarise, summary_matches
+
+    fixture = json.load(open(path))
+    recorded = fixture["runs"][mode]
+    if mode == "eval":  # evaluation only (zero-shot CLIP): the same test outputs
+        rows = _eval_ours(*parity_env, fixture, tmp_path)
+        from restore.parity import logits_difference
+
+        assert len(rows) == len(recorded["logits"])
+        assert logits_difference(rows, recorded["logits"]) <= RTOL
+        return
+    losses, state = _run_ours(*parity_env, fixture, mode, tmp_path)
+    ours = [(r["epoch"], r["batch"], r["loss"]) for r in losses]
+    assert [(e, b) for e, b, _ in ours] == [(e, b) for e, b, _ in recorded["losses"]]
+    worst = max(abs(a[2] - b[2]) for a, b in zip(ours, recorded["losses"]))
+    assert worst <= LOSS_ATOL, f"per-batch losses differ by up to {worst:.2e}"
+    assert set(recorded["tensors"]) <= set(state), sorted(set(recorded["tensors"]) - set(state))
+    diffs = {key: summary_matches(summarise(state[key]), summary) for key, summary in recorded["tensors"].items()}
+    bad = {k: v for k, v in diffs.items() if not v <= RTOL}
+    assert not bad, f"learned tensors differ from the official run beyond round-off: {bad}"
+
+
+def test_loading_clip_draws_nothing_and_replay_draws_like_openai_build(tmp_path):
+    """Loading a weights file leaves the global RNG alone; the replay advances it exactly as building
+    the same architecture with OpenAI's construction order (default initialisers, then
+    ``initialize_parameters`` on the text tower only) does."""
+    from torch import nn
+
+    from restore.clip import load_clip
+    from restore.clip.loader import clear_cache, save_openai_state_dict
+    from restore.clip.model import CLIP, TINY_CONFIG
+    from restore.clip.replay import replay_openai_build
+
+    path = str(tmp_path / "tiny.pt")
+    save_openai_state_dict(CLIP(TINY_CONFIG), path)
+    clear_cache()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    config = load_clip(path).model.config
+    assert torch.equal(torch.get_rng_state(), before)
+
+    torch.manual_seed(5)
+    replay_openai_build(config)
+    replayed = torch.rand(3)
+    torch.manual_seed(5)  # OpenAI's order, spelled out: the ViT, the text tower, then its initialisation
+    w, t = config.vision_width, config.transformer_width
+    nn.Conv2d(3, w, config.vision_patch_size, config.vision_patch_size, bias=False)
+    torch.randn(w), torch.randn((config.image_resolution // config.vision_patch_size) ** 2 + 1, w)
+    for width, layers in ((w, config.vision_layers), (t, config.transformer_layers)):
+        if width == t:
+            torch.randn(w, config.embed_dim)  # visual.proj, after the vision blocks
+        for _ in range(layers):
+            nn.MultiheadAttention(width, 1), nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+    emb = nn.Embedding(config.vocab_size, t)
+    nn.init.normal_(emb.weight, std=0.02), nn.init.normal_(torch.empty(config.context_length, t), std=0.01)
+    for _ in range(config.transformer_layers):
+        for shape in ((3 * t, t), (t, t), (4 * t, t), (t, 4 * t)):
+            nn.init.normal_(torch.empty(shape))
+    nn.init.normal_(torch.empty(t, config.embed_dim))
+    assert torch.equal(replayed, torch.rand(3))
+
+
+def test_shuffling_draws_from_the_global_rng_like_dassl(tmp_path):
+    """Same seed, same batches as Dassl's loader (a RandomSampler without a generator)."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from restore.engine.config import get_cfg_default
+    from restore.engine.data.data_manager import build_data_loader
+    from restore.engine.data.datum import Datum
+
+    cfg = get_cfg_default()
+    cfg.DATALOADER.NUM_WORKERS = 0
+    for i in range(10):
+        (tmp_path / f"{i}.jpg").write_bytes(b"")
+    items = [Datum(impath=str(tmp_path / f"{i}.jpg"), label=i % 3) for i in range(10)]
+    torch.manual_seed(1)
+    ours = build_data_loader(cfg, "RandomSampler", items, batch_size=4, is_train=True)
+    order = [list(iter(ours.batch_sampler)) for _ in range(2)]
+    torch.manual_seed(1)
+    dassl = DataLoader(list(range(10)), batch_size=4, sampler=RandomSampler(list(range(10))), drop_last=True)
+    expected = [list(iter(dassl.batch_sampler)) for _ in range(2)]
+    assert order == expected and order[0] != order[1]
