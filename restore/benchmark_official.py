@@ -36,6 +36,7 @@ import math
 import os
 import os.path as osp
 import re
+import statistics
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -264,8 +265,7 @@ def check_agreement(official: Any, ours: Any, batch: dict[str, torch.Tensor], im
 
 
 def _spread(samples: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1]}
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
 def _peak_step_mib(trainer: Any, batch: dict[str, torch.Tensor], device: torch.device) -> float | None:
