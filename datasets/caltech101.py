@@ -1,7 +1,7 @@
 """Caltech-101: 100 object classes (BACKGROUND_Google and Faces_easy are left out)."""
 
-from restore.data.benchmarks import CALTECH101_IGNORED, CALTECH101_NEW_CNAMES
-from restore.engine.data.benchmark import SplitDataset
+from restore.datasets.catalog import CALTECH101_IGNORED, CALTECH101_NEW_CNAMES
+from restore.engine.data.split_datasets import SplitDataset
 from restore.engine.registry import DATASET_REGISTRY
 
 

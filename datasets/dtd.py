@@ -1,6 +1,6 @@
 """Describable Textures (DTD): 47 texture classes."""
 
-from restore.engine.data.benchmark import SplitDataset
+from restore.engine.data.split_datasets import SplitDataset
 from restore.engine.registry import DATASET_REGISTRY
 
 

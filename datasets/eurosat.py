@@ -1,7 +1,7 @@
 """EuroSAT (RGB): 10 land-cover classes of Sentinel-2 patches."""
 
-from restore.data.benchmarks import EUROSAT_NEW_CNAMES as NEW_CNAMES
-from restore.engine.data.benchmark import SplitDataset
+from restore.datasets.catalog import EUROSAT_NEW_CNAMES as NEW_CNAMES
+from restore.engine.data.split_datasets import SplitDataset
 from restore.engine.registry import DATASET_REGISTRY
 
 

@@ -3,7 +3,7 @@
 import os.path as osp
 
 from restore.engine.data import make_datums
-from restore.engine.data.benchmark import SplitDataset
+from restore.engine.data.split_datasets import SplitDataset
 from restore.engine.registry import DATASET_REGISTRY
 
 

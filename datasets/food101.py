@@ -1,6 +1,6 @@
 """Food-101: 101 dish classes."""
 
-from restore.engine.data.benchmark import SplitDataset
+from restore.engine.data.split_datasets import SplitDataset
 from restore.engine.registry import DATASET_REGISTRY
 
 

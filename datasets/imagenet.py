@@ -4,7 +4,7 @@ import os.path as osp
 
 from restore.engine.data import (DatasetBase, dumps_datum_cache, load_datum_cache, load_or_create_fewshot,
                                  read_classnames, subsample_classes, writable_cache)
-from restore.engine.data.benchmark import BenchmarkMixin, read_wnid_folders
+from restore.engine.data.split_datasets import BenchmarkMixin, read_wnid_folders
 from restore.engine.registry import DATASET_REGISTRY
 from restore.engine.utils import atomic_write_bytes
 

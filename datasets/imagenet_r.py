@@ -1,6 +1,6 @@
 """ImageNet-R (renditions): test-only, 200 classes labelled 0..199 in wnid order."""
 
-from restore.engine.data.benchmark import ImageFolderTestset
+from restore.engine.data.split_datasets import ImageFolderTestset
 from restore.engine.registry import DATASET_REGISTRY
 
 

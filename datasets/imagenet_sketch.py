@@ -1,6 +1,6 @@
 """ImageNet-Sketch: test-only, 1000 ImageNet classes drawn as sketches."""
 
-from restore.engine.data.benchmark import ImageFolderTestset
+from restore.engine.data.split_datasets import ImageFolderTestset
 from restore.engine.registry import DATASET_REGISTRY
 
 

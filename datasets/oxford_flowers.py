@@ -5,7 +5,7 @@ import os.path as osp
 from collections import defaultdict
 
 from restore.engine.data import split_per_class
-from restore.engine.data.benchmark import SplitDataset
+from restore.engine.data.split_datasets import SplitDataset
 from restore.engine.registry import DATASET_REGISTRY
 
 

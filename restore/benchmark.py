@@ -1,4 +1,4 @@
-"""Speed and memory of every registered trainer, with and without RESTORE's exact speed-ups.
+"""Speed and memory of every registered trainer, with and without the library's exact speed-ups.
 
     python -m restore.benchmark [--quick] [--json FILE] [--md FILE] [--device cpu|cuda]
                                 [--trainers CoOp MaPLe ...] [--classes 47 1000] [--reps N] [--no-memory]
@@ -9,7 +9,7 @@ code itself, built and checked for agreement on the same weights and parameters,
 see :mod:`restore.benchmark_official`. Without it, the baseline below is an EMULATION of the
 per-paper code, labelled so in every table (:data:`EMULATION_OFFSET` states what it is worth).
 
-For each registered trainer (``import trainers``; ZeroshotCLIP is evaluated but not trained) and
+For each registered trainer (plugins loaded; a method with nothing to train is only evaluated) and
 each class count (47 = DTD, 1000 = ImageNet) it builds the trainer's own model with
 ``build_model`` on a CLIP of ViT-B/16 size with RANDOM weights (no download, no dataset; class
 names are synthetic, 1-4 words each, so prompt token lengths look like real ones), and measures
@@ -36,13 +36,14 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU an estimate of 
 alive during one training step counted by :class:`LiveTensorMemory` with the GPU's bf16 working
 precision reproduced on the CPU (:func:`measure_memory_cpu`).
 
-Headline keys of the JSON: ``text_speedup_1000`` (CoOp's text tower forward+backward over 1000
-classes, untruncated / truncated time), ``eval_speedup_1000`` (CoOp evaluation images/s, cached and
+Headline keys of the JSON: ``text_speedup_1000`` (the reference method's text tower forward+backward
+over 1000 classes, untruncated / truncated time; the reference is the method whose spec sets
+``extras["benchmark_reference"]``), ``eval_speedup_1000`` (its evaluation images/s, cached and
 truncated text / the plain path of per-batch untruncated text; ``eval_cache_only_speedup_1000``
-isolates the cache and ``eval_cache_flop_ratio_1000`` is what caching saves by FLOP count),
-``restore_vs_maple_step`` (RESTORE training step in its default ``SHIFT prompt`` mode / the same
-MaPLe step without RESTORE's losses and adapters) and ``restore_feature_mode_overhead`` (``SHIFT
-feature`` step / ``SHIFT prompt`` step). A ratio is ``null`` when its trainer is not registered or
+isolates the cache and ``eval_cache_flop_ratio_1000`` is what caching saves by FLOP count), and for
+each method whose spec sets ``extras["benchmark_pair"]`` (a baseline and variants):
+``<key>_vs_<baseline>_step`` (its training step / the baseline's) and ``<key>_<variant>_mode_overhead``
+(a variant's step / the default step). A ratio is ``null`` when its trainer is not registered or
 failed (the reason is in ``notes``).
 
 ``--quick`` (a few minutes on 2 CPU cores): 100 instead of 1000 classes (the ``*_1000`` keys are
@@ -74,6 +75,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from restore.clip.model import CLIP, TINY_CONFIG, CLIPConfig
 from restore.engine.utils import atomic_write_json
+from restore.methods import find_method, list_methods, load_plugins
 from restore.prompting.encoders import PromptedTextEncoder
 from restore.prompting.trainer import PromptModel, PromptTrainer, resolve_precision
 
@@ -95,8 +97,20 @@ EMULATION_OFFSET = ("measured side by side with the official code (ViT-B/16 size
                     "(official / emulation step time 0.82-0.91 for MaPLe and MaPLe_FSA), so speed-ups against it "
                     "overstate the gain over the official code; `--official DIR` measures against the real code.")
 
-# Only evaluated (nothing to train).
-EVAL_ONLY = ("ZeroshotCLIP",)
+
+
+def _eval_only(name: str) -> bool:
+    """Methods with nothing to train (their spec says ``trains=False``) are only evaluated."""
+    spec = find_method(name)
+    return spec is not None and not spec.trains
+
+
+def _reference_trainer(names: Sequence[str]) -> str | None:
+    """The method whose spec marks it the benchmark's text-tower / precision reference (``extras``)."""
+    for spec in list_methods():
+        if spec.extras.get("benchmark_reference") and spec.trainer in names:
+            return spec.trainer
+    return None
 
 
 # ------------------------------------------------------------------------------ switches
@@ -104,7 +118,7 @@ EVAL_ONLY = ("ZeroshotCLIP",)
 
 @contextlib.contextmanager
 def speedups(truncate: bool = True, cache: bool = True) -> Iterator[None]:
-    """Switch RESTORE's exact speed-ups off for a measurement (the plain path of the original code).
+    """Switch the library's exact speed-ups off for a measurement (the plain path of the original code).
 
     ``truncate=False``: every :class:`PromptedTextEncoder` runs the full 77-token context.
     ``cache=False``: :meth:`PromptModel.inference_cache` caches nothing, so each evaluation batch
@@ -554,8 +568,9 @@ def text_tower_step(trainer: PromptTrainer) -> Callable[[], None]:
 
 
 def _registered_trainers(selected: Sequence[str] | None) -> list[str]:
-    import trainers  # noqa: F401  registers every method
     from restore.engine.registry import TRAINER_REGISTRY
+
+    load_plugins()
 
     names = list(TRAINER_REGISTRY.registered_names())
     prompt = [n for n in names if issubclass(TRAINER_REGISTRY.get(n), PromptTrainer)]
@@ -603,6 +618,7 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
     else:
         precision = "bf16 (emulated on CPU: frozen CLIP in bf16, CPU autocast)" if precision == "bf16" else "fp32"
     names = _registered_trainers(trainers)
+    reference = _reference_trainer(names)
     small, large = preset.class_counts
     log(f"RESTORE benchmark ({preset.name}) on {device}: trainers {names}; classes {small}/{large}; "
         f"train batch {preset.train_batch}, eval batch {preset.eval_batch}; precision {precision}")
@@ -639,20 +655,20 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
             train_batch = _batch(preset.train_batch, num_classes, res, device, seed=1)
             eval_batch = _batch(preset.eval_batch, num_classes, res, device, seed=2)
             t0 = time.perf_counter()
-            trains = name not in EVAL_ONLY
+            trains = not _eval_only(name)
             try:
                 trainer = build_bench_trainer(name, clip_model, classnames, device, build_precision)
                 trains = trains and trainer.optim is not None
                 if trains:
                     row.update(measure_train(trainer, train_batch, device, preset.train_warmup, preset.train_reps))
-                headline = name == "CoOp" and num_classes == large
+                headline = name == reference and num_classes == large
                 row.update(measure_eval(trainer, eval_batch, device, preset.eval_warmup, preset.eval_reps,
                                         per_batch_text=headline))
                 if headline:
                     # against the plain path (untruncated, per-batch text), as the issue defines it
                     report["eval_speedup_1000"] = row["eval_speedup"]
                     per_batch = row.pop("eval_images_per_s_per_batch_text")
-                    report["eval_images_per_s_coop_per_batch_text"] = per_batch
+                    report["eval_images_per_s_reference_per_batch_text"] = per_batch
                     report["eval_cache_only_speedup_1000"] = _ratio(row["eval_images_per_s"], per_batch)
                     text_step = text_tower_step(trainer)
                     paired = _paired({"fast": (contextlib.nullcontext, text_step),
@@ -680,51 +696,58 @@ def run_benchmark(device: torch.device, quick: bool = False, trainers: Sequence[
             log(f"  {name:>14} {num_classes:>5} classes: " + ", ".join(
                 f"{k} {v}" for k, v in row.items() if k != "seconds") + f"  [{row['seconds']} s]")
 
-    # RESTORE: default (SHIFT prompt) vs MaPLe, and the paper-mode shift's overhead, measured in alternation.
-    restore_name = next((n for n in names if n.upper() == "RESTORE"), None)
-    report["restore_vs_maple_step"] = None
-    report["restore_feature_mode_overhead"] = None
-    if restore_name is None:
-        notes.append("RESTORE not registered or not selected: restore_* ratios are null")
-    else:
+    # A method whose spec names a baseline (extras "benchmark_pair"): its step vs the baseline's, and its
+    # variants' overhead, measured in alternation.
+    for spec in list_methods():
+        pair = spec.extras.get("benchmark_pair")
+        if not pair or spec.trainer not in names:
+            continue
+        key, baseline = spec.key, str(pair["baseline"])
+        variants = dict(pair.get("variants", {}))
+        report[f"{key}_vs_{baseline.lower()}_step"] = None
+        for variant in variants:
+            report[f"{key}_{variant}_mode_overhead"] = None
         try:
             batch = _batch(preset.train_batch, large, res, device, 1)
             classnames = synthetic_classnames(large)
-            built = {key: build_bench_trainer(name, clip_model, classnames, device, build_precision, overrides)
-                     for key, name, overrides in (("maple", "MaPLe", None), ("restore", restore_name, None),
-                                                  ("restore_feature", restore_name, {"SHIFT": "feature"}))}
+            runs = [(baseline.lower(), baseline, None), (key, spec.trainer, None)]
+            runs += [(f"{key}_{v}", spec.trainer, overrides) for v, overrides in variants.items()]
+            built = {k: build_bench_trainer(name, clip_model, classnames, device, build_precision, overrides)
+                     for k, name, overrides in runs}
             compared = compare_train_steps(built, batch, device, preset.train_warmup, max(3, preset.train_reps))
             ms = {k: v[0] for k, v in compared.items()}
-            report["restore_step_ms_per_image"] = ms
-            report["restore_vs_maple_step"] = _ratio(ms["restore"], ms["maple"])
-            report["restore_feature_mode_overhead"] = _ratio(ms["restore_feature"], ms["restore"])
+            report[f"{key}_step_ms_per_image"] = ms
+            report[f"{key}_vs_{baseline.lower()}_step"] = _ratio(ms[key], ms[baseline.lower()])
+            for variant in variants:
+                report[f"{key}_{variant}_mode_overhead"] = _ratio(ms[f"{key}_{variant}"], ms[key])
         except Exception as err:  # noqa: BLE001
-            notes.append(f"RESTORE/MaPLe paired step failed: {type(err).__name__}: {err}")
+            notes.append(f"{spec.display}/{baseline} paired step failed: {type(err).__name__}: {err}")
         built = {}
         _free(device)
 
     # Frozen CLIP in the working precision vs all fp32: CUDA only.
     report["precision_speedup_train_1000"] = None
-    if device.type == "cuda" and "CoOp" in names and step_ms.get("CoOp") is not None:
+    if device.type == "cuda" and reference is not None and step_ms.get(reference) is not None:
         try:
             batch = _batch(preset.train_batch, large, res, device, 1)
             classnames = synthetic_classnames(large)
-            built = {key: build_bench_trainer("CoOp", clip_model, classnames, device, prec)
+            built = {key: build_bench_trainer(reference, clip_model, classnames, device, prec)
                      for key, prec in (("fp32", "fp32"), (precision, build_precision))}
             compared = compare_train_steps(built, batch, device, preset.train_warmup, preset.train_reps)
-            report["coop_train_ms_per_image_by_precision"] = {k: v[0] for k, v in compared.items()}
-            report["coop_peak_memory_mib_by_precision"] = {k: v[1] for k, v in compared.items()}
+            report["reference_train_ms_per_image_by_precision"] = {k: v[0] for k, v in compared.items()}
+            report["reference_peak_memory_mib_by_precision"] = {k: v[1] for k, v in compared.items()}
             report["precision_speedup_train_1000"] = _ratio(compared["fp32"][0], compared[precision][0])
         except Exception as err:  # noqa: BLE001
-            notes.append(f"CoOp fp32 failed: {type(err).__name__}: {err}")
+            notes.append(f"{reference} fp32 failed: {type(err).__name__}: {err}")
         built = {}
         _free(device)
     else:
         notes.append("precision_speedup_train_1000 needs CUDA (fp32 vs the working precision on a GPU)")
     report.setdefault("text_speedup_1000", None)
     report.setdefault("eval_speedup_1000", None)
-    if "CoOp" not in names:
-        notes.append("CoOp not selected: text_speedup_1000 and eval_speedup_1000 are null")
+    if reference is None:
+        notes.append("no reference method (extras benchmark_reference) selected: text_speedup_1000 and "
+                     "eval_speedup_1000 are null")
     if track_cpu_memory:
         notes.append("peak MiB on CPU: every tensor alive in one training step (LiveTensorMemory) with frozen CLIP "
                      "in bf16 under bf16 autocast, the GPU path of PREC auto; an estimate of CUDA's "
@@ -779,13 +802,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"| headline ({large} classes) | value |",
         "|---|---:|",
-        f"| text_speedup_1000 (CoOp text tower fwd+bwd, untruncated / truncated) | {_fmt(report.get('text_speedup_1000'))} |",
-        f"| eval_speedup_1000 (CoOp eval img/s, cached+truncated / emulation: per-batch untruncated text) | {_fmt(report.get('eval_speedup_1000'))} |",
+        f"| text_speedup_1000 (reference text tower fwd+bwd, untruncated / truncated) | {_fmt(report.get('text_speedup_1000'))} |",
+        f"| eval_speedup_1000 (reference eval img/s, cached+truncated / emulation: per-batch untruncated text) | {_fmt(report.get('eval_speedup_1000'))} |",
         f"| eval_cache_flop_ratio_1000 (what caching saves, by FLOP count) | {_fmt(report.get('eval_cache_flop_ratio_1000'))} |",
-        f"| restore_vs_maple_step (RESTORE SHIFT prompt step / MaPLe step) | {_fmt(report.get('restore_vs_maple_step'))} |",
-        f"| restore_feature_mode_overhead (SHIFT feature / SHIFT prompt step) | "
-        f"{_fmt(report.get('restore_feature_mode_overhead'))} |",
-        f"| precision_speedup_train_1000 (CoOp fp32 / working-precision step) | {_fmt(report.get('precision_speedup_train_1000'))} |",
+        *[f"| {key} | {_fmt(value)} |" for key, value in report.items()
+          if key.endswith(("_step", "_mode_overhead")) and not isinstance(value, dict)],
+        f"| precision_speedup_train_1000 (reference fp32 / working-precision step) | {_fmt(report.get('precision_speedup_train_1000'))} |",
     ]
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
@@ -793,7 +815,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m restore.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m restore.speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced run, about 3 minutes on 2 CPU cores: a narrower CLIP and 100 classes "
                         "(the *_1000 keys are then measured at 100)")
     parser.add_argument("--json", type=str, default="", help="write the report as JSON here")

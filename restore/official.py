@@ -5,7 +5,7 @@
   ``Module.half`` become no-ops (``fp32=True``: the official MaPLe / MaPLe_FSA code halves some
   layers unconditionally and fails in fp32 otherwise); ``.cuda()`` is a no-op without a GPU; and,
   for the real Dassl, the LR scheduler ``verbose`` argument, ``torch.load(weights_only=False)`` and
-  stubs for ``wilds``/``gdown``/tensorboard on its import chain.
+  stubs for ``wilds``/``pandas``/``gdown``/tensorboard on its import chain.
 * :func:`build_official_trainer` builds the official trainer (its own ``train.py``'s config
   assembly, then ``build_trainer``) from a checkout on a weights file, without training: the
   reusable "official model" for comparisons and benchmarks.
@@ -24,6 +24,7 @@ as a plain state dict in OpenAI's key layout.
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import json
 import os
 import os.path as osp
@@ -100,6 +101,7 @@ def _stub_module(name: str, **attrs: Any) -> None:
     except ImportError:
         pass
     module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
     module.__dict__.update(attrs)
     module.__path__ = []  # type: ignore[attr-defined]  # a package, so submodule stubs can hang below it
     sys.modules[name] = module
@@ -117,6 +119,9 @@ def _real_dassl_stubs() -> None:
 
     for name in ("wilds", "wilds.datasets", "wilds.datasets.wilds_dataset", "gdown"):
         _stub_module(name, WILDSDataset=object, get_dataset=None, download=None)
+    # pandas: other libraries probe ``pandas.DataFrame`` once it is in sys.modules, so a stub only
+    # carries the names they look for
+    _stub_module("pandas", DataFrame=type("DataFrame", (), {}), Series=type("Series", (), {}), __version__="0")
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:

@@ -1,7 +1,7 @@
 """Parity tool: the official code of a method (a local checkout) and our trainer, same seed, same data.
 
     python -m restore.parity --write-clip parity_clip.pt               # the parity CLIP (restore.official)
-    python -m restore.data.synthetic dtd --root DATA --classes 4 --images-per-class 12
+    python -m restore.datasets.synthetic dtd --root DATA --classes 4 --images-per-class 12
     python -m restore.parity --official ../official/CoOp --trainer CoOp --root DATA --weights parity_clip.pt \\
         --output parity_out [--resume] [--best-val] [--fixture tests/data/parity/coop.json] [KEY VALUE ...]
 
@@ -34,8 +34,8 @@ import torch
 
 from restore.official import OfficialRun, record_logits, record_losses, run_official, write_parity_clip
 
-__all__ = ["RunKilled", "common_opts", "killed_after_epoch", "compare_tensors", "find_official_run", "learned_state", "main", "our_argv",
-           "summarise", "summary_matches"]
+__all__ = ["RunKilled", "common_opts", "compare_tensors", "find_official_run", "killed_after_epoch",
+           "learned_state", "main", "our_argv", "summarise", "summary_matches"]
 
 #: Relative tolerance of the per-tensor comparison (fp32 round-off of a reordered summation).
 RTOL = 1e-5
@@ -64,7 +64,7 @@ def our_argv(run: OfficialRun, common: Sequence[str], weights: str, extra: Seque
 def official_argv(run: OfficialRun, common: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     """The official ``train.py`` arguments (its download of ``ViT-B/32`` is shimmed to the weights file)."""
     flags, opts = _split(common)
-    items, own_flags, own_opts = list(run.official_opts), [], []
+    items, own_flags, own_opts = list(run.official_opts), [], []  # type: list[str], list[str], list[str]
     while items:  # the official train.py's own flags (e.g. RESTORE_'s --fs_loss_r) go before the opts
         pair, items = items[:2], items[2:]
         (own_flags if pair[0].startswith("--") else own_opts).extend(pair)
@@ -87,7 +87,10 @@ def find_official_run(trainer: str, plugins: Sequence[str] = ("trainers",), vari
     from restore.engine.registry import TRAINER_REGISTRY
 
     for package in plugins:
-        importlib.import_module(package)
+        module = importlib.import_module(package)
+        register_all = getattr(module, "register_all", None)
+        if callable(register_all):  # a plugin package that registers its methods on request
+            register_all()
     cls = TRAINER_REGISTRY.get(trainer)
     module = sys.modules[cls.__module__]
     run = getattr(module, "OFFICIAL_VARIANTS", {}).get(variant) if variant else getattr(module, "OFFICIAL", None)
@@ -211,6 +214,18 @@ def _side_main(side: str, spec: dict[str, Any]) -> int:
         return 3
 
 
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _last_epoch_mean(records: list[dict[str, Any]]) -> float:
+    """Mean loss over the last epoch's batches (what Dassl's last log line shows as the running average)."""
+    last = max(r["epoch"] for r in records)
+    losses = [r["loss"] for r in records if r["epoch"] == last]
+    return sum(losses) / len(losses)
+
+
 def _format_losses(records: list[dict[str, Any]]) -> dict[int, list[float]]:
     per_epoch: dict[int, list[float]] = {}
     for r in records:
@@ -227,7 +242,7 @@ def parity(args: argparse.Namespace) -> int:
     resolution = args.resolution
     if args.eval_only:
         return _parity_eval(args, run, repo, output)
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     modes = [("plain", False, False)]
     if args.resume:
         modes.append(("resume", True, False))
@@ -254,10 +269,10 @@ def parity(args: argparse.Namespace) -> int:
             _run_side("ours", {**spec, "output": out_ours, "argv": argv, "losses": out_ours + ".first.losses.json",
                                "stop_after_epoch": 1, "may_stop": True})
         _run_side("ours", {**spec, "output": out_ours, "argv": argv, "losses": out_ours + ".losses.json"})
-        off_losses = json.load(open(out_off + ".losses.json"))
-        our_losses = json.load(open(out_ours + ".losses.json"))
+        off_losses = _read_json(out_off + ".losses.json")
+        our_losses = _read_json(out_ours + ".losses.json")
         if resume:
-            our_losses = json.load(open(out_ours + ".first.losses.json")) + our_losses
+            our_losses = _read_json(out_ours + ".first.losses.json") + our_losses
         off_state = learned_state(out_off, run, args.epochs, best, official=True)
         our_state = learned_state(out_ours, run, args.epochs, best)
         label = f"{run.ours}{'/' + args.variant if args.variant else ''}"
@@ -285,10 +300,8 @@ def parity(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|---|---|")
     ok = True
     for mode, off, ours, equal, total, worst, worst_l2, loss_diff in rows:
-        last = max(r["epoch"] for r in off)
-        mean = lambda rs: sum(r["loss"] for r in rs if r["epoch"] == last) / max(1, sum(r["epoch"] == last for r in rs))  # noqa: E731
-        print(f"| {label} | {mode} | {ours[0]['loss']:.6f} / {off[0]['loss']:.6f} | {mean(ours):.6f} / "
-              f"{mean(off):.6f} | {equal}/{total} | {worst:.1e} | {worst_l2:.1e} | {loss_diff:.1e} |")
+        print(f"| {label} | {mode} | {ours[0]['loss']:.6f} / {off[0]['loss']:.6f} | {_last_epoch_mean(ours):.6f} / "
+              f"{_last_epoch_mean(off):.6f} | {equal}/{total} | {worst:.1e} | {worst_l2:.1e} | {loss_diff:.1e} |")
         ok = ok and equal == total and loss_diff <= 1e-4
     if args.fixture:
         commit = subprocess.run(["git", "-C", osp.abspath(args.official), "rev-parse", "HEAD"], capture_output=True,
@@ -356,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--write-clip", metavar="FILE", help="write the parity CLIP's weights to FILE and exit")
     parser.add_argument("--official", help="root of the official checkout (e.g. ../official/CoOp)")
     parser.add_argument("--trainer", help="our trainer name (its module declares OFFICIAL)")
-    parser.add_argument("--root", help="dataset root holding dtd/ (python -m restore.data.synthetic dtd ...)")
+    parser.add_argument("--root", help="dataset root holding dtd/ (python -m restore.datasets.synthetic dtd ...)")
     parser.add_argument("--weights", help="CLIP weights file both sides load (--write-clip)")
     parser.add_argument("--output", default="parity_out", help="folder for both runs (default: parity_out)")
     parser.add_argument("--repo", default=".", help="our repository root, holding train.py (default: .)")

@@ -12,7 +12,7 @@ arguments (trainer class, config file, per-dataset options, output folder, check
     python -m restore.protocols run-all         PROTOCOL TRAINER[,TRAINER...] [--seeds 1,2,3] [--datasets ...] [--gpus 0,1] [opts...]
     python -m restore.protocols list            # trainers, their classes and config files
 
-``TRAINER`` is a lowercase method name (:data:`TRAINERS`). Environment variables (each also a flag):
+``TRAINER`` is a method's script name (``python -m restore.methods`` lists them). Environment variables (each also a flag):
 ``DATA`` (dataset root, required), ``CFG`` (config name in the trainer's config folder, or a path to a
 YAML file), ``SHOTS`` (training shots, default 16), ``OUTPUT`` (output root, default ``output``; with a
 backbone of random weights in the opts, e.g. ``MODEL.BACKBONE.NAME tiny``, ``output_random``), ``SUB``
@@ -36,7 +36,6 @@ ignored by the tables) and the model is trained from scratch; its evaluations th
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import os.path as osp
 import queue
@@ -51,7 +50,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from restore.data.benchmarks import resolve
+from restore.datasets.catalog import resolve
 from restore.evaluation.results import (
     DEFAULT_OUTPUT_ROOT,
     LOCK_FILE,
@@ -60,10 +59,11 @@ from restore.evaluation.results import (
     RESULTS_FILE,
     run_dir,
 )
+from restore.methods import MethodSpec, config_path, dataset_config, get_method, list_methods, load_plugins
 
 __all__ = [
-    "TRAINERS", "TrainerSpec", "Step", "ProtocolError", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS",
-    "FEWSHOT_SHOTS", "OPTS_FILE", "repo_root", "get_spec", "resolve_config", "dataset_opts", "last_epoch",
+    "Step", "ProtocolError", "BASE2NEW_DATASETS", "XD_TARGETS", "DG_TARGETS",
+    "FEWSHOT_SHOTS", "OPTS_FILE", "get_spec", "resolve_config", "last_epoch",
     "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_test", "fewshot_train", "build_jobs",
     "run_steps", "run_jobs", "move_aside", "check_steps", "Interrupted", "main",
 ]
@@ -81,102 +81,19 @@ class ProtocolError(RuntimeError):
     """A problem with the request (unknown trainer, missing config, untrained model) — one sentence."""
 
 
-def repo_root() -> str:
-    """The folder holding ``train.py``, ``configs/`` and ``trainers/`` (this checkout, else the cwd)."""
-    here = osp.dirname(osp.dirname(osp.abspath(__file__)))
-    if osp.isfile(osp.join(here, "train.py")):
-        return here
-    if osp.isfile(osp.join(os.getcwd(), "train.py")):
-        return os.getcwd()
-    raise ProtocolError("train.py not found: run from the repository root (the folder with train.py and configs/)")
+def get_spec(trainer: str) -> MethodSpec:
+    """The registered method for a script name, alias, label or trainer class (plugins loaded first)."""
+    load_plugins()
+    try:
+        return get_method(trainer)
+    except KeyError:
+        raise ProtocolError(f"Unknown trainer {trainer!r}; choose one of "
+                            f"{', '.join(s.key for s in list_methods())}") from None
 
 
-# --------------------------------------------------------------------------- trainer table
-@dataclass(frozen=True)
-class TrainerSpec:
-    """How one method runs under the protocols.
-
-    ``configs`` maps a protocol (``base2new``, ``xd``, ``dg``, ``fewshot``) — or ``protocol:dataset``
-    for a dataset-specific file — to candidate configs ``"<folder>/<name>"`` under
-    ``configs/trainers/``; the first that exists is used (``dg`` falls back to ``xd``, ``fewshot`` to
-    ``base2new``). A key ``<config name>:<dataset>`` names the dataset's own file for a config that
-    ``CFG`` names (MMRL*'s ``vit_b16_base2new_light`` -> ``vit_b16_base2new_light_imagenet`` on
-    ImageNet); the run folder keeps the ``CFG`` name. ``opts`` adds fixed options per protocol.
-    ``trains=False``: nothing to learn (zero-shot CLIP), evaluation steps need no model folder.
-    """
-
-    key: str
-    trainer: str
-    label: str
-    configs: dict[str, tuple[str, ...]]
-    opts: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    trains: bool = True
-
-
-def _spec(key: str, trainer: str, configs: dict[str, tuple[str, ...]], label: str = "",
-          opts: Optional[dict[str, tuple[str, ...]]] = None, trains: bool = True) -> TrainerSpec:
-    return TrainerSpec(key, trainer, label or trainer, configs, opts or {}, trains)
-
-
-TRAINERS: dict[str, TrainerSpec] = {s.key: s for s in [
-    _spec("restore", "RESTORE", {
-        "base2new": ("RESTORE/vit_b16_c2_ep10_batch4_2ctx",),
-        "xd": ("RESTORE/vit_b16_c2_ep10_batch4_2ctx_cross_datasets",),
-    }),
-    _spec("mmrl", "MMRL", {
-        "base2new": ("MMRL/vit_b16_base2new", "MMRL/vit_b16_b2n", "MMRL/vit_b16"),
-        "base2new:imagenet": ("MMRL/vit_b16_base2new_imagenet", "MMRL/vit_b16_imagenet"),
-        "xd": ("MMRL/vit_b16_cross_dataset", "MMRL/vit_b16_xd", "MMRL/vit_b16_cross_datasets"),
-        "dg": ("MMRL/vit_b16_domain_generalization",),
-        "fewshot": ("MMRL/vit_b16_few_shot", "MMRL/vit_b16_fewshot"),
-        "fewshot:imagenet": ("MMRL/vit_b16_few_shot_imagenet", "MMRL/vit_b16_imagenet"),
-        # CFG=<name> on ImageNet: its own file (batch 32, 5 epochs), as without CFG
-        "vit_b16_base2new:imagenet": ("MMRL/vit_b16_base2new_imagenet",),
-        "vit_b16_base2new_light:imagenet": ("MMRL/vit_b16_base2new_light_imagenet",),  # MMRL*
-        "vit_b16_few_shot:imagenet": ("MMRL/vit_b16_few_shot_imagenet",),
-    }),
-    # Craft = its plug-in switched on by the config over the MaPLe host. Cross-dataset / DG use the
-    # OOD config (ImageNet source + unlabelled ImageNet-Sketch target, as the official code).
-    _spec("craft", "MaPLe", {
-        "base2new": ("Craft/maple_vit_b16_c2_ep5_batch4_2ctx",),
-        "xd": ("Craft/maple_vit_b16_c2_ep2_batch128_2ctx_ood",),
-    }, label="MaPLe+Craft"),
-    _spec("coop", "CoOp", {
-        "base2new": ("CoOp/vit_b16_ep50_ctxv1", "CoOp/vit_b16_ctxv1", "CoOp/vit_b16_ep50"),
-        "xd": ("CoOp/vit_b16_ep50_ctxv1", "CoOp/vit_b16_ep50"),
-        "fewshot": ("CoOp/vit_b16_ep50", "CoOp/vit_b16"),
-    }),
-    _spec("cocoop", "CoCoOp", {"base2new": ("CoCoOp/vit_b16_c4_ep10_batch1_ctxv1",)}),
-    _spec("ivlp", "IVLP", {"base2new": ("IVLP/vit_b16_c2_ep5_batch4_2+2ctx",)}),
-    _spec("vpt", "VPT", {"base2new": ("VPT/vit_b16_c2_ep5_batch4_4",)}),
-    _spec("maple", "MaPLe", {
-        "base2new": ("MaPLe/vit_b16_c2_ep5_batch4_2ctx",),
-        "xd": ("MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets",),
-    }),
-    _spec("promptsrc", "PromptSRC", {
-        "base2new": ("PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx",),
-        "xd": ("PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets",),
-        "fewshot": ("PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot",),
-    }),
-    _spec("kgcoop", "KgCoOp", {"base2new": ("KgCoOp/vit_b16_ep100_ctxv1", "KgCoOp/vit_b16_ctxv1", "KgCoOp/vit_b16")}),
-    _spec("zsclip", "ZeroshotCLIP", {"base2new": ("ZeroshotCLIP/vit_b16", "CoOp/vit_b16")}, trains=False),
-]}
-_ALIASES = {"clip": "zsclip", "zeroshotclip": "zsclip", "zeroshot": "zsclip", "maple+craft": "craft",
-            "independentvl": "ivlp"}
 _PROTOCOL_FALLBACK = {"dg": "xd", "fewshot": "base2new", "xd": "base2new"}
 _PROTOCOL_ALIASES = {"cross_dataset": "xd", "cross_datasets": "xd", "domain_generalization": "dg", "few_shot": "fewshot",
                      "b2n": "base2new", "base_to_novel": "base2new"}
-
-
-def get_spec(trainer: str) -> TrainerSpec:
-    key = trainer.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in TRAINERS:
-        by_class = {s.trainer.lower(): s for s in TRAINERS.values() if s.key != "craft"}
-        if key in by_class:
-            return by_class[key]
-        raise ProtocolError(f"Unknown trainer {trainer!r}; choose one of {', '.join(TRAINERS)}")
-    return TRAINERS[key]
 
 
 def normalize_protocol(protocol: str) -> str:
@@ -194,7 +111,7 @@ def dataset_key(name: str) -> str:
         raise ProtocolError(str(err)) from None
 
 
-def _config_candidates(spec: TrainerSpec, protocol: str, dataset: str) -> list[str]:
+def _config_candidates(spec: MethodSpec, protocol: str, dataset: str) -> list[str]:
     out: list[str] = []
     p: Optional[str] = protocol
     while p is not None:
@@ -203,7 +120,7 @@ def _config_candidates(spec: TrainerSpec, protocol: str, dataset: str) -> list[s
     return list(dict.fromkeys(out))
 
 
-def resolve_config(spec: TrainerSpec, protocol: str, dataset: str, cfg: str = "", root: str = "") -> tuple[str, str]:
+def resolve_config(spec: MethodSpec, protocol: str, dataset: str, cfg: str = "", root: str = "") -> tuple[str, str]:
     """``(config file, config name)`` for a trainer/protocol/dataset; ``cfg`` (``CFG=``) overrides.
 
     ``cfg`` is a path to a YAML file, or a name looked up in the folders of the trainer's defaults;
@@ -211,12 +128,11 @@ def resolve_config(spec: TrainerSpec, protocol: str, dataset: str, cfg: str = ""
     The returned name (the run folder) is the grid's, not the dataset file's: ``cfg``, or the
     protocol's general config, so every dataset of a grid lands in one results table.
     """
-    root = root or repo_root()
-    base = osp.join(root, "configs", "trainers")
+    base = config_path(spec, "")
     candidates = _config_candidates(spec, protocol, dataset)
     if cfg:
         if cfg.endswith((".yaml", ".yml")) or os.sep in cfg:
-            path = cfg if osp.isabs(cfg) or osp.isfile(cfg) else osp.join(root, cfg)
+            path = cfg if osp.isabs(cfg) or osp.isfile(cfg) or not root else osp.join(root, cfg)
             if not osp.isfile(path):
                 raise ProtocolError(f"CFG={cfg!r}: no such config file")
             return osp.abspath(path), osp.splitext(osp.basename(path))[0]
@@ -250,56 +166,6 @@ def _available(base: str, folders: Sequence[str]) -> list[str]:
         if osp.isdir(d):
             found += [f"{folder}/{osp.splitext(f)[0]}" for f in sorted(os.listdir(d)) if f.endswith(".yaml")]
     return found
-
-
-# --------------------------------------------------------------------------- per-dataset options
-def _import_trainers(root: str) -> Any:
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import trainers  # noqa: F401  registers every method
-
-    from restore.engine.registry import TRAINER_REGISTRY
-
-    return TRAINER_REGISTRY
-
-
-def trainer_class(spec: TrainerSpec, root: str = "") -> Any:
-    registry = _import_trainers(root or repo_root())
-    names = registry.registered_names()
-    if spec.trainer not in names:
-        raise ProtocolError(f"Trainer {spec.trainer!r} ({spec.key}) is not registered yet; registered: {sorted(names)}")
-    return registry.get(spec.trainer)
-
-
-def _find_hook(cls: Any) -> Optional[Callable[..., Sequence[str]]]:
-    hook = getattr(cls, "dataset_opts", None)
-    if callable(hook):
-        return hook
-    module = sys.modules.get(getattr(cls, "__module__", ""))
-    for name in ("dataset_opts", f"{cls.__name__.lower()}_dataset_opts"):
-        hook = getattr(module, name, None)
-        if callable(hook):
-            return hook
-    return None
-
-
-def dataset_opts(spec: TrainerSpec, dataset: str, protocol: str, root: str = "") -> list[str]:
-    """The method's own per-dataset options (a ``dataset_opts(dataset[, protocol])`` hook), or ``[]``.
-
-    The hook is a class attribute of the trainer or a module function ``dataset_opts`` /
-    ``<trainer>_dataset_opts``; it receives the dataset key (``dtd``) and, if it accepts one, the
-    ``cfg.PROTOCOL`` value. For cross-dataset/DG evaluation pass the *training* dataset (ImageNet):
-    the options describe the trained model.
-    """
-    hook = _find_hook(trainer_class(spec, root))
-    if hook is None:
-        return []
-    try:
-        params = inspect.signature(hook).parameters
-    except (TypeError, ValueError):
-        params = {}
-    kwargs: dict[str, Any] = {"protocol": PROTOCOL_DIRS[protocol]} if "protocol" in params else {}
-    return [str(x) for x in hook(dataset, **kwargs)]
 
 
 # --------------------------------------------------------------------------- steps
@@ -473,7 +339,7 @@ class Step:
                     extra += ["--load-epoch", str(epoch)]
         if overwrite or self.is_stale():
             extra.append("--overwrite")
-        argv = _expand_dataset_opts(self.argv)  # after the checks above: it imports the trainers
+        argv = list(self.argv)
         # options go before the trailing config opts
         cut = argv.index("--") if "--" in argv else len(argv)
         return argv[:cut] + extra + argv[cut + 1:]
@@ -526,7 +392,7 @@ class Context:
     check_data: bool = True
 
     def __post_init__(self) -> None:
-        self.root = self.root or repo_root()
+        self.root = self.root or os.getcwd()
 
     def data_root(self) -> str:
         if not self.data:
@@ -541,46 +407,28 @@ class Context:
         return path if rel.startswith("..") else rel
 
 
-def _argv(ctx: Context, spec: TrainerSpec, dataset: str, seed: int, cfg_path: str, out_dir: str,
-          protocol: str, opts: Sequence[str], opts_dataset: str) -> list[str]:
-    dcfg = osp.join(ctx.root, "configs", "datasets", f"{dataset}.yaml")
-    if not osp.isfile(dcfg):
-        raise ProtocolError(f"No dataset config {ctx.rel(dcfg)}")
+def _argv(ctx: Context, spec: MethodSpec, dataset: str, seed: int, cfg_path: str, out_dir: str,
+          protocol: str, opts: Sequence[str]) -> list[str]:
+    dcfg = dataset_config(dataset, spec)
+    if not dcfg:
+        raise ProtocolError(f"No dataset config {dataset}.yaml in the configs/datasets folder of any plugin")
     argv = ["--root", ctx.data_root(), "--seed", str(seed), "--trainer", spec.trainer,
             "--dataset-config-file", ctx.rel(dcfg), "--config-file", ctx.rel(cfg_path), "--output-dir", out_dir, "--"]
-    # The method's per-dataset options are looked up only when the step runs (importing the trainers
-    # costs seconds; a finished grid is skipped without it).
-    return argv + ["PROTOCOL", PROTOCOL_DIRS[protocol], *opts, *spec.opts.get(protocol, ()),
-                   _DATASET_OPTS, "|".join([spec.key, opts_dataset, protocol, ctx.root]), *ctx.opts]
+    # the method's dataset overrides are applied by the launcher (from DATASET.NAME and PROTOCOL)
+    return argv + ["PROTOCOL", PROTOCOL_DIRS[protocol], *opts, *spec.opts.get(protocol, ()), *ctx.opts]
 
 
-_DATASET_OPTS = "<dataset-opts>"
-
-
-def _expand_dataset_opts(argv: list[str]) -> list[str]:
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == _DATASET_OPTS:
-            key, dataset, protocol, root = argv[i + 1].split("|", 3)
-            out += dataset_opts(get_spec(key), dataset, protocol, root)
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
-def _train_cfg(ctx: Context, spec: TrainerSpec, protocol: str, dataset: str) -> tuple[str, str]:
+def _train_cfg(ctx: Context, spec: MethodSpec, protocol: str, dataset: str) -> tuple[str, str]:
     return resolve_config(spec, protocol, dataset, ctx.cfg, ctx.root)
 
 
 def base2new_train(ctx: Context, trainer: str, dataset: str, seed: int) -> Step:
     spec, dataset = get_spec(trainer), dataset_key(dataset)
     cfg_path, cfg = _train_cfg(ctx, spec, "base2new", dataset)
-    out = run_dir(ctx.output, "base2new", "train_base", dataset, ctx.shots, spec.label, cfg, seed)
+    out = run_dir(ctx.output, "base2new", "train_base", dataset, ctx.shots, spec.display, cfg, seed)
     opts = ["DATASET.NUM_SHOTS", str(ctx.shots), "DATASET.SUBSAMPLE_CLASSES", "base"]
-    return Step(f"base2new train_base {spec.label} {dataset} seed{seed}", out,
-                _argv(ctx, spec, dataset, seed, cfg_path, out, "base2new", opts, dataset), user_opts=list(ctx.opts))
+    return Step(f"base2new train_base {spec.display} {dataset} seed{seed}", out,
+                _argv(ctx, spec, dataset, seed, cfg_path, out, "base2new", opts), user_opts=list(ctx.opts))
 
 
 def base2new_test(ctx: Context, trainer: str, dataset: str, seed: int, sub: str = "new") -> Step:
@@ -588,21 +436,21 @@ def base2new_test(ctx: Context, trainer: str, dataset: str, seed: int, sub: str 
         raise ProtocolError(f"SUB must be 'new' or 'base', got {sub!r}")
     spec, dataset = get_spec(trainer), dataset_key(dataset)
     cfg_path, cfg = _train_cfg(ctx, spec, "base2new", dataset)
-    model_dir = run_dir(ctx.output, "base2new", "train_base", dataset, ctx.shots, spec.label, cfg, seed)
-    out = run_dir(ctx.output, "base2new", f"test_{sub}", dataset, ctx.shots, spec.label, cfg, seed)
+    model_dir = run_dir(ctx.output, "base2new", "train_base", dataset, ctx.shots, spec.display, cfg, seed)
+    out = run_dir(ctx.output, "base2new", f"test_{sub}", dataset, ctx.shots, spec.display, cfg, seed)
     opts = ["DATASET.NUM_SHOTS", str(ctx.shots), "DATASET.SUBSAMPLE_CLASSES", sub]
-    return Step(f"base2new test_{sub} {spec.label} {dataset} seed{seed}", out,
-                _argv(ctx, spec, dataset, seed, cfg_path, out, "base2new", opts, dataset),
+    return Step(f"base2new test_{sub} {spec.display} {dataset} seed{seed}", out,
+                _argv(ctx, spec, dataset, seed, cfg_path, out, "base2new", opts),
                 model_dir=model_dir if spec.trains else None, eval_only=True, user_opts=list(ctx.opts))
 
 
 def xd_train(ctx: Context, trainer: str, seed: int) -> Step:
     spec = get_spec(trainer)
     cfg_path, cfg = _train_cfg(ctx, spec, "xd", XD_SOURCE)
-    out = run_dir(ctx.output, "xd", "train", XD_SOURCE, ctx.shots, spec.label, cfg, seed)
+    out = run_dir(ctx.output, "xd", "train", XD_SOURCE, ctx.shots, spec.display, cfg, seed)
     opts = ["DATASET.NUM_SHOTS", str(ctx.shots)]
-    return Step(f"xd train {spec.label} {XD_SOURCE} seed{seed}", out,
-                _argv(ctx, spec, XD_SOURCE, seed, cfg_path, out, "xd", opts, XD_SOURCE), user_opts=list(ctx.opts))
+    return Step(f"xd train {spec.display} {XD_SOURCE} seed{seed}", out,
+                _argv(ctx, spec, XD_SOURCE, seed, cfg_path, out, "xd", opts), user_opts=list(ctx.opts))
 
 
 def _transfer_test(ctx: Context, protocol: str, trainer: str, dataset: str, seed: int) -> Step:
@@ -612,10 +460,10 @@ def _transfer_test(ctx: Context, protocol: str, trainer: str, dataset: str, seed
     # domain_generalization yaml), else the training one.
     train_path, cfg = _train_cfg(ctx, spec, "xd", XD_SOURCE)
     cfg_path = train_path if ctx.cfg else _train_cfg(ctx, spec, protocol, XD_SOURCE)[0]
-    model_dir = run_dir(ctx.output, "xd", "train", XD_SOURCE, ctx.shots, spec.label, cfg, seed)
-    out = run_dir(ctx.output, protocol, "test", dataset, ctx.shots, spec.label, cfg, seed)
-    return Step(f"{protocol} test {spec.label} {dataset} seed{seed}", out,
-                _argv(ctx, spec, dataset, seed, cfg_path, out, protocol, [], XD_SOURCE),
+    model_dir = run_dir(ctx.output, "xd", "train", XD_SOURCE, ctx.shots, spec.display, cfg, seed)
+    out = run_dir(ctx.output, protocol, "test", dataset, ctx.shots, spec.display, cfg, seed)
+    return Step(f"{protocol} test {spec.display} {dataset} seed{seed}", out,
+                _argv(ctx, spec, dataset, seed, cfg_path, out, protocol, []),
                 model_dir=model_dir if spec.trains else None, eval_only=True, user_opts=list(ctx.opts))
 
 
@@ -643,10 +491,10 @@ def dg_test(ctx: Context, trainer: str, dataset: str, seed: int) -> Step:
 def fewshot_train(ctx: Context, trainer: str, dataset: str, shots: int, seed: int) -> Step:
     spec, dataset = get_spec(trainer), dataset_key(dataset)
     cfg_path, cfg = _train_cfg(ctx, spec, "fewshot", dataset)
-    out = run_dir(ctx.output, "fewshot", "train", dataset, shots, spec.label, cfg, seed)
+    out = run_dir(ctx.output, "fewshot", "train", dataset, shots, spec.display, cfg, seed)
     opts = ["DATASET.NUM_SHOTS", str(shots)]
-    return Step(f"fewshot train {spec.label} {dataset} {shots}-shot seed{seed}", out,
-                _argv(ctx, spec, dataset, seed, cfg_path, out, "fewshot", opts, dataset), user_opts=list(ctx.opts))
+    return Step(f"fewshot train {spec.display} {dataset} {shots}-shot seed{seed}", out,
+                _argv(ctx, spec, dataset, seed, cfg_path, out, "fewshot", opts), user_opts=list(ctx.opts))
 
 
 def _dataset_list(value: str, default: Sequence[str]) -> list[str]:
@@ -685,20 +533,16 @@ def build_jobs(ctx: Context, protocol: str, trainer: str, seeds: Sequence[int], 
 
 # --------------------------------------------------------------------------- execution
 def _run_in_process(argv: list[str], root: str) -> int:
-    """Run ``train.py``'s CLI in this interpreter (one import of torch for many steps)."""
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import train as train_module
+    """Run the launcher (:func:`restore.launch.cli`) in this interpreter (one import of torch for many steps)."""
+    from restore import launch
 
-    saved_argv, saved_stdout = sys.argv, sys.stdout
-    sys.argv = [osp.join(root, "train.py")] + argv
     with _CHILDREN.lock:
         _CHILDREN.in_process += 1  # from now on a signal raises Interrupted here
     started = False
     try:
         _CHILDREN.check()
         started = True
-        rc = train_module.cli()
+        rc = launch.cli(argv)
     except Interrupted:
         _CHILDREN.stopped += started
         raise
@@ -713,13 +557,6 @@ def _run_in_process(argv: list[str], root: str) -> int:
     finally:
         with _CHILDREN.lock:
             _CHILDREN.in_process -= 1
-        logger = sys.stdout
-        sys.argv, sys.stdout = saved_argv, saved_stdout
-        if logger is not saved_stdout and hasattr(logger, "close"):
-            try:
-                logger.close()
-            except Exception:  # noqa: BLE001
-                pass
         _free_memory()
     return int(rc or 0)
 
@@ -825,7 +662,7 @@ def _interruptible(run: Callable[[], int]) -> int:
 def _run_subprocess(argv: list[str], root: str, env: Optional[dict[str, str]] = None, log: Optional[str] = None) -> int:
     """``python train.py argv`` in its own process group; a signal to the runner stops it (then
     :class:`Interrupted` is raised here, once it has exited)."""
-    cmd = [sys.executable, osp.join(root, "train.py")] + argv
+    cmd = [sys.executable, "-m", "restore.launch"] + argv
     full_env = {**os.environ, **(env or {})}
     out = None
     if log:
@@ -1049,7 +886,9 @@ def _default_output(opts: Sequence[str]) -> str:
     backbone = _opts_dict(opts).get("MODEL.BACKBONE.NAME")
     if backbone is None:
         return DEFAULT_OUTPUT_ROOT
-    from restore.engine.output_dir import default_output_root  # imports torch: only when a backbone is named
+    from restore.engine.output_dir import (
+        default_output_root,  # imports torch: only when a backbone is named
+    )
 
     output = default_output_root(backbone)
     if output != DEFAULT_OUTPUT_ROOT:
@@ -1116,7 +955,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     opts_help = "config options KEY VALUE ... passed to every step (after all others, so they win)"
     if command == "run-all":
         p.add_argument("protocol", help="base2new | xd | dg | fewshot")
-        p.add_argument("trainer", help="one or a comma list of: " + ", ".join(TRAINERS))
+        p.add_argument("trainer", help="one or a comma list of method names (python -m restore.methods lists them)")
         p.add_argument("--seeds", type=_int_list, default=DEFAULT_SEEDS, help="default 1,2,3")
         p.add_argument("--datasets", default="", help="comma list (default: all of the protocol)")
         p.add_argument("--shot-list", type=_int_list, default=FEWSHOT_SHOTS, help="few-shot: default 1,2,4,8,16")
@@ -1124,7 +963,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--in-process", action="store_true", help="run every step in this interpreter (no --gpus)")
         p.add_argument("--test-base", action="store_true", help="base2new: also evaluate on base classes (test_base)")
     else:
-        p.add_argument("trainer", help=", ".join(TRAINERS))
+        p.add_argument("trainer", help="a method name (python -m restore.methods lists them)")
         if command == "base2new-test":
             p.add_argument("--sub", default=os.environ.get("SUB", "new"), choices=["new", "base"], help="env SUB")
         if command in ("xd-test", "dg-test"):
@@ -1148,9 +987,10 @@ def _usage() -> str:
 
 
 def _print_list() -> int:
-    root = repo_root()
-    for spec in TRAINERS.values():
-        print(f"{spec.key:10s} -> {spec.trainer} (output label {spec.label})")
+    root = os.getcwd()
+    load_plugins()
+    for spec in list_methods():
+        print(f"{spec.key:10s} -> {spec.trainer} (output label {spec.display})")
         for protocol in ("base2new", "xd", "fewshot"):
             try:
                 path, _ = resolve_config(spec, protocol, "dtd", root=root)

@@ -12,6 +12,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export RESTORE_PLUGINS="${RESTORE_PLUGINS:-trainers:register_all,datasets}"  # this checkout's methods and datasets
 PY="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # the tiny model gains nothing from threads
 TRAINER="${1:-restore}"
@@ -20,7 +21,7 @@ export DATA="$DEMO_DIR/data" OUTPUT="$DEMO_DIR/output" SHOTS="${SHOTS:-16}"
 unset CFG SUB
 
 for ds in dtd eurosat; do
-  [ -d "$DATA/$ds" ] || "$PY" -m restore.data.synthetic "$ds" --root "$DATA" --classes 4 --images-per-class 12
+  [ -d "$DATA/$ds" ] || "$PY" -m restore.datasets.synthetic "$ds" --root "$DATA" --classes 4 --images-per-class 12
 done
 
 "$PY" -m restore.protocols run-all base2new "$TRAINER" --datasets dtd,eurosat --seeds 1,2 --in-process \

@@ -11,6 +11,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# The checkout's plugins under their checkout names first: restore.methods.load_plugins then finds the
+# same files already imported and does not import them again as restore_plugins.*.
+import datasets  # noqa: E402,F401
+import trainers  # noqa: E402
+
+trainers.register_all()
+
 # One thread: on the 2-core CI machine, subprocess runs and intra-op threads otherwise oversubscribe.
 torch.set_num_threads(1)
 

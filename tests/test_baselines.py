@@ -452,7 +452,7 @@ def test_published_values_of_key_configs():
     ("MaPLe", "MAPLE", "vit_b16_c2_ep5_batch4_2ctx.yaml", "tiny"),
 ])
 def test_train_py_end_to_end_on_synthetic_dtd(trainer, node_name, config, backbone, tmp_path):
-    synthetic = pytest.importorskip("restore.data.synthetic", reason="restore.data.synthetic (synthetic datasets) "
+    synthetic = pytest.importorskip("restore.datasets.synthetic", reason="restore.datasets.synthetic (synthetic datasets) "
                                     "is not in this checkout yet")
     data = tmp_path / "data"
     synthetic.make_synthetic("dtd", str(data), num_classes=4, images_per_class=6)
@@ -480,7 +480,7 @@ def test_train_py_end_to_end_on_synthetic_dtd(trainer, node_name, config, backbo
 def test_promptsrc_gpa_through_train_py_and_resume(tmp_path):
     """GPA in the real loop: the last checkpoint holds the aggregate, and a run resumed after epoch 1
     (from that epoch's checkpoint) ends with the same weights as the uninterrupted run."""
-    synthetic = pytest.importorskip("restore.data.synthetic", reason="restore.data.synthetic (synthetic datasets) "
+    synthetic = pytest.importorskip("restore.datasets.synthetic", reason="restore.datasets.synthetic (synthetic datasets) "
                                     "is not in this checkout yet")
     import shutil
 

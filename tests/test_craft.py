@@ -30,7 +30,7 @@ def _ce(scores, target):
 
 
 def test_mmd_zero_for_identical_samples():
-    from restore.craft.losses import mmd
+    from trainers.craft.losses import mmd
 
     torch.manual_seed(0)
     x = torch.randn(6, 5)
@@ -41,7 +41,7 @@ def test_mmd_zero_for_identical_samples():
 
 @pytest.mark.parametrize("minmax", [False, True])
 def test_mmd_matches_double_loop(minmax):
-    from restore.craft.losses import mmd
+    from trainers.craft.losses import mmd
 
     x = [[0.0, 1.0], [2.0, -1.0], [1.5, 0.5]]
     y = [[1.0, 1.0], [-0.5, 2.0]]
@@ -79,7 +79,7 @@ def _bf16_reference_inputs():
 @pytest.mark.parametrize("minmax", [True, False])
 def test_mmd_is_fp32_under_bf16_autocast(minmax):
     """The trainer calls Craft inside its autocast: the distance expansion must not run in bf16."""
-    from restore.craft.losses import mmd, squared_distances
+    from trainers.craft.losses import mmd, squared_distances
 
     f, g, w, _ = _bf16_reference_inputs()
     x, y = 100.0 * f @ w.t(), 100.0 * g @ w.t()
@@ -93,7 +93,7 @@ def test_mmd_is_fp32_under_bf16_autocast(minmax):
 
 
 def test_alignment_losses_are_fp32_under_bf16_autocast():
-    from restore.craft.losses import relative_logits, static_alignment_loss, stochastic_alignment_loss
+    from trainers.craft.losses import relative_logits, static_alignment_loss, stochastic_alignment_loss
 
     f, g, w, label = _bf16_reference_inputs()
     scale = torch.tensor(100.0)
@@ -109,7 +109,7 @@ def test_alignment_losses_are_fp32_under_bf16_autocast():
 
 
 def test_static_alignment_loss_matches_hand_computation():
-    from restore.craft.losses import static_alignment_loss
+    from trainers.craft.losses import static_alignment_loss
 
     text = [[1.0, 0.0, 1.0], [0.0, 2.0, -1.0]]
     anchors = [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [3.0, 0.0, 1.0]]
@@ -132,7 +132,7 @@ def test_static_alignment_loss_matches_hand_computation():
 
 
 def test_stochastic_alignment_loss_matches_hand_computation():
-    from restore.craft.losses import stochastic_alignment_loss
+    from trainers.craft.losses import stochastic_alignment_loss
 
     image = [[1.0, 0.5], [0.2, 1.0], [-1.0, 0.3]]
     text = [[0.9, 0.1], [0.0, 1.0], [1.0, 1.0]]
@@ -152,7 +152,7 @@ def test_stochastic_alignment_loss_matches_hand_computation():
 
 
 def test_kmeans_one_cluster_is_mean_and_separates_blobs():
-    from restore.craft.anchors import kmeans
+    from trainers.craft.anchors import kmeans
 
     torch.manual_seed(0)
     x = torch.randn(10, 4)
@@ -165,10 +165,10 @@ def test_kmeans_one_cluster_is_mean_and_separates_blobs():
 
 
 def test_config_defaults_and_checks():
-    from restore.craft.config import check
+    from trainers.craft.config import check
     from restore.engine.config import ConfigError, extend_cfg, get_cfg_default
 
-    import restore.craft  # noqa: F401
+    import trainers.craft  # noqa: F401
 
     cfg = extend_cfg(get_cfg_default())
     node = cfg.TRAINER.CRAFT
@@ -186,9 +186,9 @@ def test_config_defaults_and_checks():
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     try:
-        from restore.data.synthetic import make_synthetic
+        from restore.datasets.synthetic import make_synthetic
     except ImportError:
-        pytest.skip("restore.data.synthetic is not available")
+        pytest.skip("restore.datasets.synthetic is not available")
     root = tmp_path_factory.mktemp("craft_data")
     make_synthetic("dtd", str(root), num_classes=4, images_per_class=6)
     make_synthetic("imagenet_sketch", str(root), num_classes=4, images_per_class=3)
@@ -248,7 +248,7 @@ def test_anchor_command_writes_class_means(data_root, tmp_path):
     from PIL import Image
 
     from restore.clip import load_clip
-    from restore.craft import anchors as craft_anchors
+    from trainers.craft import anchors as craft_anchors
     from restore.engine.data import build_transform
 
     out = tmp_path / "run"
@@ -367,7 +367,7 @@ def test_craft_mmd_draws_target_batches_in_step(data_root, tmp_path):
 
 
 def test_anchor_path_mismatch_is_an_error(data_root, tmp_path):
-    from restore.craft.anchors import ensure_anchors, save_anchors
+    from trainers.craft.anchors import ensure_anchors, save_anchors
 
     bogus = tmp_path / "other.pt"
     save_anchors({"version": 1, "anchors": torch.zeros(2, 48), "labels": torch.arange(2),
@@ -385,7 +385,7 @@ def test_stale_anchor_cache_is_recomputed(opt, value, key, data_root, tmp_path, 
     """A rerun / resume in the same OUTPUT_DIR with other anchor settings recomputes the anchors (naming
     the setting), keeps the replaced file as <path>.stale and leaves everything else in the folder alone."""
     from restore.clip import load_clip
-    from restore.craft.anchors import STALE_SUFFIX, ensure_anchors, load_anchors, save_anchors
+    from trainers.craft.anchors import STALE_SUFFIX, ensure_anchors, load_anchors, save_anchors
     from restore.engine.data import build_dataset
 
     out = tmp_path / "run"
@@ -423,7 +423,7 @@ def test_stale_anchor_cache_is_recomputed(opt, value, key, data_root, tmp_path, 
 
 
 def test_anchors_match_names_every_differing_setting():
-    from restore.craft.anchors import FORMAT_VERSION, anchors_match
+    from trainers.craft.anchors import FORMAT_VERSION, anchors_match
 
     recorded = {"version": FORMAT_VERSION, "classnames": ["a", "b"], "clusters": 1, "backbone": "tiny",
                 "dataset": "DTD", "subsample": "base", "num_shots": 200, "seed": 1, "transform": "test"}
@@ -504,7 +504,7 @@ def test_template_anchors_train_deep_text_prompts_only(data_root, tmp_path):
 def test_craft_configs_merge(name):
     if "MaPLe" not in _registered_hosts():
         pytest.skip("MaPLe is not registered")
-    from restore.craft.config import check
+    from trainers.craft.config import check
     from restore.engine.config import extend_cfg, get_cfg_default, merge_file
 
     cfg = extend_cfg(get_cfg_default())

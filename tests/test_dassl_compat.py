@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -283,3 +284,212 @@ def test_status_and_reinstall_with_the_alias_installed(mini_codebase):
     assert "RuntimeWarning" not in status.stderr, status.stderr  # the .pth imports the package, not __main__
     again = cli("install", "--site-dir", str(site))
     assert again.returncode == 0 and "Wrote" in again.stdout
+
+
+# --------------------------------------------------------------------------- drop-in into real-shaped hosts
+# A host shaped like the official MaPLe / CoOp repositories: its own trainers registered under the real
+# names, datasets importing dassl.data.datasets, a train.py with extend_cfg and setup_cfg. It imports our
+# methods from the installed package (restore_plugins.trainers.<method>) and makes the one documented call.
+
+HOST_TRAINER = '''
+from dassl.engine import TRAINER_REGISTRY, TrainerX
+
+
+@TRAINER_REGISTRY.register()
+class {name}(TrainerX):
+    """The host's own {name} (a stub: never built in these tests)."""
+
+    def build_model(self):
+        raise NotImplementedError("the host's {name}")
+'''
+
+HOST_DTD = '''
+import json
+import math
+import os
+import re
+
+from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase
+
+
+def _read(path, image_dir):
+    with open(path) as f:
+        split = json.load(f)
+    return [[Datum(impath=os.path.join(image_dir, p), label=int(y), classname=c) for p, y, c in split[k]]
+            for k in ("train", "val", "test")]
+
+
+def _half(which, *splits):
+    """Base (first half of the labels) or new (the rest) classes, relabelled from 0."""
+    if which == "all":
+        return splits
+    labels = sorted({d.label for d in splits[0]})
+    n = math.ceil(len(labels) / 2)
+    keep = labels[:n] if which == "base" else labels[n:]
+    relabel = {y: i for i, y in enumerate(keep)}
+    return [[Datum(impath=d.impath, label=relabel[d.label], classname=d.classname) for d in s if d.label in relabel]
+            for s in splits]
+
+
+@DATASET_REGISTRY.register()
+class DescribableTextures(DatasetBase):
+    dataset_dir = "dtd"
+
+    def __init__(self, cfg):
+        folder = os.path.join(os.path.abspath(cfg.DATASET.ROOT), self.dataset_dir)
+        train, val, test = _read(os.path.join(folder, "split_zhou_DescribableTextures.json"),
+                                 os.path.join(folder, "images"))
+        train, val, test = _half(cfg.DATASET.SUBSAMPLE_CLASSES, train, val, test)
+        super().__init__(train_x=train, val=val, test=test)
+'''
+
+HOST_TRAIN = '''
+import argparse
+
+import torch
+from dassl.config import get_cfg_default
+from dassl.engine import build_trainer
+from dassl.utils import collect_env_info, set_random_seed, setup_logger
+
+import datasets.dtd  # noqa: F401
+{host_imports}
+# --- drop-in: our methods from the installed package, registering only themselves
+{our_imports}
+from restore.engine.config import extend_cfg as restore_extend_cfg
+from restore.methods import apply_dataset_overrides
+
+
+def extend_cfg(cfg):
+    from yacs.config import CfgNode as CN
+
+    cfg.TRAINER.HOSTONLY = CN()
+    cfg.TRAINER.HOSTONLY.N_CTX = 16
+    cfg.DATASET.SUBSAMPLE_CLASSES = "all"
+    restore_extend_cfg(cfg)  # TRAINER.<METHOD> nodes of our imported methods
+
+
+def setup_cfg(args):
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    cfg.merge_from_file(args.dataset_config_file)
+    cfg.merge_from_file(args.config_file)
+    cfg.DATASET.ROOT = args.root
+    cfg.OUTPUT_DIR = args.output_dir
+    cfg.SEED = args.seed
+    cfg.TRAINER.NAME = args.trainer
+    cfg.merge_from_list(args.opts)
+    apply_dataset_overrides(cfg, args.opts)  # the one call: our methods' published per-dataset values
+    cfg.freeze()
+    return cfg
+
+
+def main():
+    p = argparse.ArgumentParser()
+    for flag in ("--root", "--output-dir", "--trainer", "--config-file", "--dataset-config-file"):
+        p.add_argument(flag, default="")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("opts", nargs=argparse.REMAINDER)
+    args = p.parse_args()
+    cfg = setup_cfg(args)
+    set_random_seed(cfg.SEED)
+    setup_logger(cfg.OUTPUT_DIR)
+    print("** Config **")
+    print(cfg)
+    print(collect_env_info())
+    trainer = build_trainer(cfg)
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _host(tmp_path, kind: str, ours: list[str]):
+    """A MaPLe-style (CoOp, CoCoOp, IVLP, VPT, MaPLe) or CoOp-style (CoOp, CoCoOp, ZeroshotCLIP) codebase."""
+    names = {"maple": ["CoOp", "CoCoOp", "IVLP", "VPT", "MaPLe"], "coop": ["CoOp", "CoCoOp", "ZeroshotCLIP"]}[kind]
+    code = tmp_path / f"{kind}_host"
+    for folder in ("trainers", "datasets", "configs"):
+        (code / folder).mkdir(parents=True)
+    (code / "trainers" / "__init__.py").write_text("")
+    (code / "datasets" / "__init__.py").write_text("")
+    for name in names:
+        (code / "trainers" / f"{name.lower()}.py").write_text(HOST_TRAINER.format(name=name))
+    (code / "datasets" / "dtd.py").write_text(textwrap.dedent(HOST_DTD))
+    (code / "configs" / "dtd.yaml").write_text('DATASET:\n  NAME: "DescribableTextures"\n')
+    (code / "train.py").write_text(HOST_TRAIN.format(
+        host_imports="\n".join(f"import trainers.{n.lower()}  # noqa: F401" for n in names),
+        our_imports="\n".join(f"import restore_plugins.trainers.{m}  # noqa: F401" for m in ours)))
+    return code
+
+
+_TINY = ["MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "1", "DATALOADER.NUM_WORKERS", "0",
+         "DATALOADER.TRAIN_X.BATCH_SIZE", "2", "DATALOADER.TEST.BATCH_SIZE", "8", "DATASET.NUM_SHOTS", "-1",
+         "DATASET.SUBSAMPLE_CLASSES", "base"]
+
+
+def _state(folder, model):
+    from restore.engine.utils import load_checkpoint
+
+    return load_checkpoint(os.path.join(folder, model, "model.pth.tar-1"))["state_dict"]
+
+
+def _host_and_ours(tmp_path, code, trainer, method_cfg, model, extra=()):
+    """Run ``trainer`` in the host (subprocess, alias active) and with our own train.py; both outputs."""
+    import torch
+    from helpers import run_train_py
+
+    from restore.datasets.synthetic import make_synthetic
+
+    data = tmp_path / "data"
+    if not data.exists():
+        make_synthetic("dtd", str(data), num_classes=4, images_per_class=3)
+    site = tmp_path / "site"
+    if not site.exists():
+        site.mkdir()
+        dassl_alias.install(str(site))
+    args = ["--root", str(data), "--seed", "1", "--trainer", trainer, "--config-file", os.path.join(ROOT, method_cfg)]
+    host_out, our_out = code / f"out_{trainer}", tmp_path / f"ours_{trainer}"
+    host_args = args + ["--dataset-config-file", str(code / "configs" / "dtd.yaml"), "--output-dir", str(host_out),
+                        *_TINY, *extra]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(code), ROOT]), OMP_NUM_THREADS="1")
+    env.pop("RESTORE_PLUGINS", None)
+    cmd = [sys.executable, "-c", f"import site, runpy, sys; site.addsitedir({str(site)!r}); "
+           f"sys.argv = ['train.py'] + {host_args!r}; runpy.run_path('train.py', run_name='__main__')"]
+    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_train_py(args + ["--dataset-config-file", os.path.join(ROOT, "configs/datasets/dtd.yaml"),
+                                "--output-dir", str(our_out), *_TINY, *extra]) == 0
+    theirs, mine = _state(host_out, model), _state(our_out, model)
+    assert theirs.keys() == mine.keys()
+    for key in mine:
+        assert torch.equal(theirs[key], mine[key]), key
+    host_result, our_result = (json.load(open(d / "results.json")) for d in (host_out, our_out))
+    assert host_result["accuracy"] == our_result["accuracy"]
+    return (host_out / "log.txt").read_text(), host_result
+
+
+def test_restore_and_mmrl_drop_into_a_maple_style_codebase(tmp_path):
+    """The host registers CoOp, CoCoOp, IVLP, VPT and MaPLe of its own; importing our RESTORE and MMRL
+    registers those two only, the per-dataset values reach the host's config (its log shows them), and
+    the trained weights equal our own train.py's run on the same seed and data."""
+    code = _host(tmp_path, "maple", ["restore_trainer", "mmrl"])
+    log, record = _host_and_ours(tmp_path, code, "RESTORE", "configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml",
+                                 "MultiModalPromptLearner")
+    restore_node = log.split("\n  RESTORE:\n", 1)[1]
+    assert re.search(r"\n    VISION_RATIO: 0\.15\n", restore_node), "DTD's RESTORE ratio in the host's log"
+    assert re.search(r"\n    FS_WEIGHT: 0\.5\n", restore_node), "DTD's RESTORE override in the host's log"
+    assert record["restore"]["fs_weight"] == 0.5
+    log, _ = _host_and_ours(tmp_path, code, "MMRL", "configs/trainers/MMRL/vit_b16_base2new.yaml",
+                            "MultiModalRepresentationLearner", extra=["TRAINER.MMRL.REP_DIM", "16"])
+    mmrl_node = log.split("\n  MMRL:\n", 1)[1]
+    assert re.search(r"\n    REG_WEIGHT: 6\.0\n", mmrl_node), "DTD's MMRL lambda in the host's log"
+    assert re.search(r"\n    REP_DIM: 16\n", mmrl_node), "the host's command line wins over the overrides"
+
+
+def test_coop_family_method_drops_into_a_coop_style_codebase(tmp_path):
+    """The host registers CoOp, CoCoOp and ZeroshotCLIP; our KgCoOp (built on our CoOp model) registers
+    itself only and trains as with our own train.py."""
+    code = _host(tmp_path, "coop", ["kgcoop"])
+    _host_and_ours(tmp_path, code, "KgCoOp", "configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml", "prompt_learner",
+                   extra=["TRAINER.KGCOOP.N_CTX", "2"])

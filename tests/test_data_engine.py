@@ -393,7 +393,7 @@ def test_summary_table_format():
 
 def test_import_needs_no_optional_packages():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import sys; import restore.engine.data, datasets, restore.data.synthetic, restore.data.prepare; "
+    code = ("import sys; import restore.engine.data, datasets, restore.datasets.synthetic, restore.datasets.prepare; "
             "print(sorted(m for m in ('tensorboard', 'pandas', 'wilds', 'tabulate', 'gdown') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

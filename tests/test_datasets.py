@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 import datasets  # noqa: F401  (registers the loaders)
-from restore.data.benchmarks import BENCHMARKS
-from restore.data.synthetic import make_synthetic, split_sizes
-from restore.data.templates import CUSTOM_TEMPLATES
+from restore.datasets.catalog import BENCHMARKS
+from restore.datasets.synthetic import make_synthetic, split_sizes
+from restore.datasets.templates import CUSTOM_TEMPLATES
 from restore.engine.config import get_cfg_default
 from restore.engine.data import DataManager, DatasetNotFoundError, dumps_datum_cache, load_datum_cache
 from restore.engine.registry import DATASET_REGISTRY

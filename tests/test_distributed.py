@@ -58,7 +58,9 @@ def _run(rank: int, world: int, port: int, data_root: str, out_base: str, result
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import datasets  # noqa: F401
-    import trainers  # noqa: F401
+    import trainers
+
+    trainers.register_all()
     from restore.engine import distributed as dist_mod
     from restore.engine.config import extend_cfg, get_cfg_default, merge_opts
     from restore.engine.trainer import build_trainer
@@ -112,7 +114,7 @@ def _run(rank: int, world: int, port: int, data_root: str, out_base: str, result
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{job: (single-process result, 2-process result, single OUTPUT_DIR, 2-process OUTPUT_DIR)}."""
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     base = tmp_path_factory.mktemp("ddp")
     data_root = str(base / "data")
@@ -218,7 +220,7 @@ def test_evaluator_state_merge_and_single_process_noops():
 
 
 def test_ddp_craft_anchors_computed_in_training_equal_single_process(runs):
-    from restore.craft.anchors import ANCHOR_FILE, load_anchors
+    from trainers.craft.anchors import ANCHOR_FILE, load_anchors
 
     single, ddp, single_out, ddp_out = runs["craft_static"]
     a, b = load_anchors(os.path.join(single_out, ANCHOR_FILE)), load_anchors(os.path.join(ddp_out, ANCHOR_FILE))
@@ -236,6 +238,7 @@ def test_ddp_restore_feature_shift_matches_single_process(runs):
     assert fs[0] == pytest.approx(0.0, abs=1e-9) and max(fs) > 1e-6  # normalised by the first step, then moves
     assert ddp["losses"] == pytest.approx(single["losses"], abs=1e-5, rel=1e-5)
     assert [s["loss_fs"] for s in ddp["steps"]] == pytest.approx(fs, abs=1e-6, rel=1e-4)
-    assert torch.allclose(ddp["grads"][1], single["grads"][1], rtol=1e-4, atol=1e-6)
+    scale = float(single["grads"][1].abs().max())  # fp32 round-off of the global-batch reductions scales with it
+    assert torch.allclose(ddp["grads"][1], single["grads"][1], rtol=1e-4, atol=1e-5 * scale)
     assert single["ratios"][0] > 0.1 and single["ratios"][1] > 0.1  # updated after epoch 1
     assert ddp["ratios"] == pytest.approx(single["ratios"], rel=1e-5)

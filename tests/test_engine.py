@@ -302,7 +302,7 @@ def test_crash_then_resume_keeps_log_and_only_the_final_checkpoint(tmp_path, mon
 
     from helpers import run_train_py
 
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
     from restore.engine.trainer import SimpleTrainer
 
     data, out = tmp_path / "data", tmp_path / "out"

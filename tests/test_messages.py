@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("msg_data")
     make_synthetic("dtd", str(root), num_classes=2, images_per_class=6)
@@ -91,16 +91,16 @@ def test_yaml_loader_keeps_merges_empty_files_and_unknown_key_messages(tmp_path)
         merge_file(cfg, str(typo))
 
 
-def test_per_dataset_yaml_with_a_key_twice_is_refused(tmp_path):
-    from restore.engine.config import per_dataset_opts
+def test_dataset_overrides_yaml_with_a_key_twice_is_refused(tmp_path):
+    from restore.methods import MethodSpec, dataset_overrides
 
-    trainers_dir = tmp_path / "configs" / "trainers" / "M" / "datasets"
-    trainers_dir.mkdir(parents=True)
-    (tmp_path / "configs" / "datasets").mkdir()
-    (tmp_path / "configs" / "datasets" / "dtd.yaml").write_text("DATASET:\n  NAME: DescribableTextures\n")
-    (trainers_dir / "dtd.yaml").write_text("TRAINER:\n  M:\n    W: 1.0\n    W: 2.0\n")
-    with pytest.raises(ConfigError, match=r"Key 'W' appears twice in .*dtd.yaml \(lines 3 and 4\)"):
-        per_dataset_opts(str(trainers_dir), "dtd", "M")
+    folder = tmp_path / "configs" / "trainers" / "M" / "dataset_overrides"
+    folder.mkdir(parents=True)
+    (folder / "base2new.yaml").write_text("dtd:\n  TRAINER.M.W: 1.0\n  TRAINER.M.W: 2.0\n")
+    spec = MethodSpec("m", "M", dataset_overrides={"base2new": "M/dataset_overrides/base2new.yaml"},
+                      config_root=str(tmp_path / "configs"))
+    with pytest.raises(ConfigError, match=r"Key 'TRAINER.M.W' appears twice in .*base2new.yaml \(lines 2 and 3\)"):
+        dataset_overrides(spec, "dtd")
 
 
 # ---------------------------------------------------------------- settings
@@ -141,7 +141,7 @@ def test_train_py_refuses_before_writing_anything(data, tmp_path, capsys):
 
 def test_help_texts_agree_with_the_readme(capsys):
     import train
-    from restore.data import synthetic
+    from restore.datasets import synthetic
 
     seed_help = " ".join(train.build_parser().format_help().split())
     assert "--seed SEED random seed (0 or more); -1 (the default) keeps the config's SEED" in seed_help
@@ -236,7 +236,7 @@ def test_split_label_outside_the_class_range_names_label_and_file(tmp_path):
 
 def test_read_only_dataset_folder_says_to_set_cache_dir(tmp_path):
     import datasets  # noqa: F401  registers DescribableTextures
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
     from restore.engine.data import build_dataset
 
     make_synthetic("dtd", str(tmp_path / "data"), num_classes=2, images_per_class=6, split_json=False)

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from restore.clip.model import CLIP, CLIPConfig, causal_mask
-from trainers.mmrl import (MMRLModel, mix_logits, mmrl_dataset_opts, mmrl_loss, rep_layer_span,
-                           resolve_inference)
+from trainers.mmrl import MMRLModel, mix_logits, mmrl_loss, rep_layer_span, resolve_inference
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -278,19 +277,25 @@ def test_checkpoint_loads_for_other_classes(tiny_clip):
 
 
 # --------------------------------------------------------------------------- per-dataset yaml
-def test_dataset_opts_from_yaml():
-    assert mmrl_dataset_opts("dtd") == ["TRAINER.MMRL.REG_WEIGHT", "6.0"]
-    assert mmrl_dataset_opts("DescribableTextures") == ["TRAINER.MMRL.REG_WEIGHT", "6.0"]
-    assert mmrl_dataset_opts("EuroSAT") == ["TRAINER.MMRL.REG_WEIGHT", "0.01", "TRAINER.MMRL.REP_DIM", "2048"]
-    assert mmrl_dataset_opts("imagenet", protocol="cross_dataset") == []
-    assert mmrl_dataset_opts("imagenetv2") == []
-    with pytest.raises(ValueError):
-        mmrl_dataset_opts("no_such_dataset")
+def test_dataset_overrides_from_yaml():
+    from restore.methods import dataset_overrides, get_method
+
+    spec = get_method("mmrl")
+
+    def mmrl_dataset_opts(name, protocol="base2new"):
+        return dataset_overrides(spec, name, protocol)
+
+    assert mmrl_dataset_opts("dtd") == {"TRAINER.MMRL.REG_WEIGHT": 6.0}
+    assert mmrl_dataset_opts("DescribableTextures") == {"TRAINER.MMRL.REG_WEIGHT": 6.0}
+    assert mmrl_dataset_opts("EuroSAT") == {"TRAINER.MMRL.REG_WEIGHT": 0.01, "TRAINER.MMRL.REP_DIM": 2048}
+    assert mmrl_dataset_opts("eurosat", "few_shot") == mmrl_dataset_opts("eurosat")
+    assert mmrl_dataset_opts("imagenet", protocol="cross_dataset") == {}
+    assert mmrl_dataset_opts("imagenetv2") == {}
     expected = {"stanford_cars": 7.0, "fgvc_aircraft": 6.0, "sun397": 6.0, "dtd": 6.0, "food101": 5.0,
                 "oxford_flowers": 4.0, "ucf101": 3.0, "imagenet": 0.5, "caltech101": 0.5, "oxford_pets": 0.2,
                 "eurosat": 0.01}
     for name, lam in expected.items():
-        assert float(mmrl_dataset_opts(name)[1]) == lam
+        assert mmrl_dataset_opts(name)["TRAINER.MMRL.REG_WEIGHT"] == lam
 
 
 # --------------------------------------------------------------------------- MMRL* (d_r 32) under the protocols
@@ -335,20 +340,9 @@ def test_train_py_applies_published_per_dataset_values_before_user_opts(dataset,
 
     node = cfg_for()
     assert (node.REG_WEIGHT, node.REP_DIM) == (pytest.approx(reg_weight), rep_dim)
-    assert "MMRL per-dataset defaults for" in capsys.readouterr().out
+    assert "MMRL dataset overrides for" in capsys.readouterr().out
     node = cfg_for("TRAINER.MMRL.REG_WEIGHT", "3.0", "TRAINER.MMRL.REP_DIM", "64")
     assert (node.REG_WEIGHT, node.REP_DIM) == (3.0, 64)
-
-
-def test_mmrl_dataset_opts_cli_has_no_light_switch(capsys):
-    from trainers.mmrl import _main
-
-    assert _main(["eurosat"]) == 0
-    assert capsys.readouterr().out.split() == ["TRAINER.MMRL.REG_WEIGHT", "0.01", "TRAINER.MMRL.REP_DIM", "2048"]
-    with pytest.raises(SystemExit):  # MMRL* needs no switch: EuroSAT keeps d_r 2048 under it too
-        _main(["eurosat", "--light"])
-    with pytest.raises(TypeError):
-        mmrl_dataset_opts("eurosat", "base2new", True)  # config_dir is keyword-only: no silent old call
 
 
 def test_light_config_has_an_imagenet_variant_picked_by_resolve_config():
@@ -406,14 +400,14 @@ def _run(args_list):
 
 
 def test_end_to_end_base_to_new_on_synthetic_dtd(tmp_path):
-    synthetic = pytest.importorskip("restore.data.synthetic", reason="restore.data.synthetic not available")
+    synthetic = pytest.importorskip("restore.datasets.synthetic", reason="restore.datasets.synthetic not available")
     root = str(tmp_path / "data")
     synthetic.make_synthetic("dtd", root, num_classes=4, images_per_class=6)
     common = ["--root", root, "--trainer", "MMRL", "--seed", "1",
               "--dataset-config-file", osp.join(ROOT, "configs/datasets/dtd.yaml"),
               "--config-file", osp.join(ROOT, "configs/trainers/MMRL/vit_b16_base2new.yaml")]
     opts = ["MODEL.BACKBONE.NAME", "tiny", "DATASET.NUM_SHOTS", "2", "DATALOADER.NUM_WORKERS", "0",
-            "OPTIM.MAX_EPOCH", "1", "DATALOADER.TRAIN_X.BATCH_SIZE", "2", *mmrl_dataset_opts("dtd")]
+            "OPTIM.MAX_EPOCH", "1", "DATALOADER.TRAIN_X.BATCH_SIZE", "2"]
     train_dir = str(tmp_path / "base")
     assert _run([*common, "--output-dir", train_dir, *opts, "DATASET.SUBSAMPLE_CLASSES", "base"]) == 0
     ckpt = osp.join(train_dir, "MultiModalRepresentationLearner", "model.pth.tar-1")

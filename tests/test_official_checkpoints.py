@@ -147,7 +147,7 @@ def test_released_maple_folder_evaluates_through_train_py_like_our_own_checkpoin
     """``--model-dir`` pointing at an official MaPLe output folder (a Dassl file holding pickled
     scheduler and optimizer objects, loaded without full unpickling) gives the same test accuracy
     as the same prompts saved by this library."""
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     data = tmp_path / "data"
     make_synthetic("dtd", str(data), num_classes=4, images_per_class=6)

@@ -28,7 +28,7 @@ OPTS = ["MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPO
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> str:
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     root = str(tmp_path_factory.mktemp("data"))
     make_synthetic("dtd", root, num_classes=4, images_per_class=6)

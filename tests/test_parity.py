@@ -29,7 +29,7 @@ def _runs() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def parity_env(tmp_path_factory):
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
     from restore.official import write_parity_clip
 
     base = tmp_path_factory.mktemp("parity")

@@ -1,4 +1,4 @@
-"""``python -m restore.data.prepare``: downloads from a loopback HTTP server only (no network).
+"""``python -m restore.datasets.prepare``: downloads from a loopback HTTP server only (no network).
 
 Cut-short downloads, wrong checksums and archives that fail to extract; reuse of verified archives;
 torchvision's recorded MD5s; one-sentence errors for bad command-line input.
@@ -20,8 +20,8 @@ import zipfile
 import pytest
 
 import datasets  # noqa: F401  (registers the loaders)
-from restore.data import prepare as P
-from restore.data.synthetic import make_synthetic
+from restore.datasets import prepare as P
+from restore.datasets.synthetic import make_synthetic
 from restore.engine.config import get_cfg_default
 from restore.engine.data import DataManager
 

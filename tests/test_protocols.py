@@ -28,7 +28,7 @@ import pytest
 from restore.evaluation.metrics import harmonic_mean, mean_std
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-synthetic = pytest.importorskip("restore.data.synthetic", reason="restore.data.synthetic (synthetic datasets) missing")
+synthetic = pytest.importorskip("restore.datasets.synthetic", reason="restore.datasets.synthetic (synthetic datasets) missing")
 
 OPTS = ["MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0", "DATALOADER.NUM_WORKERS",
         "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DATALOADER.TEST.BATCH_SIZE", "50"]
@@ -66,15 +66,18 @@ def _results(path: str) -> dict:
 # --------------------------------------------------------------------------- mapping (no training)
 def test_trainer_mapping_and_config_resolution(tmp_path):
     from restore import protocols as P
+    from restore.methods import list_methods
 
-    assert set(P.TRAINERS) >= {"restore", "mmrl", "craft", "coop", "cocoop", "ivlp", "vpt", "maple", "promptsrc",
+    P.get_spec("coop")  # loads the plugins
+    methods = {s.key: s for s in list_methods()}
+    assert set(methods) >= {"restore", "mmrl", "craft", "coop", "cocoop", "ivlp", "vpt", "maple", "promptsrc",
                                "kgcoop", "zsclip"}
     assert P.get_spec("CoOp").trainer == "CoOp" and P.get_spec("clip").trainer == "ZeroshotCLIP"
-    assert P.get_spec("craft").trainer == "MaPLe" and P.get_spec("craft").label == "MaPLe+Craft"
+    assert P.get_spec("craft").trainer == "MaPLe" and P.get_spec("craft").display == "MaPLe+Craft"
     with pytest.raises(P.ProtocolError, match="Unknown trainer"):
         P.get_spec("nope")
     # every default config file exists (other helpers write them; this keeps the mapping honest)
-    for key, spec in P.TRAINERS.items():
+    for key, spec in methods.items():
         for protocol in ("base2new", "xd", "fewshot"):
             path, name = P.resolve_config(spec, protocol, "dtd")
             assert osp.isfile(path) and path.endswith(name + ".yaml"), (key, protocol)
@@ -92,7 +95,7 @@ def test_trainer_mapping_and_config_resolution(tmp_path):
         P.resolve_config(P.get_spec("coop"), "base2new", "dtd", cfg="does_not_exist")
 
 
-def test_dry_run_commands_and_dataset_opts_hook(capsys, tmp_path):
+def test_dry_run_commands(capsys, tmp_path):
     from restore import protocols as P
 
     rc = P.main(["run-all", "base2new", "coop", "--datasets", "dtd", "--seeds", "1", "--dry-run",
@@ -105,16 +108,10 @@ def test_dry_run_commands_and_dataset_opts_hook(capsys, tmp_path):
     assert "DATASET.SUBSAMPLE_CLASSES base" in train and "PROTOCOL base2new" in train
     assert "--eval-only --model-dir out/base2new/train_base/dtd/shots_16/CoOp/" in test
     assert "DATASET.SUBSAMPLE_CLASSES new" in test and "out/base2new/test_new/dtd/" in test
-    # a method's per-dataset hook (RESTORE: restore_dataset_opts) lands before the user's opts
-    from restore.engine.registry import TRAINER_REGISTRY
-
-    P.trainer_class(P.get_spec("coop"))  # imports trainers/
-    if "RESTORE" in TRAINER_REGISTRY.registered_names():
-        opts = P.dataset_opts(P.get_spec("restore"), "dtd", "base2new")
-        assert opts, "RESTORE provides per-dataset options for DTD"
-        step = P.base2new_train(P.Context(data=str(tmp_path), output="out", opts=["X", "1"]), "restore", "dtd", 1)
-        argv = step.train_argv(resolve_epoch=False)
-        assert argv[-2:] == ["X", "1"] and " ".join(opts) in " ".join(argv)
+    # a method's dataset overrides are not in the command (the launcher applies them, once, as values)
+    step = P.base2new_train(P.Context(data=str(tmp_path), output="out", opts=["X", "1"]), "restore", "dtd", 1)
+    argv = step.train_argv(resolve_epoch=False)
+    assert argv[-2:] == ["X", "1"] and "TRAINER.RESTORE.VISION_RATIO" not in argv
     # few-shot and dg folders
     ctx = P.Context(data=str(tmp_path), output="out")
     assert "out/fewshot/train/eurosat/shots_4/CoOp/" in P.fewshot_train(ctx, "coop", "eurosat", 4, 2).output_dir
@@ -691,7 +688,7 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 300
 
 
 def _train_children(pid: int) -> list[int]:
-    """The ``train.py`` processes whose parent is ``pid`` (read from /proc, no psutil)."""
+    """The launcher processes (``python -m restore.launch``) whose parent is ``pid`` (read from /proc, no psutil)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -703,7 +700,7 @@ def _train_children(pid: int) -> list[int]:
                 cmdline = f.read()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == pid and b"train.py" in cmdline:
+        if ppid == pid and (b"train.py" in cmdline or b"restore.launch" in cmdline):
             found.append(int(entry))
     return found
 

@@ -16,7 +16,7 @@ from restore.analysis.feature_shift import observe_shift, relative_block_shift
 from restore.engine.config import extend_cfg, get_cfg_default
 from restore.prompting.trainer import PromptOutput
 from trainers.restore_trainer import (RestoreMaPLeModel, RestorePromptSRCModel, SurgeryAdapter, gram_norms,
-                                      restore_dataset_opts, restore_num_params)
+                                      restore_num_params)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["banded", "blotchy", "braided_rope"]
@@ -402,14 +402,33 @@ def test_train_py_applies_per_dataset_settings_before_user_opts():
     assert node_for("TRAINER.RESTORE.FS_WEIGHT", "1.0").FS_WEIGHT == 1.0
 
 
-def test_dataset_opts():
-    assert restore_dataset_opts("dtd") == ["TRAINER.RESTORE.VISION_RATIO", "0.15", "TRAINER.RESTORE.TEXT_RATIO", "0.1",
-                                           "TRAINER.RESTORE.FS_WEIGHT", "0.5"]
-    assert restore_dataset_opts("OxfordPets")[:2] == ["TRAINER.RESTORE.VISION_RATIO", "0.01"]
-    assert restore_dataset_opts("dtd", protocol="cross_dataset") == []
-    assert restore_dataset_opts("imagenet", protocol="cross_dataset")[1] == "0.05"
-    with pytest.raises(ValueError):
-        restore_dataset_opts("mnist")
+def test_dataset_overrides_are_typed_values():
+    from restore.methods import dataset_overrides, get_method
+
+    spec = get_method("restore")
+    assert dataset_overrides(spec, "dtd") == {"TRAINER.RESTORE.VISION_RATIO": 0.15, "TRAINER.RESTORE.TEXT_RATIO": 0.1,
+                                              "TRAINER.RESTORE.FS_WEIGHT": 0.5}
+    assert dataset_overrides(spec, "OxfordPets")["TRAINER.RESTORE.VISION_RATIO"] == 0.01
+    assert dataset_overrides(spec, "dtd", "cross_dataset") == {}
+    assert dataset_overrides(spec, "imagenet", "cross_dataset")["TRAINER.RESTORE.TEXT_RATIO"] == 0.05
+    assert dataset_overrides(spec, "mnist") == {}
+
+
+def test_variant_yaml_pins_a_value_against_the_dataset_overrides():
+    """The IVLP analysis YAML pins FS_WEIGHT (1.0, the official analysis) on DTD, whose override is 0.5; the
+    ratios it does not pin still come from the overrides, and the command line still wins."""
+    from train import build_parser, setup_cfg
+
+    def node_for(*opts):
+        args = build_parser().parse_args([
+            "--trainer", "RESTORE", "--dataset-config-file", os.path.join(ROOT, "configs/datasets/dtd.yaml"),
+            "--config-file", os.path.join(ROOT, "configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2+2ctx_ivlp.yaml"),
+            *opts])
+        return setup_cfg(args).TRAINER.RESTORE
+
+    n = node_for()
+    assert (n.FS_WEIGHT, n.VISION_RATIO) == (1.0, 0.15)
+    assert node_for("TRAINER.RESTORE.FS_WEIGHT", "0.25").FS_WEIGHT == 0.25
 
 
 # ------------------------------------------------------------------ whole runs and the analysis command
@@ -419,7 +438,7 @@ def test_dataset_opts():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """RESTORE (proxy shift) and RESTORE (paper shift): 2 epochs on base classes, then eval on new classes."""
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     base = tmp_path_factory.mktemp("restore_runs")
     make_synthetic("dtd", str(base / "data"), num_classes=4, images_per_class=6)
@@ -431,7 +450,7 @@ def runs(tmp_path_factory):
             return ["--root", str(base / "data"), "--seed", "1", "--trainer", "RESTORE",
                     "--dataset-config-file", os.path.join(ROOT, "configs/datasets/dtd.yaml"),
                     "--config-file", os.path.join(ROOT, "configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml"),
-                    "--output-dir", str(out_dir), *flags, *restore_dataset_opts("dtd"),
+                    "--output-dir", str(out_dir), *flags,
                     "MODEL.BACKBONE.NAME", "tiny", "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "2",
                     "DATALOADER.NUM_WORKERS", "0", "DATASET.NUM_SHOTS", "2", "DATASET.SUBSAMPLE_CLASSES", split,
                     "DATASET.CACHE_DIR", str(base / "cache"), *extra]
@@ -481,7 +500,7 @@ def test_analysis_command_writes_csv_and_png(runs, tmp_path, capsys):
 def test_official_quirk_switches(tmp_path):
     """RATIO_UPDATE_AFTER_EVAL: with per-epoch validation (best_val) the official code never updates the
     ratios; RESUME_RECAPTURE_REFS: a resumed run re-captures the shift references from its prompts."""
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
     from restore.parity import RunKilled, killed_after_epoch
 
     make_synthetic("dtd", str(tmp_path / "data"), num_classes=4, images_per_class=6)
@@ -490,7 +509,7 @@ def test_official_quirk_switches(tmp_path):
         return ["--root", str(tmp_path / "data"), "--seed", "1", "--trainer", "RESTORE",
                 "--dataset-config-file", os.path.join(ROOT, "configs/datasets/dtd.yaml"),
                 "--config-file", os.path.join(ROOT, "configs/trainers/RESTORE/vit_b16_c2_ep10_batch4_2ctx.yaml"),
-                "--output-dir", str(out_dir), *restore_dataset_opts("dtd"), "MODEL.BACKBONE.NAME", "tiny",
+                "--output-dir", str(out_dir), "MODEL.BACKBONE.NAME", "tiny",
                 "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "2", "DATALOADER.NUM_WORKERS", "0",
                 "DATASET.NUM_SHOTS", "2", "DATASET.CACHE_DIR", str(tmp_path / "cache"), *extra]
 

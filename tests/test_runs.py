@@ -53,7 +53,7 @@ TRAINER:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     base = tmp_path_factory.mktemp("runs")
     make_synthetic("dtd", str(base / "data"))

@@ -70,7 +70,7 @@ class Payload:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A synthetic DTD and a genuine one-epoch CoOp output folder (real weights to hide payloads in)."""
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
 
     base = tmp_path_factory.mktemp("security")
     make_synthetic("dtd", str(base / "data"), num_classes=4, images_per_class=4)
@@ -331,7 +331,7 @@ def test_fewshot_cache_is_refused_or_called_corrupted(env, tmp_path, kind):
 
 def test_imagenet_preprocessed_pkl_is_refused(tmp_path):
     import datasets  # noqa: F401  registers the loaders
-    from restore.data.synthetic import make_synthetic
+    from restore.datasets.synthetic import make_synthetic
     from restore.engine.config import get_cfg_default
     from restore.engine.registry import DATASET_REGISTRY
 
@@ -352,7 +352,7 @@ def test_imagenet_preprocessed_pkl_is_refused(tmp_path):
 
 @pytest.mark.parametrize("kind", ["hostile", "truncated"])
 def test_craft_anchor_file_is_refused_or_called_corrupted(tmp_path, kind):
-    from restore.craft.anchors import load_anchors
+    from trainers.craft.anchors import load_anchors
 
     marker, path = tmp_path / "MARKER", tmp_path / "anchors.pt"
     torch.save({"version": 1, "anchors": torch.zeros(2, 4), "note": Payload(str(marker))}, path)

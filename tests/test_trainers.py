@@ -264,7 +264,7 @@ def test_resnet_backbone_runs_text_prompt_methods_and_refuses_visual_prompts(nam
     if name not in RESNET_TRAINERS:
         with pytest.raises(ValueError, match="ResNet") as err:
             build_model(name, tiny_rn_clip, BASE_CLASSES)
-        assert "ViT-B/16" in str(err.value) and "CoOp" in str(err.value)
+        assert "ViT-B/16" in str(err.value) and "text side" in str(err.value)
         return
     _check_resnet_training_step(build_model(name, tiny_rn_clip, BASE_CLASSES), rn_images)
 
@@ -279,7 +279,7 @@ def test_language_only_ivlp_runs_on_a_resnet(tiny_rn_clip, rn_images):
 def test_resnet_in_the_bf16_working_precision_keeps_batchnorm_fp32(name, tiny_rn_clip, rn_images):
     """The GPU path of PREC bf16 (frozen CLIP cast, autocast), emulated on CPU: convolutions run in
     bf16, BatchNorm keeps fp32 statistics that training never touches, and logits stay close to fp32."""
-    from restore.benchmark import _batch, _train_step, build_bench_trainer, synthetic_classnames
+    from restore.speed import _batch, _train_step, build_bench_trainer, synthetic_classnames
 
     device = torch.device("cpu")
     reference = build_bench_trainer(name, tiny_rn_clip, synthetic_classnames(5), device, "fp32")

@@ -1,16 +1,20 @@
-"""Registered trainers; importing this package registers every method.
+"""This distribution's methods (installed as ``restore_plugins.trainers``).
 
-MMRL and RESTORE are registered by name and imported on first lookup: their modules also run as
-``python -m trainers.mmrl`` / ``python -m trainers.restore_trainer``, which must not find them imported.
+Importing one method module (``trainers.restore_trainer``) registers that method only, so a host
+codebase with its own ``MaPLe`` or ``IVLP`` keeps them; :func:`register_all` (the entry point that
+:func:`restore.methods.load_plugins` calls) registers every method.
 """
 
-from restore.engine.registry import TRAINER_REGISTRY
+import importlib
 
-from . import cocoop, coop, ivlp, kgcoop, maple  # noqa: F401
+METHOD_MODULES = ("coop", "cocoop", "ivlp", "vpt", "maple", "promptsrc", "kgcoop", "zsclip", "mmrl", "restore_trainer",
+                  "craft")
 
-TRAINER_REGISTRY.register_lazy("MMRL", "trainers.mmrl")
-from . import promptsrc, vpt, zsclip  # noqa: F401
-import restore.craft  # noqa: F401,E402  registers TRAINER.CRAFT and the Craft regularizer
 
-# (module name avoids shadowing the top-level restore package)
-TRAINER_REGISTRY.register_lazy("RESTORE", "trainers.restore_trainer")
+def register_all() -> None:
+    """Import and register every method of this package (idempotent)."""
+    from restore.methods import register_deferred
+
+    for name in METHOD_MODULES:
+        importlib.import_module(f"{__name__}.{name}")
+    register_deferred(__name__)  # methods first imported as another method's dependency (MaPLe, by RESTORE)

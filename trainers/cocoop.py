@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.official import OfficialRun
 from restore.prompting.context import TextContext
 from restore.prompting.deep import text_width
@@ -28,7 +28,7 @@ class CoCoOpPromptLearner(nn.Module):
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx: int, ctx_init: str) -> None:
         super().__init__()
-        self.context = TextContext(clip_model, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_mode="coop")
+        self.context = TextContext(clip_model, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_mode="all_words")
         if self.context.ctx is None:
             raise ValueError("CoCoOp needs N_CTX >= 1 (or a non-empty CTX_INIT)")
         vis_dim = clip_model.visual.output_dim
@@ -78,7 +78,6 @@ class CoCoOpModel(PromptModel):
         return PromptOutput(torch.stack(logits), image_features, None, {"text_features_per_image": torch.stack(texts)})
 
 
-@TRAINER_REGISTRY.register()
 class CoCoOp(PromptTrainer):
     """Conditional Context Optimization."""
 
@@ -95,3 +94,6 @@ OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="CoCoOp",
                        config="configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml", ours="CoCoOp",
                        our_config="configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml",
                        opts=("TRAINER.COCOOP.PREC", "fp32"), keys=CoCoOpModel.official_keys)
+
+
+SPEC = register_method(MethodSpec("cocoop", "CoCoOp", configs={"base2new": ("CoCoOp/vit_b16_c4_ep10_batch1_ctxv1",)}), CoCoOp)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.official import OfficialRun
 from restore.prompting.context import TextContext
 from restore.prompting.trainer import PromptModel, PromptTrainer
@@ -29,14 +29,13 @@ class CoOpModel(PromptModel):
     def __init__(self, clip_model: CLIP, classnames: list[str], method_cfg: Any) -> None:
         super().__init__(clip_model, classnames)
         self.prompt_learner = TextContext(
-            clip_model, classnames, n_ctx=method_cfg.N_CTX, ctx_init=method_cfg.CTX_INIT, init_mode="coop",
+            clip_model, classnames, n_ctx=method_cfg.N_CTX, ctx_init=method_cfg.CTX_INIT, init_mode="all_words",
             class_specific=method_cfg.CSC, class_token_position=method_cfg.CLASS_TOKEN_POSITION)
 
     def encode_text(self) -> torch.Tensor:
         return self.text_encoder(self.prompt_learner(), self.prompt_learner.eot_index).features
 
 
-@TRAINER_REGISTRY.register()
 class CoOp(PromptTrainer):
     """Context Optimization."""
 
@@ -52,3 +51,10 @@ class CoOp(PromptTrainer):
 OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="CoOp", config="configs/trainers/CoOp/vit_b32.yaml",
                        ours="CoOp", our_config="configs/trainers/CoOp/vit_b32.yaml",
                        opts=("TRAINER.COOP.PREC", "fp32"), keys=CoOpModel.official_keys)
+
+
+SPEC = register_method(MethodSpec("coop", "CoOp", configs={
+    "base2new": ("CoOp/vit_b16_ep50_ctxv1",),
+    "xd": ("CoOp/vit_b16_ep50_ctxv1",),
+    "fewshot": ("CoOp/vit_b16_ep50",),
+}, extras={"benchmark_reference": True}), CoOp)

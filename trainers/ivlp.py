@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from restore.clip.model import CLIP
+from restore.methods import MethodSpec, register_method
 from restore.clip.replay import BuildPrompts
-from restore.engine.registry import TRAINER_REGISTRY
 from restore.official import OfficialRun
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput
@@ -129,7 +129,6 @@ def build_draws(trainer: PromptTrainer) -> dict[str, list[torch.Tensor]] | None:
     return draws[0] if draws else None
 
 
-@TRAINER_REGISTRY.register()
 class IVLP(PromptTrainer):
     """Independent Vision-Language Prompting (both towers, or one of them via config)."""
 
@@ -137,7 +136,8 @@ class IVLP(PromptTrainer):
     default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "N_CTX_TEXT": 2, "CTX_INIT": "a photo of a", "PREC": "auto",
                                    "PROMPT_DEPTH_VISION": 9, "PROMPT_DEPTH_TEXT": 9}
 
-    official_builds = staticmethod(ivlp_builds)
+    def official_builds(self) -> list[BuildPrompts]:
+        return ivlp_builds(self.method_cfg)
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return IVLPModel(clip_model, classnames, self.method_cfg, initial=build_draws(self))
@@ -158,11 +158,15 @@ OFFICIAL_VARIANTS = {
         config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_language_only.yaml", ours="IVLP",
         our_config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_language_only.yaml",
         opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.PROMPT_DEPTH_TEXT", "3"), keys=IVLP_OFFICIAL_KEYS),
-    "vision-only": OfficialRun(  # the official code has no usable vision-only yaml: its 2+2 yaml with our values
-        repo="muzairkhattak/multimodal-prompt-learning", trainer="IVLP",
-        config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml", ours="IVLP",
+    "vision-only": OfficialRun(  # the official IVLP refuses a text depth of 0 ("use VPT"): its VPT trainer
+        repo="muzairkhattak/multimodal-prompt-learning", trainer="VPT",
+        config="configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml", ours="IVLP",
         our_config="configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_vision_only.yaml",
-        opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.N_CTX_VISION", "4", "TRAINER.IVLP.N_CTX_TEXT", "0",
-              "TRAINER.IVLP.PROMPT_DEPTH_VISION", "3", "TRAINER.IVLP.PROMPT_DEPTH_TEXT", "0", "OPTIM.LR", "0.0025"),
-        keys=IVLP_OFFICIAL_KEYS),
+        opts=("OPTIM.LR", "0.0025"),
+        official_opts=("TRAINER.VPT.PREC", "fp32", "TRAINER.VPT.N_CTX_VISION", "4", "TRAINER.VPT.PROMPT_DEPTH_VISION", "3"),
+        our_opts=("TRAINER.IVLP.PREC", "fp32", "TRAINER.IVLP.PROMPT_DEPTH_VISION", "3"), keys=IVLP_OFFICIAL_KEYS),
 }
+
+
+SPEC = register_method(MethodSpec("ivlp", "IVLP", aliases=("independentvl",),
+                  configs={"base2new": ("IVLP/vit_b16_c2_ep5_batch4_2+2ctx",)}), IVLP)

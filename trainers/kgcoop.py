@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
+from restore.datasets.templates import CUSTOM_TEMPLATES, dataset_template
+from restore.methods import MethodSpec, register_method
 from restore.clip.replay import replay_openai_build
-from restore.data.templates import CUSTOM_TEMPLATES, dataset_template
-from restore.engine.registry import TRAINER_REGISTRY
 from restore.official import OfficialRun
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
@@ -69,7 +69,6 @@ class KgCoOpModel(CoOpModel):
         return loss, {"loss": loss.item(), "loss_ce": ce.item(), "loss_kg": kg.item()}
 
 
-@TRAINER_REGISTRY.register()
 class KgCoOp(PromptTrainer):
     """Knowledge-guided Context Optimization."""
 
@@ -102,3 +101,6 @@ OFFICIAL = OfficialRun(repo="htyao89/KgCoOp", trainer="KgCoOp", config="configs/
                        ours="KgCoOp", our_config="configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml",
                        official_opts=("TRAINER.COOP.N_CTX", "4", "TRAINER.COOP.W", "8.0", "TRAINER.COOP.PREC", "fp32"),
                        our_opts=("TRAINER.KGCOOP.PREC", "fp32"), keys=KgCoOpModel.official_keys)
+
+
+SPEC = register_method(MethodSpec("kgcoop", "KgCoOp", configs={"base2new": ("KgCoOp/vit_b16_ep100_ctxv1",)}), KgCoOp)

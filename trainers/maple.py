@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.official import OfficialRun
 from restore.prompting.deep import CoupledPrompts
 from restore.prompting.encoders import DeepTokens
@@ -59,7 +59,6 @@ class MaPLeModel(DeepPromptModel):
         return self.prompt_learner.vision_deep(self.deep_vision_tokens())
 
 
-@TRAINER_REGISTRY.register()
 class MaPLe(PromptTrainer):
     """Multi-modal Prompt Learning."""
 
@@ -78,3 +77,14 @@ OFFICIAL = OfficialRun(repo="muzairkhattak/multimodal-prompt-learning", trainer=
                        our_config="configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml",
                        opts=("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "3"),
                        keys=MaPLeModel.official_keys)
+
+
+SPEC = register_method(MethodSpec("maple", "MaPLe", configs={
+    "base2new": ("MaPLe/vit_b16_c2_ep5_batch4_2ctx",),
+    "xd": ("MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets",),
+}, published_by_config={
+    # at RESTORE's schedule (10 epochs): like-for-like with the RESTORE paper's re-run MaPLe row
+    "vit_b16_c2_ep10_batch4_2ctx": "MaPLe",
+    # MaPLe's official schedule (5 epochs): MaPLe's own published numbers
+    "vit_b16_c2_ep5_batch4_2ctx": "MaPLe (MaPLe paper)",
+}), MaPLe)

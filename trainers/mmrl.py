@@ -21,18 +21,17 @@ Method (see shared/reference/mmrl.md for the full specification):
   code; ``MIX probs`` mixes probabilities as the paper writes), new classes and new datasets use
   ``z_c`` only. The rule is :func:`resolve_inference` (PROTOCOL x SUBSAMPLE_CLASSES x INFERENCE).
 
-Per-dataset lambda / d_r live in ``configs/trainers/MMRL/datasets/<dataset>.yaml``;
-:func:`mmrl_dataset_opts` turns one into ``opts``; ``train.py`` merges them (``MMRL.dataset_defaults``)
-after the config files and before the command-line opts, as the official train.py, so an explicit
-option still wins. MMRL* (d_r 32) uses the same opts: EuroSAT keeps d_r 2048, as in the paper's d_r
-ablation.
+Per-dataset lambda / d_r: the method's dataset overrides
+(``configs/trainers/MMRL/dataset_overrides/base2new.yaml``, also used for few-shot), applied by the
+launcher after the config files and before the command-line opts, as the official train.py, so an
+explicit option still wins. MMRL* (d_r 32) uses the same values: EuroSAT keeps d_r 2048, as in the
+paper's d_r ablation.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os.path as osp
 from typing import Any, Sequence
 
 import torch
@@ -42,15 +41,14 @@ from torch import nn
 from restore.clip.model import CLIP
 from restore.clip.replay import BuildPrompts
 from restore.clip.tokenizer import tokenize
-from restore.engine.config import per_dataset_opts
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.official import OfficialRun
 from restore.prompting.context import clean_classname, encode_fixed_prompts
 from restore.prompting.encoders import DeepTokens, EncoderOutput, LayerObserver
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
 __all__ = ["MMRL", "MMRLModel", "RepresentationLearner", "mmrl_loss", "mix_logits", "resolve_inference",
-           "rep_layer_span", "mmrl_dataset_opts", "PROTOCOLS", "INFERENCE_MODES", "MIX_MODES"]
+           "rep_layer_span", "SPEC", "PROTOCOLS", "INFERENCE_MODES", "MIX_MODES"]
 
 PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization", "few_shot")
 INFERENCE_MODES = ("auto", "class", "mixed")
@@ -59,8 +57,6 @@ MIX_MODES = ("logits", "probs")
 LOGIT_SCALE = 100.0
 REP_TOKENS = "rep_tokens"
 
-_REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DATASET_CONFIG_DIR = osp.join(_REPO_ROOT, "configs", "trainers", "MMRL", "datasets")
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,35 +287,6 @@ class MMRLModel(PromptModel):
 
 
 # --------------------------------------------------------------------------------------------
-# Per-dataset overrides (YAML) -> opts
-# --------------------------------------------------------------------------------------------
-def mmrl_dataset_opts(dataset: str, protocol: str = "base2new", *, config_dir: str | None = None) -> list[str]:
-    """Per-dataset MMRL overrides as ``train.py`` opts, e.g. ``["TRAINER.MMRL.REG_WEIGHT", "6.0"]``.
-
-    ``dataset``: a configs/datasets stem ("dtd") or a DATASET.NAME ("DescribableTextures").
-    Read from ``configs/trainers/MMRL/datasets/<stem>.yaml`` (published lambda per dataset, d_r 2048
-    for EuroSAT); a known dataset without such a file gives ``[]``. For ``cross_dataset`` and
-    ``domain_generalization`` nothing is returned: the protocol's yaml fixes lambda (0.2) and d_r
-    (512, so that every target loads the ImageNet weights).
-
-    The same opts serve MMRL and MMRL* (``vit_b16_base2new_light``, d_r 32): EuroSAT keeps d_r 2048
-    under both, as in the paper ("in the d_r ablation experiments we fix d_r for EuroSAT to 2048
-    while adjusting d_r on the other datasets"; MMRL* is the d_r = 32 row of that ablation), and
-    every other dataset keeps the config's d_r. Pass these opts *after* the config file and
-    *before* your own opts so that yours win.
-
-    ``train.py`` applies them itself (``MMRL.dataset_defaults``); ``python -m trainers.mmrl
-    <dataset>`` prints them, for a CoOp-style codebase whose train.py does not.
-    """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    _, opts = per_dataset_opts(config_dir or DATASET_CONFIG_DIR, dataset, "MMRL")
-    if protocol in ("cross_dataset", "domain_generalization"):
-        return []
-    return opts
-
-
-# --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
 class MMRL(PromptTrainer):
@@ -332,8 +299,6 @@ class MMRL(PromptTrainer):
     """
 
     model_name = "MultiModalRepresentationLearner"
-    #: the official code builds CLIP twice (MMRL's, then the zero-shot one); each build draws proj_rep
-    official_builds = staticmethod(lambda node: [BuildPrompts(vision_proj_extra=True)] * 2)
     default_cfg: dict[str, Any] = {
         "ALPHA": 0.7,
         "REG_WEIGHT": 1.0,
@@ -345,9 +310,6 @@ class MMRL(PromptTrainer):
         "INFERENCE": "auto",
         "MIX": "logits",
     }
-
-    # the published per-dataset lambda / d_r, merged by train.py as the official train.py does
-    dataset_opts_hook = staticmethod(mmrl_dataset_opts)
 
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)
@@ -362,8 +324,12 @@ class MMRL(PromptTrainer):
         if not 0.0 <= node.ALPHA <= 1.0:
             raise ValueError(f"TRAINER.MMRL.ALPHA must be in [0, 1], got {node.ALPHA}")
 
+    def official_builds(self) -> list[BuildPrompts]:
+        """The official code builds CLIP twice (MMRL's, then the zero-shot one); each build draws proj_rep."""
+        return [BuildPrompts(vision_proj_extra=True)] * 2
+
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
-        from restore.data.templates import dataset_template
+        from restore.datasets.templates import dataset_template
 
         node = self.method_cfg
         template = node.TEMPLATE or dataset_template(cfg.DATASET.NAME)
@@ -414,26 +380,24 @@ class MMRL(PromptTrainer):
         self._checkpoint_dataset = checkpoint.get("dataset")
 
 
-if __name__ != "__main__":  # under ``python -m trainers.mmrl`` only the imported module registers
-    TRAINER_REGISTRY.register(MMRL)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trainers.mmrl dtd [--protocol base2new]`` prints the per-dataset opts (MMRL and MMRL*)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Print MMRL's per-dataset config opts for train.py (the same for MMRL and MMRL*: "
-                    "EuroSAT keeps d_r 2048, as in the paper's d_r ablation)")
-    parser.add_argument("dataset")
-    parser.add_argument("--protocol", default="base2new", choices=PROTOCOLS)
-    args = parser.parse_args(argv)
-    print(" ".join(mmrl_dataset_opts(args.dataset, args.protocol)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
+SPEC = register_method(MethodSpec(
+    "mmrl", "MMRL",
+    published_by_config={"vit_b16_base2new_light": "MMRL*"},  # d_r 32: MMRL paper Tab. 4 / Tab. 6
+    configs={
+        "base2new": ("MMRL/vit_b16_base2new",),
+        "base2new:imagenet": ("MMRL/vit_b16_base2new_imagenet",),
+        "xd": ("MMRL/vit_b16_cross_dataset",),
+        "dg": ("MMRL/vit_b16_domain_generalization",),
+        "fewshot": ("MMRL/vit_b16_few_shot",),
+        "fewshot:imagenet": ("MMRL/vit_b16_few_shot_imagenet",),
+        # CFG=<name> on ImageNet: its own file (batch 32, 5 epochs), as without CFG
+        "vit_b16_base2new:imagenet": ("MMRL/vit_b16_base2new_imagenet",),
+        "vit_b16_base2new_light:imagenet": ("MMRL/vit_b16_base2new_light_imagenet",),  # MMRL*
+        "vit_b16_few_shot:imagenet": ("MMRL/vit_b16_few_shot_imagenet",),
+    },
+    dataset_overrides={"base2new": "MMRL/dataset_overrides/base2new.yaml",
+                       "few_shot": "MMRL/dataset_overrides/base2new.yaml"},
+), MMRL)
 
 
 #: The official code for parity runs (python -m restore.parity): fp32, REP_LAYERS 2..3 (the parity CLIP has

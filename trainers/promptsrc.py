@@ -22,7 +22,7 @@ Reuse from other trainers (RESTORE's PromptSRC variant):
   buffers of ``model.gpa``, so it is checkpointed every epoch and training resumes exactly.
 
 Teacher templates: :data:`TEACHER_TEMPLATES` is the official 60-template ensemble (the first 60
-of CLIP's 80 ImageNet prompt-engineering templates, ``restore.data.templates``), averaged as the
+of CLIP's 80 ImageNet prompt-engineering templates, ``restore.datasets.templates``), averaged as the
 official code does: the raw text features' mean over templates, normalised once (not CLIP's
 normalise-then-average ensembling); computed once per run.
 Differences from the official code, on purpose: GPA aggregates only learnable tensors (not the
@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore.clip.model import CLIP
-from restore.clip.replay import replay_openai_build
-from restore.data.templates import CLIP_IMAGENET_TEMPLATES_60
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.datasets.templates import CLIP_IMAGENET_TEMPLATES_60
+from restore.methods import MethodSpec, register_method
+from restore.clip.replay import BuildPrompts, replay_openai_build
 from restore.official import OfficialRun
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
@@ -222,7 +222,6 @@ class PromptSRCModel(IVLPModel):
         return promptsrc_loss(output, label, self.frozen_teacher_text, self.text_loss_weight, self.image_loss_weight)
 
 
-@TRAINER_REGISTRY.register()
 class PromptSRC(PromptTrainer):
     """Self-regulating prompts with Gaussian prompt aggregation."""
 
@@ -237,8 +236,9 @@ class PromptSRC(PromptTrainer):
         """The model without GPA (subclasses return their own PromptSRCModel subclass)."""
         return PromptSRCModel(clip_model, classnames, self.method_cfg, initial=build_draws(self))
 
-    #: the official code draws the deep prompts inside its IVLP CLIP build ...
-    official_builds = staticmethod(ivlp_builds)
+    def official_builds(self) -> list[BuildPrompts]:
+        """The official code draws the deep prompts inside its IVLP CLIP build ..."""
+        return ivlp_builds(self.method_cfg)
 
     @torch.no_grad()
     def replay_official_draws_after_model(self, clip_model: CLIP) -> None:
@@ -267,3 +267,10 @@ OFFICIAL = OfficialRun(repo="muzairkhattak/PromptSRC", trainer="PromptSRC",
                        our_config="configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
                        opts=("TRAINER.PROMPTSRC.PREC", "fp32", "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "3",
                              "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "3"), keys=PromptSRCModel.official_keys)
+
+
+SPEC = register_method(MethodSpec("promptsrc", "PromptSRC", configs={
+    "base2new": ("PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx",),
+    "xd": ("PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets",),
+    "fewshot": ("PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot",),
+}), PromptSRC)

@@ -45,16 +45,13 @@ The buffer ``ratio_updated_epoch`` records the last epoch whose update was appli
 runs before that epoch's checkpoint is written, so resuming never applies an update twice nor
 skips one.
 
-Per-dataset settings (official run lists, restore.md §3.9) live in
-``configs/trainers/RESTORE/datasets/<dataset>.yaml``; :func:`restore_dataset_opts` turns one into
-``train.py`` opts, which ``train.py`` merges itself before the command-line opts
-(``RESTORE.dataset_opts_hook``; ``python -m trainers.restore_trainer dtd`` prints them). The folder
-is found two levels above this file: a copy of the trainer elsewhere needs ``configs/`` there too.
+Per-dataset settings (official run lists): the method's dataset overrides,
+``configs/trainers/RESTORE/dataset_overrides/<protocol>.yaml``, applied by the launcher
+(:func:`restore.methods.apply_dataset_overrides`; ``python -m restore.methods --overrides dtd`` prints them).
 """
 
 from __future__ import annotations
 
-import os.path as osp
 from typing import Any, Sequence
 
 import torch
@@ -62,9 +59,8 @@ from torch import nn
 
 from restore.analysis.feature_shift import observe_shift
 from restore.clip.model import CLIP, LayerNorm, QuickGELU
-from restore.engine.config import per_dataset_opts
 from restore.engine.distributed import mean_over_ranks
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.official import OfficialRun
 from restore.prompting.trainer import PromptModel, PromptOutput, PromptTrainer
 
@@ -73,7 +69,7 @@ from .maple import MaPLeModel, maple_num_params
 from .promptsrc import PromptSRCModel, attach_gpa, gpa_end_of_epoch
 
 __all__ = ["RESTORE", "RestoreMaPLeModel", "RestorePromptSRCModel", "RestoreIVLPModel", "SurgeryAdapter", "gram_norms",
-           "restore_num_params", "adapter_num_params", "restore_dataset_opts", "benchmark_shift_modes",
+           "restore_num_params", "adapter_num_params", "SPEC", "benchmark_shift_modes",
            "SHIFT_MODES", "RATIO_SCHEDULES"]
 
 SHIFT_MODES = ("prompt", "feature")
@@ -82,8 +78,6 @@ FS_LAYER_SETS = ("deep", "prompted")
 FEATURE_NORMS = ("none", "first_step")
 BASES = ("maple", "promptsrc", "ivlp")
 
-_REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DATASET_CONFIG_DIR = osp.join(_REPO_ROOT, "configs", "trainers", "RESTORE", "datasets")
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,6 +503,20 @@ class RESTORE(PromptTrainer):
         return meta
 
 
+_OVERRIDES = "RESTORE/dataset_overrides/"
+SPEC = register_method(MethodSpec(
+    "restore", "RESTORE", published="MaPLe+RESTORE",
+    published_by_config={"vit_b16_c2_ep10_batch4_2+2ctx_ivlp": None,  # the paper's IVLP + L_fs analysis: no row
+                         "vit_b16_c2_ep10_batch4_4+4ctx_promptsrc": "PromptSRC+RESTORE"},
+    configs={"base2new": ("RESTORE/vit_b16_c2_ep10_batch4_2ctx",),
+             "xd": ("RESTORE/vit_b16_c2_ep10_batch4_2ctx_cross_datasets",)},
+    dataset_overrides={"base2new": _OVERRIDES + "base2new.yaml", "few_shot": _OVERRIDES + "base2new.yaml",
+                       "cross_dataset": _OVERRIDES + "cross_dataset.yaml",
+                       "domain_generalization": _OVERRIDES + "cross_dataset.yaml"},
+    extras={"benchmark_pair": {"baseline": "MaPLe", "variants": {"feature": {"SHIFT": "feature"}}}},
+), RESTORE)
+
+
 #: The official code for parity runs (python -m restore.parity): ``MaPLe_FSA`` of Yaphabates/RESTORE_, in fp32
 #: (its PREC is read from TRAINER.MAPLE; ``.half()`` a no-op), PROMPT_DEPTH 3 = the parity CLIP's layers,
 #: the official DTD run's ratios and lambda (run_maple_fsa.sh), which are also our DTD defaults.
@@ -520,44 +528,6 @@ OFFICIAL = OfficialRun(
     our_opts=("TRAINER.RESTORE.PREC", "fp32", "TRAINER.RESTORE.PROMPT_DEPTH", "3", "TRAINER.RESTORE.VISION_RATIO", "0.15",
               "TRAINER.RESTORE.TEXT_RATIO", "0.1", "TRAINER.RESTORE.FS_WEIGHT", "0.5"),
     keys=RestoreMaPLeModel.official_keys)
-
-
-if __name__ != "__main__":  # under ``python -m trainers.restore_trainer`` only the imported module registers
-    TRAINER_REGISTRY.register(RESTORE)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-dataset settings
-# --------------------------------------------------------------------------------------------
-
-PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization", "few_shot")
-
-
-
-
-
-
-def restore_dataset_opts(dataset: str, protocol: str = "base2new", config_dir: str | None = None) -> list[str]:
-    """Per-dataset RESTORE settings as ``train.py`` opts.
-
-    ``dataset``: a configs/datasets stem ("dtd") or DATASET.NAME ("DescribableTextures"). Reads
-    ``configs/trainers/RESTORE/datasets/<stem>.yaml`` (initial surgery ratios and lambda of the
-    official run list), e.g. ``["TRAINER.RESTORE.TEXT_RATIO", "0.1", "TRAINER.RESTORE.VISION_RATIO",
-    "0.15", "TRAINER.RESTORE.FS_WEIGHT", "0.5"]`` for DTD. A dataset without a file gives ``[]``.
-    For ``cross_dataset`` / ``domain_generalization`` only the source (ImageNet) gets settings: the
-    targets are evaluated with the ratios stored in the checkpoint. Pass these opts before your own
-    so that yours win.
-    """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    stem, opts = per_dataset_opts(config_dir or DATASET_CONFIG_DIR, dataset, "RESTORE")
-    if protocol in ("cross_dataset", "domain_generalization") and stem != "imagenet":
-        return []
-    return opts
-
-
-# train.py merges the per-dataset settings before the command-line opts, as the protocol scripts pass them
-RESTORE.dataset_opts_hook = staticmethod(restore_dataset_opts)
 
 
 def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size: int = 4, steps: int = 5,
@@ -618,15 +588,11 @@ def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trainers.restore_trainer dtd [--protocol base2new]`` prints the per-dataset opts;
-    ``python -m trainers.restore_trainer --benchmark [--arch vit_b16 --classes 50 --device cuda]`` times both
+    """``python -m trainers.restore_trainer --benchmark [--arch vit_b16 --classes 50 --device cuda]`` times both
     SHIFT modes."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Print RESTORE's per-dataset config opts for train.py, "
-                                                 "or time the two feature-shift modes (--benchmark)")
-    parser.add_argument("dataset", nargs="?", default="")
-    parser.add_argument("--protocol", default="base2new", choices=PROTOCOLS)
+    parser = argparse.ArgumentParser(description="Time the two feature-shift modes (--benchmark)")
     parser.add_argument("--benchmark", action="store_true", help="ms/step of SHIFT prompt vs feature")
     parser.add_argument("--arch", default="tiny", choices=["tiny", "vit_b16"])
     parser.add_argument("--classes", type=int, default=50)
@@ -642,10 +608,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
               f"prompt {res['prompt']:.1f} ms/step, feature {res['feature']:.1f} ms/step "
               f"(+{100 * res['feature_overhead']:.0f}%)")
         return 0
-    if not args.dataset:
-        parser.error("give a dataset (or --benchmark)")
-    print(" ".join(restore_dataset_opts(args.dataset, args.protocol)))
-    return 0
+    parser.error("pass --benchmark (per-dataset values: python -m restore.methods --overrides DATASET)")
+    return 2
 
 
 if __name__ == "__main__":

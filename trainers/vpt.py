@@ -11,8 +11,8 @@ from typing import Any, Sequence
 import torch
 
 from restore.clip.model import CLIP
+from restore.methods import MethodSpec, register_method
 from restore.clip.replay import BuildPrompts
-from restore.engine.registry import TRAINER_REGISTRY
 from restore.official import OfficialRun
 from restore.prompting.deep import IndependentPrompts
 from restore.prompting.trainer import PromptModel, PromptTrainer
@@ -33,7 +33,6 @@ class VPTModel(DeepPromptModel):
             depth_vision=method_cfg.PROMPT_DEPTH_VISION, ctx_init=method_cfg.CTX_INIT, initial=initial)
 
 
-@TRAINER_REGISTRY.register()
 class VPT(PromptTrainer):
     """Visual Prompt Tuning (shallow with PROMPT_DEPTH_VISION 1, deep above)."""
 
@@ -41,9 +40,10 @@ class VPT(PromptTrainer):
     default_cfg: dict[str, Any] = {"N_CTX_VISION": 2, "CTX_INIT": "a photo of a", "PREC": "auto",
                                    "PROMPT_DEPTH_VISION": 1}
 
-    #: the official VPT draws its prompts inside its CLIP build (vision only)
-    official_builds = staticmethod(lambda node: [BuildPrompts(vision_ctx=node.N_CTX_VISION,
-                                                              vision_depth=node.PROMPT_DEPTH_VISION)])
+    def official_builds(self) -> list[BuildPrompts]:
+        """The official VPT draws its prompts inside its CLIP build (vision only)."""
+        node = self.method_cfg
+        return [BuildPrompts(vision_ctx=node.N_CTX_VISION, vision_depth=node.PROMPT_DEPTH_VISION)]
 
     def build_prompt_model(self, cfg: Any, classnames: list[str], clip_model: CLIP) -> PromptModel:
         return VPTModel(clip_model, classnames, self.method_cfg, initial=build_draws(self))
@@ -55,3 +55,6 @@ OFFICIAL = OfficialRun(repo="muzairkhattak/multimodal-prompt-learning", trainer=
                        our_config="configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml",
                        opts=("TRAINER.VPT.PREC", "fp32", "TRAINER.VPT.PROMPT_DEPTH_VISION", "3"),
                        keys=IVLP_OFFICIAL_KEYS)
+
+
+SPEC = register_method(MethodSpec("vpt", "VPT", configs={"base2new": ("VPT/vit_b16_c2_ep5_batch4_4",)}), VPT)

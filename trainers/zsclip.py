@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from restore.clip.model import CLIP
-from restore.engine.registry import TRAINER_REGISTRY
+from restore.methods import MethodSpec, register_method
 from restore.official import OfficialRun
 from restore.prompting.context import zeroshot_classifier
 from restore.prompting.trainer import PromptModel, PromptTrainer
@@ -15,7 +15,7 @@ from restore.prompting.trainer import PromptModel, PromptTrainer
 
 def dataset_templates(dataset_name: str, ensemble: bool = False) -> list[str]:
     """The hand-written template of a dataset; with ``ensemble`` also CoOp's 7 ImageNet templates."""
-    from restore.data.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
+    from restore.datasets.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
     if dataset_name not in CUSTOM_TEMPLATES:
         raise KeyError(f"No hand-written template for dataset {dataset_name!r}; known: {sorted(CUSTOM_TEMPLATES)}")
@@ -40,7 +40,6 @@ class ZeroshotModel(PromptModel):
         return self._weights
 
 
-@TRAINER_REGISTRY.register()
 class ZeroshotCLIP(PromptTrainer):
     """Evaluate CLIP with hand-written prompts (``--eval-only``; training just evaluates)."""
 
@@ -59,3 +58,7 @@ class ZeroshotCLIP(PromptTrainer):
 OFFICIAL = OfficialRun(repo="KaiyangZhou/CoOp", trainer="ZeroshotCLIP", config="configs/trainers/CoOp/vit_b32.yaml",
                        ours="ZeroshotCLIP", our_config="configs/trainers/ZeroshotCLIP/vit_b32.yaml",
                        our_opts=("TRAINER.ZEROSHOTCLIP.PREC", "fp32"))
+
+
+SPEC = register_method(MethodSpec("zsclip", "ZeroshotCLIP", aliases=("clip", "zeroshotclip", "zeroshot"), published="CLIP",
+                  configs={"base2new": ("ZeroshotCLIP/vit_b16",)}, trains=False), ZeroshotCLIP)

@@ -317,41 +317,33 @@ def measure_model_shift(model: nn.Module, images: Iterable[torch.Tensor], max_im
 # Rebuilding a trained run
 # --------------------------------------------------------------------------------------------
 
-def _config_from_log(run_dir: str) -> Any:
-    """The yacs config printed in a run's log.txt by train.py (the first ``** Config **`` block)."""
+def _saved_config(run_dir: str) -> Any:
+    """The config a run saved beside its results (``config.yaml``, written by the trainer)."""
     from yacs.config import CfgNode
 
-    path = osp.join(run_dir, "log.txt")
+    from restore.engine.config import load_yaml
+    from restore.engine.trainer import CONFIG_FILE
+
+    path = osp.join(run_dir, CONFIG_FILE)
     if not osp.isfile(path):
-        raise FileNotFoundError(f"{path} not found: pass run directories written by train.py")
-    with open(path, errors="replace") as f:
-        lines = f.read().splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == "** Config **") + 2
-    except StopIteration:
-        raise ValueError(f"{path} holds no '** Config **' block; was the run started with train.py?") from None
-    body = []
-    for line in lines[start:]:
-        if line.startswith("Collecting env info") or line.startswith("** System info"):
-            break
-        body.append(line)
-    return CfgNode.load_cfg("\n".join(body))
+        raise FileNotFoundError(f"{path} not found: pass run directories written by the launcher (train.py)")
+    return CfgNode(load_yaml(path))
 
 
 def load_run(run_dir: str, root: str = "", split: str = "", device: str = "", epoch: int | None = None) -> Any:
-    """Rebuild the trainer of a finished run (config from its log.txt) and load its checkpoint.
+    """Rebuild the trainer of a finished run (its saved ``config.yaml``) and load its checkpoint.
 
     ``root`` overrides DATASET.ROOT, ``split`` DATASET.SUBSAMPLE_CLASSES ("base", "new", "all").
     Nothing is written to the run directory.
     """
     import tempfile
 
-    import datasets  # noqa: F401  registers the benchmark loaders
-    import trainers  # noqa: F401  registers the trainers
     from restore.engine.config import extend_cfg, get_cfg_default
     from restore.engine.trainer import build_trainer
+    from restore.methods import load_plugins
 
-    logged = _config_from_log(run_dir)
+    load_plugins()
+    logged = _saved_config(run_dir)
     cfg = get_cfg_default()
     extend_cfg(cfg)
     cfg.merge_from_other_cfg(logged)

@@ -1,5 +1,2 @@
-"""Dataset tooling around the loaders: prompt templates, synthetic copies for tests, download helpers."""
-
-from .templates import CLIP_IMAGENET_TEMPLATES_60, CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT, dataset_template, template_for
-
-__all__ = ["CLIP_IMAGENET_TEMPLATES_60", "CUSTOM_TEMPLATES", "IMAGENET_TEMPLATES_SELECT", "dataset_template", "template_for"]
+"""Old command names kept for users: ``python -m restore.data.prepare`` and ``python -m restore.data.synthetic``
+run :mod:`restore.datasets.prepare` and :mod:`restore.datasets.synthetic`."""

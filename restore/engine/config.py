@@ -26,6 +26,9 @@ _C.DETERMINISTIC = False
 # Added here: evaluation protocol, read by methods whose inference depends on it (MMRL's decoupled
 # rule). One of "base2new", "cross_dataset", "domain_generalization", "few_shot".
 _C.PROTOCOL = "base2new"
+# Added here: config keys a method YAML pins against the method's dataset overrides (restore.methods).
+_C.DATASET_OVERRIDES = CN()
+_C.DATASET_OVERRIDES.PIN = []
 
 _C.INPUT = CN()
 _C.INPUT.SIZE = (224, 224)
@@ -299,46 +302,6 @@ def merge_file(cfg: CN, path: str) -> None:
         raise ConfigError(f"Unknown config key {key!r} in {path}.{suggestion}") from None
     except (ValueError, AssertionError) as err:
         raise ConfigError(f"Bad config value in {path}: {err}") from None
-
-
-def flatten_opts(node: dict, prefix: str = "") -> list[str]:
-    """A nested YAML mapping as ``train.py`` opts: ``{"A": {"B": 1}}`` -> ``["A.B", "1"]``."""
-    opts: list[str] = []
-    for key, value in node.items():
-        if isinstance(value, dict):
-            opts.extend(flatten_opts(value, f"{prefix}{key}."))
-        else:
-            opts.extend([f"{prefix}{key}", str(value)])
-    return opts
-
-
-def per_dataset_opts(config_dir: str, dataset: str, method: str) -> tuple[str, list[str]]:
-    """Read a method's per-dataset YAML ``<config_dir>/<stem>.yaml`` as opts.
-
-    ``config_dir`` is ``configs/trainers/<METHOD>/datasets``; ``dataset`` is a configs/datasets stem
-    ("dtd") or a DATASET.NAME ("DescribableTextures"). Returns ``(stem, opts)``; a known dataset
-    without a file gives no opts, an unknown one a ValueError naming the known stems.
-    """
-    import glob
-
-    datasets_dir = osp.join(osp.dirname(osp.dirname(osp.dirname(config_dir))), "datasets")
-    wanted = dataset.lower().removesuffix(".yaml")
-    stem = None
-    for path in sorted(glob.glob(osp.join(datasets_dir, "*.yaml"))):
-        candidate = osp.splitext(osp.basename(path))[0]
-        name = str((load_yaml(path).get("DATASET") or {}).get("NAME", ""))
-        if wanted in (candidate.lower(), name.lower()):
-            stem = candidate
-            break
-    if stem is None:
-        if not osp.isfile(osp.join(config_dir, f"{dataset}.yaml")):
-            known = sorted(osp.splitext(osp.basename(p))[0] for p in glob.glob(osp.join(datasets_dir, "*.yaml")))
-            raise ValueError(f"Unknown dataset {dataset!r} for {method} overrides; known: {known}")
-        stem = dataset
-    path = osp.join(config_dir, f"{stem}.yaml")
-    if not osp.isfile(path):
-        return stem, []
-    return stem, flatten_opts(load_yaml(path))
 
 
 UNSEEDED = -1  # SEED value of an unseeded run (results.json records "unseeded")

@@ -19,11 +19,9 @@ base-to-novel datasets; the 10 cross-dataset targets; the 4 domain-generalizatio
 per-dataset means (HM of the two averages), marked "partial k/N" unless all N are present (then no
 paper average is compared). Runs on other datasets are listed as "not a target" and never averaged.
 
-Published numbers are in ``restore/evaluation/published/*.csv`` (RESTORE paper Tables 1–3 for RESTORE
-and the baselines it lists — the RESTORE paper's own re-runs; MMRL's EuroSAT row and average; MMRL*'s
-average; MaPLe's own numbers). Which row a run is compared with depends on its method *and* config
-(:func:`published_method`): e.g. MMRL* (``vit_b16_base2new_light``) is compared with MMRL*, not with
-full MMRL; RESTORE's IVLP analysis config has no paper row. The paper's per-dataset HM is recomputed
+Published numbers are in ``restore/evaluation/published/*.csv``. Which row a run is compared with
+depends on its method *and* config, as each method declares (:func:`published_method`): a variant
+config can name its own row, or none. The paper's per-dataset HM is recomputed
 from its base and new accuracy (several printed HMs are not HM(base, new)); the printed value is kept
 in the CSV (``paper_hm_printed``) and used only where base / new are not published.
 """
@@ -57,20 +55,6 @@ DISPLAY_NAMES = {
     "imagenet_sketch": "ImageNet-Sketch", "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R",
 }
 PUBLISHED_DIR = osp.join(osp.dirname(osp.abspath(__file__)), "published")
-# method label (output folder) -> method name in the published tables
-_PUBLISHED_NAMES = {"ZeroshotCLIP": "CLIP", "RESTORE": "MaPLe+RESTORE"}
-#: (method label, config name) -> the published row that config reproduces; None: no published row.
-PUBLISHED_BY_CONFIG: dict[tuple[str, str], Optional[str]] = {
-    # MMRL* (d_r 32): MMRL paper Tab. 4 (d_r = 32) / Tab. 6, not full MMRL's numbers
-    ("MMRL", "vit_b16_base2new_light"): "MMRL*",
-    # the paper's "IVLP + L_fs" analysis variant (Fig. 4): no table row
-    ("RESTORE", "vit_b16_c2_ep10_batch4_2+2ctx_ivlp"): None,
-    ("RESTORE", "vit_b16_c2_ep10_batch4_4+4ctx_promptsrc"): "PromptSRC+RESTORE",
-    # MaPLe at RESTORE's schedule (10 epochs): like-for-like with the RESTORE paper's re-run MaPLe row
-    ("MaPLe", "vit_b16_c2_ep10_batch4_2ctx"): "MaPLe",
-    # MaPLe's official schedule (5 epochs): MaPLe's own published numbers
-    ("MaPLe", "vit_b16_c2_ep5_batch4_2ctx"): "MaPLe (MaPLe paper)",
-}
 RANDOM_BACKBONES = {"tiny", "tiny-rn"}  # restore.clip.loader's random test backbones (not imported: no torch here)
 #: The published tables are 16-shot runs; other shot counts get no paper column.
 PUBLISHED_SHOTS = 16
@@ -83,16 +67,16 @@ def display(dataset: str) -> str:
 def published_method(method: str, cfg: str = "") -> Optional[str]:
     """The row name in the published tables for an output label and config; None: no published row.
 
-    By config first (:data:`PUBLISHED_BY_CONFIG`: MMRL*, RESTORE on PromptSRC or on IVLP, MaPLe at 5 or 10
-    epochs), then by label (RESTORE -> MaPLe+RESTORE, ZeroshotCLIP -> CLIP, others as they are).
+    Read from the method's registered spec (:meth:`restore.methods.MethodSpec.published_row`: by config
+    first, then the method's published name); a label no plugin registers is its own row name.
     """
-    if (method, cfg) in PUBLISHED_BY_CONFIG:
-        return PUBLISHED_BY_CONFIG[(method, cfg)]
-    if method == "RESTORE" and "ivlp" in cfg.lower():
-        return None
-    if method == "RESTORE" and "promptsrc" in cfg.lower():
-        return "PromptSRC+RESTORE"
-    return _PUBLISHED_NAMES.get(method, method)
+    from restore.methods import find_method, load_plugins
+
+    spec = find_method(method)
+    if spec is None:
+        load_plugins()
+        spec = find_method(method)
+    return method if spec is None else spec.published_row(cfg)
 
 
 def paper_numbers(row: dict[str, Any]) -> dict[str, Optional[float]]:

@@ -173,7 +173,7 @@ def read_results_json(path: str) -> Optional[dict[str, Any]]:
 
 def _dataset_key(name: str) -> str:
     try:
-        from restore.data.benchmarks import resolve
+        from restore.datasets.catalog import resolve
 
         return resolve(name)
     except (ImportError, ValueError):

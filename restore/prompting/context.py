@@ -5,9 +5,9 @@ names with ``_`` -> space, prompt = prefix + " " + name + ".", the SOS embedding
 suffix held as class-dependent (non-persistent) buffers, and two ways to initialise from
 ``CTX_INIT``:
 
-* ``"coop"`` (CoOp, CoCoOp, KgCoOp): ``n_ctx`` = number of words of the init string, and the
+* ``"all_words"`` (the CoOp family's rule): ``n_ctx`` = number of words of the init string, and the
   context vectors start from their embeddings.
-* ``"maple"`` (MaPLe, IVLP, PromptSRC, RESTORE): keep ``n_ctx``; when ``n_ctx <= 4`` the first
+* ``"first_words"`` (the deep-prompt methods' rule): keep ``n_ctx``; when ``n_ctx <= 4`` the first
   ``n_ctx`` word embeddings initialise the context and the *whole* init string stays the prefix
   (so with "a photo of a" and n_ctx 2, "of a" remain fixed tokens after the learned ones).
 
@@ -24,7 +24,7 @@ from torch import nn
 from restore.clip.model import CLIP
 from restore.clip.tokenizer import encode, tokenize
 
-InitMode = Literal["coop", "maple"]
+InitMode = Literal["all_words", "first_words"]
 ClassTokenPosition = Literal["end", "middle", "front"]
 
 
@@ -40,23 +40,23 @@ class TextContext(nn.Module):
         classnames: class names in label order.
         n_ctx: number of learnable context tokens (0: fixed prompts "<prefix> <class>.").
         ctx_init: optional init string ("a photo of a").
-        init_mode: "coop" or "maple" (see module docstring).
+        init_mode: "all_words" or "first_words" (see module docstring).
         class_specific: one context per class (CoOp's CSC).
         class_token_position: "end", "middle" or "front" (CoOp).
     """
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx: int, ctx_init: str = "",
-                 init_mode: InitMode = "maple", class_specific: bool = False,
+                 init_mode: InitMode = "first_words", class_specific: bool = False,
                  class_token_position: ClassTokenPosition = "end") -> None:
         super().__init__()
         ctx_init = ctx_init.replace("_", " ").strip()
         width = clip_model.ln_final.weight.shape[0]
         embedding = clip_model.token_embedding
         ctx_vectors: torch.Tensor | None = None
-        if ctx_init and init_mode == "coop":
+        if ctx_init and init_mode == "all_words":
             n_ctx = len(ctx_init.split(" "))
             prefix = ctx_init
-        elif ctx_init and init_mode == "maple" and n_ctx <= 4:
+        elif ctx_init and init_mode == "first_words" and n_ctx <= 4:
             prefix = ctx_init
         else:
             prefix = " ".join(["X"] * n_ctx)

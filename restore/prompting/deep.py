@@ -59,7 +59,7 @@ class IndependentPrompts(nn.Module):
         # (restore.clip.replay: "text_blocks", "vision_input" + "vision_blocks"); drawn here otherwise
         initial = initial or {}
         use_text = n_ctx_text > 0 and depth_text > 0
-        self.text_context = TextContext(clip_model, classnames, n_ctx_text if use_text else 0, ctx_init, "maple")
+        self.text_context = TextContext(clip_model, classnames, n_ctx_text if use_text else 0, ctx_init, "first_words")
         use_vision = n_ctx_vision > 0 and depth_vision > 0
         vision_initial = [*initial.get("vision_input", []), *initial.get("vision_blocks", [])]
         self.text_prompts = _normal_tokens(depth_text - 1 if use_text else 0, n_ctx_text, text_width(clip_model),
@@ -90,11 +90,11 @@ class CoupledPrompts(nn.Module):
                  ctx_init: str = "a photo of a") -> None:
         super().__init__()
         if depth < 1:
-            raise ValueError("MaPLe-style prompts need PROMPT_DEPTH >= 1")
+            raise ValueError("Coupled (text-to-vision) prompts need PROMPT_DEPTH >= 1")
         if n_ctx < 1:
-            raise ValueError("MaPLe-style prompts need N_CTX >= 1")
+            raise ValueError("Coupled (text-to-vision) prompts need N_CTX >= 1")
         wt, wv = text_width(clip_model), vision_width(clip_model)
-        self.text_context = TextContext(clip_model, classnames, n_ctx, ctx_init, "maple")
+        self.text_context = TextContext(clip_model, classnames, n_ctx, ctx_init, "first_words")
         self.proj = nn.Linear(wt, wv)
         self.compound_prompts_text = _normal_tokens(depth - 1, n_ctx, wt)
         single = nn.Linear(wt, wv)

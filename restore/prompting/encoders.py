@@ -141,9 +141,8 @@ def vision_transformer(visual: nn.Module) -> VisionTransformer:
         return visual
     raise ValueError(
         f"This backbone's image tower is a ResNet ({type(visual).__name__}): it has no transformer layers for "
-        "visual prompts. VPT, IVLP with vision prompts, MaPLe, PromptSRC, RESTORE and MMRL need a ViT backbone "
-        "(e.g. MODEL.BACKBONE.NAME ViT-B/16); CoOp, CoCoOp, KgCoOp, ZeroshotCLIP and language-only IVLP "
-        "(TRAINER.IVLP.N_CTX_VISION 0) run on ResNet backbones.")
+        "visual prompts. A method that puts tokens into the image tower needs a ViT backbone "
+        "(e.g. MODEL.BACKBONE.NAME ViT-B/16); methods that prompt only the text side run on ResNet backbones.")
 
 
 class PromptedVisionEncoder(nn.Module):

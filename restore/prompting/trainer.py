@@ -209,20 +209,6 @@ class PromptTrainer(TrainerX):
 
     model_name = "prompt_learner"
     default_cfg: dict[str, Any] = {"PREC": "auto"}
-    #: ``(dataset, protocol) -> opts``: the method's published per-dataset settings (MMRL's lambda,
-    #: RESTORE's ratios), merged by ``train.py`` before the command-line opts (:meth:`dataset_defaults`).
-    dataset_opts_hook: Callable[[str, str], list[str]] | None = None
-
-    @classmethod
-    def dataset_defaults(cls, cfg: Any) -> list[str]:
-        """The per-dataset opts for ``cfg``'s dataset and protocol; ``[]`` where none are published."""
-        if cls.dataset_opts_hook is None:
-            return []
-        try:
-            return list(cls.dataset_opts_hook(str(cfg.DATASET.NAME), str(cfg.PROTOCOL)))
-        except ValueError:  # a dataset or protocol without published values
-            return []
-
     @classmethod
     def cfg_node_name(cls) -> str:
         return cls.__name__.upper()
@@ -257,10 +243,11 @@ class PromptTrainer(TrainerX):
                              f"{resolution}; set INPUT.SIZE ({resolution}, {resolution}).")
         return clip_model
 
-    #: What the method's official code draws inside its CLIP build(s): one :class:`BuildPrompts` per
-    #: build, in order, from the method's config node (default: one plain build, as CoOp's). See
-    #: :func:`restore.clip.replay.replay_openai_build`.
-    official_builds: ClassVar[Callable[[Any], Sequence[BuildPrompts]] | None] = None
+    def official_builds(self) -> Sequence[BuildPrompts]:
+        """What the method's official code draws inside its CLIP build(s): one :class:`BuildPrompts` per
+        build, in order (default: one plain build, as CoOp's). See
+        :func:`restore.clip.replay.replay_openai_build`."""
+        return [BuildPrompts()]
 
     def replay_official_build(self, clip_model: CLIP) -> list[dict[str, list[torch.Tensor]]]:
         """Advance the global RNG as the official code's CLIP build(s) would, so the tensors drawn next
@@ -268,9 +255,7 @@ class PromptTrainer(TrainerX):
         config = getattr(clip_model, "config", None)
         if config is None:
             return []
-        hook = type(self).official_builds
-        builds = list(hook(self.method_cfg)) if hook is not None else [BuildPrompts()]
-        return [replay_openai_build(config, build) for build in builds]
+        return [replay_openai_build(config, build) for build in self.official_builds()]
 
     def replay_official_draws_after_model(self, clip_model: CLIP) -> None:
         """Draw from the global RNG what the official code draws after our learnable tensors are made

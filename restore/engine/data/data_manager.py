@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 from collections import Counter
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -17,7 +19,7 @@ from .samplers import build_sampler
 from .transforms import INTERPOLATION_MODES, build_transform
 
 __all__ = ["DataManager", "DatasetWrapper", "build_data_loader", "build_dataset", "format_table",
-           "loader_workers"]
+           "loader_workers", "seed_worker"]
 
 _SAID: set[tuple] = set()  # notes printed once per process
 
@@ -53,16 +55,24 @@ def build_dataset(cfg: Any) -> Any:
     try:
         check_availability(cfg.DATASET.NAME, avai)
     except ValueError as err:
-        hint = "" if avai else " No dataset is registered: did you `import datasets`?"
+        hint = "" if avai else " No dataset is registered: import a dataset plugin (restore.methods.load_plugins() loads the installed ones)."
         raise ValueError(f"Unknown DATASET.NAME: {err}{hint}") from None
     if cfg.VERBOSE:
         print(f"Loading dataset: {cfg.DATASET.NAME}")
     return DATASET_REGISTRY.get(cfg.DATASET.NAME)(cfg)
 
 
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and ``random`` in a loader worker from torch's per-worker seed (from the loader's generator)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_source: Sequence[Datum] | None = None,
                       batch_size: int = 64, n_domain: int = 0, n_ins: int = 2, tfm: Any = None,
-                      is_train: bool = True, dataset_wrapper: Any = None, shard: bool = True) -> DataLoader:
+                      is_train: bool = True, dataset_wrapper: Any = None, shard: bool = True,
+                      generator: torch.Generator | None = None) -> DataLoader:
     """A DataLoader over ``data_source`` (Dassl semantics: train drops the last incomplete batch).
 
     Under DDP each rank loads its shard of every global batch; ``shard=False`` gives every rank
@@ -70,11 +80,13 @@ def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_so
 
     Shuffling and random transforms draw from the global torch RNG, as Dassl's loaders do, so a
     seeded run gets Dassl's batches for that seed; resuming restores the global RNG states saved in
-    the checkpoint, and under DDP every rank draws the same and rank 0's order is used.
+    the checkpoint, and under DDP every rank draws the same and rank 0's order is used. A loader
+    with its own stream (e.g. Craft's target images, which must not change the training batches)
+    passes ``generator``: its order and worker seeds then come from it alone.
     """
     data_source = list(data_source or [])
     sampler = build_sampler(sampler_type, cfg=cfg, data_source=data_source, batch_size=batch_size,
-                            n_domain=n_domain, n_ins=n_ins)
+                            n_domain=n_domain, n_ins=n_ins, generator=generator)
     # DDP: batch_size is global; each rank loads its shard of every global batch (no-op in one process)
     if shard:
         sampler, batch_size = shard_sampler(sampler, batch_size, is_train, len(data_source))
@@ -86,6 +98,8 @@ def build_data_loader(cfg: Any, sampler_type: str = "SequentialSampler", data_so
         num_workers=loader_workers(cfg),
         drop_last=is_train and len(data_source) >= batch_size,
         pin_memory=torch.cuda.is_available() and cfg.USE_CUDA,
+        generator=generator,
+        worker_init_fn=seed_worker if generator is not None else None,
     )
     if len(loader) == 0:
         raise ValueError(f"Empty data loader ({len(data_source)} items, batch size {batch_size}): the split "

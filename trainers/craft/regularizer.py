@@ -4,7 +4,7 @@ Switched on by ``TRAINER.CRAFT.ENABLED True`` on any host trainer (CoOp, CoCoOp,
 VPT, MaPLe, PromptSRC, MMRL, RESTORE, ...); the host needs no change. Per training step, with
 ``F`` the batch image features, ``W`` the prompted class text features (static text anchors),
 ``A`` the static image anchors, ``S`` the stochastic text anchors of the batch and ``s`` the logit
-scale (every loss computed in float32 with autocast off, :mod:`restore.craft.losses`):
+scale (every loss computed in float32 with autocast off, :mod:`trainers.craft.losses`):
 
 * ``WEIGHT_STATIC      * CE(s S A^T, y)``                       L_Aligned(Static), text -> image anchors
 * ``WEIGHT_STOCHASTIC  * CE(s F S^T, targets)``                 L_Aligned(Stochastic), image -> text
@@ -109,7 +109,7 @@ class CraftRegularizer:
 
     @property
     def template(self) -> str:
-        from restore.data.templates import dataset_template
+        from restore.datasets.templates import dataset_template
 
         return str(self.node.TEMPLATE) or dataset_template(str(self.cfg.DATASET.NAME))
 
@@ -203,8 +203,10 @@ class CraftRegularizer:
             items = sample_per_class(dataset.train_x, int(node.TARGET_NUM_SHOTS), seed)
             tfm = build_transform(tcfg, is_train=node.TARGET_TRANSFORM == "train")
             try:
+                generator = torch.Generator()  # its own stream: the training batches stay Dassl's
+                generator.manual_seed(seed)
                 loader = build_data_loader(tcfg, sampler_type="RandomSampler", data_source=items,
-                                           batch_size=batch_size, tfm=tfm, is_train=True)
+                                           batch_size=batch_size, tfm=tfm, is_train=True, generator=generator)
             except ValueError as err:  # DDP: the global target batch must split evenly over the ranks
                 raise ValueError(f"Craft's target loader (global batch {batch_size} from TRAINER.CRAFT."
                                  f"TARGET_BATCH_SIZE, {len(items)} target images): {err}") from None

@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     # image), "auto" (template when the host has deep text prompts or
     # an ``encode_sentences`` hook, else class).
     "STOCHASTIC_TEXT": "auto",
-    # Template for "template" mode ("" = the dataset's hand-written one, restore.data.templates).
+    # Template for "template" mode ("" = the dataset's hand-written one, restore.datasets.templates).
     "TEMPLATE": "",
     # Targets of the stochastic term: "index" (sample i <-> text i, same-class pairs are negatives, as
     # the code) or "class" (every same-class text of the batch is a positive, soft targets).

@@ -11,7 +11,7 @@ The anchors are cached next to the run (``<OUTPUT_DIR>/craft_anchors.pt``, or
 every setting that determines them (checked before a cache is reused). Compute
 them ahead of training with the same arguments as ``train.py`` (run from the repository root)::
 
-    python -m restore.craft.anchors --root $DATA --trainer MaPLe \\
+    python -m trainers.craft.anchors --root $DATA --trainer MaPLe \\
         --dataset-config-file configs/datasets/dtd.yaml \\
         --config-file configs/trainers/Craft/maple_vit_b16_c2_ep5_batch4_2ctx.yaml \\
         --output-dir output/base2new/train_base/dtd/.../seed1 DATASET.SUBSAMPLE_CLASSES base
@@ -172,7 +172,7 @@ def compute_anchors(cfg: Any, clip_model: Any, device: torch.device | str | None
     node = craft_node(cfg)
     if node is None:
         raise ValueError("cfg has no TRAINER.CRAFT node: call restore.engine.config.extend_cfg(cfg) after "
-                         "importing restore.craft")
+                         "importing trainers.craft")
     device = torch.device(device) if device is not None else torch.device("cpu")
     acfg = _anchor_cfg(cfg)
     with preserved_rng():
@@ -311,7 +311,7 @@ def ensure_anchors_here(cfg: Any, clip_model: Any, classnames: Sequence[str], de
             return data
         if explicit:
             raise ValueError(f"TRAINER.CRAFT.ANCHOR_PATH {path} does not fit this run: {why}. Recompute it with "
-                             "`python -m restore.craft.anchors` and the run's arguments, or clear ANCHOR_PATH.")
+                             "`python -m trainers.craft.anchors` and the run's arguments, or clear ANCHOR_PATH.")
         print(f"Craft: cached anchors {path} do not fit this run ({why}); recomputing", flush=True)
         stale = True
     else:
@@ -330,12 +330,7 @@ def ensure_anchors_here(cfg: Any, clip_model: Any, classnames: Sequence[str], de
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``train.py``'s arguments -> compute the run's anchors and write them (see module docstring)."""
-    try:
-        import train as train_entry  # the repository's train.py (run from the repository root)
-    except ImportError:
-        print("error: restore.craft.anchors reuses train.py's arguments; run it from the repository root "
-              "(the folder holding train.py)", file=sys.stderr)
-        return 2
+    from restore import launch as train_entry
     from restore.clip import load_clip
     from restore.engine.config import ConfigError
     from restore.engine.utils import error_message, set_random_seed
