@@ -815,7 +815,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m restore.speed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m restore.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced run, about 3 minutes on 2 CPU cores: a narrower CLIP and 100 classes "
                         "(the *_1000 keys are then measured at 100)")
     parser.add_argument("--json", type=str, default="", help="write the report as JSON here")

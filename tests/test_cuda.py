@@ -42,7 +42,7 @@ def tiny_cuda_clip():
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", _trainer_names())
 def test_cuda_steps_and_evaluation_in_every_precision(name, precision, tiny_cuda_clip):
-    from restore.speed import _batch, _train_step, build_bench_trainer, synthetic_classnames
+    from restore.benchmark import _batch, _train_step, build_bench_trainer, synthetic_classnames
     from restore.prompting.trainer import resolve_precision
 
     device = torch.device("cuda")
@@ -77,7 +77,7 @@ def test_cuda_steps_and_evaluation_in_every_precision(name, precision, tiny_cuda
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_cuda_resnet_backbone_keeps_batchnorm_fp32_and_its_statistics(precision):
-    from restore.speed import _batch, _train_step, build_bench_trainer, synthetic_classnames
+    from restore.benchmark import _batch, _train_step, build_bench_trainer, synthetic_classnames
     from restore.clip.model import CLIP, TINY_RN_CONFIG
 
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
@@ -123,8 +123,8 @@ def test_cuda_train_py_round_trip_with_auto_precision(tmp_path):
 
 def test_cpu_memory_estimate_matches_cuda_peak(tiny_cuda_clip):
     """LiveTensorMemory on the CUDA step itself vs torch.cuda.max_memory_allocated for the same step."""
-    from restore.speed import LiveTensorMemory, _batch, _state_tensors, _train_step, build_bench_trainer
-    from restore.speed import synthetic_classnames
+    from restore.benchmark import LiveTensorMemory, _batch, _state_tensors, _train_step, build_bench_trainer
+    from restore.benchmark import synthetic_classnames
 
     device = torch.device("cuda")
     trainer = build_bench_trainer("MaPLe", tiny_cuda_clip, synthetic_classnames(100), device, "bf16"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import token_ids
 
-from restore.speed import main as benchmark_main
-from restore.speed import LiveTensorMemory, eval_cache_flop_ratio, speedups, synthetic_classnames
+from restore.benchmark import main as benchmark_main
+from restore.benchmark import LiveTensorMemory, eval_cache_flop_ratio, speedups, synthetic_classnames
 from restore.clip.model import TINY_CONFIG
 from restore.prompting.encoders import DeepTokens, PromptedTextEncoder
 
@@ -171,7 +171,7 @@ def test_eval_cache_flop_ratio_matches_the_hand_count():
 
 
 def test_benchmark_reports_progress_after_every_row():
-    from restore.speed import run_benchmark
+    from restore.benchmark import run_benchmark
 
     snapshots: list[list[tuple[str, str]]] = []
     report = run_benchmark(torch.device("cpu"), tiny=True, trainers=["ZeroshotCLIP", "CoOp"], memory=False,
@@ -187,7 +187,7 @@ def test_benchmark_reports_progress_after_every_row():
 
 def test_bench_trainer_emulates_the_gpu_working_precision_on_cpu(tiny_clip):
     import trainers  # noqa: F401
-    from restore.speed import _batch, _train_step, build_bench_trainer
+    from restore.benchmark import _batch, _train_step, build_bench_trainer
 
     names = synthetic_classnames(5)
     fp32 = build_bench_trainer("CoOp", tiny_clip, names, torch.device("cpu"), "auto")

@@ -99,7 +99,7 @@ def test_example_method_is_picked_up_by_scripts_aggregation_and_benchmark(exampl
     from restore.datasets.synthetic import make_synthetic
     from restore.evaluation import aggregate as A
     from restore.methods import _main as methods_main
-    from restore.speed import main as benchmark_main
+    from restore.benchmark import main as benchmark_main
 
     assert methods_main([]) == 0  # python -m restore.methods: found through RESTORE_PLUGINS
     listed = capsys.readouterr().out

@@ -279,7 +279,7 @@ def test_language_only_ivlp_runs_on_a_resnet(tiny_rn_clip, rn_images):
 def test_resnet_in_the_bf16_working_precision_keeps_batchnorm_fp32(name, tiny_rn_clip, rn_images):
     """The GPU path of PREC bf16 (frozen CLIP cast, autocast), emulated on CPU: convolutions run in
     bf16, BatchNorm keeps fp32 statistics that training never touches, and logits stay close to fp32."""
-    from restore.speed import _batch, _train_step, build_bench_trainer, synthetic_classnames
+    from restore.benchmark import _batch, _train_step, build_bench_trainer, synthetic_classnames
 
     device = torch.device("cpu")
     reference = build_bench_trainer(name, tiny_rn_clip, synthetic_classnames(5), device, "fp32")
