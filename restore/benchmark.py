@@ -94,7 +94,7 @@ QUICK_CPU_CONFIG = CLIPConfig(
 #: real official code, measured side by side (python -m restore.benchmark --official DIR).
 EMULATION_OFFSET = ("measured side by side with the official code (ViT-B/16 size, random weights, fp32, 2-core CPU, "
                     "batch 4, 47 classes) the emulation's training step is 10-18 % slower than the official code's "
-                    "(official / emulation step time 0.82-0.91 for MaPLe and MaPLe_FSA), so speed-ups against it "
+                    "(official / emulation step time 0.82-0.91 for two deep-prompt methods), so speed-ups against it "
                     "overstate the gain over the official code; `--official DIR` measures against the real code.")
 
 

@@ -131,7 +131,7 @@ def official_cfg(checkout: str, trainer: str, config: str, precision: str) -> An
     functions: list[ast.stmt] = [node for node in tree.body
                                  if isinstance(node, ast.FunctionDef) and node.name == "extend_cfg"]
     if not functions:
-        raise ValueError(f"{checkout}/train.py defines no extend_cfg: is it a CoOp-family checkout?")
+        raise ValueError(f"{checkout}/train.py defines no extend_cfg: is it a Dassl-based checkout?")
     namespace: dict[str, Any] = {"CN": CfgNode}
     # the official code's own config function, from the checkout the user pointed at (its trainers run too)
     exec(compile(ast.Module(body=functions, type_ignores=[]), osp.join(checkout, "train.py"), "exec"), namespace)  # noqa: S102
@@ -397,10 +397,11 @@ def run_official_benchmark(checkout: str, device: torch.device, trainers: Sequen
                            ) -> dict[str, Any]:
     """The report (JSON-ready) of :func:`compare_with_official` for every selected trainer and class count;
     ``mha``: also ours with ``nn.MultiheadAttention`` at the first class count (see :func:`time_pair`)."""
-    import trainers as _registered  # noqa: F401  registers our trainers
     from restore.engine.registry import TRAINER_REGISTRY
+    from restore.methods import load_plugins
     from restore.official import write_parity_clip
 
+    load_plugins()  # registers the methods (this checkout's trainers and installed plugins)
     checkout = osp.abspath(checkout)
     if not osp.isdir(checkout):
         raise FileNotFoundError(f"--official {checkout}: no such folder; give a local checkout of the official code.")
@@ -471,7 +472,7 @@ def official_markdown(report: dict[str, Any]) -> str:
     f = bench._fmt
     cfg = report["clip_config"]
     lines = [
-        f"# RESTORE vs the official code ({report['device']}: {report['device_name']}, {report['cpu_threads']} "
+        f"# Speed against the official code ({report['device']}: {report['device_name']}, {report['cpu_threads']} "
         f"threads, torch {report['torch']}, {report['precision']})",
         "",
         f"Official checkout: `{report['checkout']}`. CLIP with random weights: vision {cfg['vision_layers']}x"
