@@ -436,3 +436,39 @@ def test_save_refuses_architectures_that_would_not_reload(tmp_path):
     with pytest.raises(ValueError, match="quick_gelu"):
         save_openai_state_dict(gelu_model, tmp_path / "gelu.pt")
     assert not (tmp_path / "gelu.pt").exists()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_attention_equals_multihead_attention(masked):
+    """Attention: same random init, keys and outputs/gradients as nn.MultiheadAttention(batch_first)."""
+    from torch import nn
+
+    from restore.clip.model import Attention, causal_mask
+
+    torch.manual_seed(3)
+    ours = Attention(32, 4)
+    torch.manual_seed(3)
+    reference = nn.MultiheadAttention(32, 4, batch_first=True)
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    for key, value in reference.state_dict().items():  # same RNG draws in the same order
+        assert torch.equal(ours.state_dict()[key], value), key
+    with torch.no_grad():  # non-zero biases, so a wrong bias slice would show
+        for param in reference.parameters():
+            param.normal_()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    mask = causal_mask(7) if masked else None
+    x = torch.randn(5, 7, 32, requires_grad=True)
+    y = ours(x, mask)
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = reference(x2, x2, x2, need_weights=False, attn_mask=mask)[0]
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-3, atol=1e-3)  # fp32 round-off of large sums
+    torch.testing.assert_close(ours.in_proj_weight.grad, reference.in_proj_weight.grad, rtol=1e-3, atol=1e-3)
+    if masked:  # token 0 sees itself only: changing later tokens leaves it unchanged
+        x3 = x.detach().clone()
+        x3[:, 1:] += 1.0
+        torch.testing.assert_close(ours(x3, mask)[:, 0], y[:, 0].detach())
+    with pytest.raises(ValueError, match="not divisible"):
+        Attention(30, 4)

@@ -385,6 +385,22 @@ class RestoreModel(DeepPromptModel):
 class RestoreMaPLeModel(RestoreModel, MaPLeModel):
     """RESTORE on MaPLe's coupled prompts (the official ``MaPLe_FSA``)."""
 
+    # MaPLe_FSA's names: MaPLe's prompt learner, Feature_Calibrator adapters (post_ln, FFN.0, FFN.2)
+    # and the calibration ratios as parameters.
+    official_keys = (*MaPLeModel.official_keys,
+                     (r"(?:restore\.)?(text|visual)_adapter\.post_ln\.(weight|bias)", r"restore.\1_adapter.ln.\2"),
+                     (r"(?:restore\.)?(text|visual)_adapter\.FFN\.0\.(weight|bias)", r"restore.\1_adapter.up.\2"),
+                     (r"(?:restore\.)?(text|visual)_adapter\.FFN\.2\.(weight|bias)", r"restore.\1_adapter.down.\2"),
+                     (r"text_cali_ratio", "restore.text_ratio"), (r"vis_cali_ratio", "restore.vision_ratio"))
+
+    def complete_official_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """MaPLe_FSA stores no reference norms or ratio-update epoch: this model's current values."""
+        own = self.checkpoint_state()
+        extra = {k: own[k] for k in ("restore.fs_ref_text", "restore.fs_ref_vision", "restore.fs_ref_steps",
+                                     "restore.ratio_updated_epoch") if k in own and k not in state}
+        ratios = {k: v.to(own[k].dtype) for k, v in state.items() if k in ("restore.text_ratio", "restore.vision_ratio")}
+        return {**state, **ratios, **extra}
+
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], node: Any) -> None:
         super().__init__(clip_model, classnames, n_ctx=node.N_CTX, depth=node.PROMPT_DEPTH, ctx_init=node.CTX_INIT)
         depth = int(node.PROMPT_DEPTH)
@@ -585,12 +601,7 @@ OFFICIAL = OfficialRun(
                    "--vis_calib_r", "0.15", "--text_calib_r", "0.1", "--fs_loss_r", "0.5"),
     our_opts=("TRAINER.RESTORE.PREC", "fp32", "TRAINER.RESTORE.PROMPT_DEPTH", "3", "TRAINER.RESTORE.VISION_RATIO", "0.15",
               "TRAINER.RESTORE.TEXT_RATIO", "0.1", "TRAINER.RESTORE.FS_WEIGHT", "0.5"),
-    keys=((r"prompt_learner\.ctx", "prompt_learner.text_context.ctx"),
-          (r"prompt_learner\.((proj|compound_prompts_text|compound_prompt_projections)(\..+)?)", r"prompt_learner.\1"),
-          (r"(text|visual)_adapter\.FFN\.0\.(weight|bias)", r"\1_adapter.up.\2"),
-          (r"(text|visual)_adapter\.FFN\.2\.(weight|bias)", r"\1_adapter.down.\2"),
-          (r"(text|visual)_adapter\.post_ln\.(weight|bias)", r"\1_adapter.ln.\2"),
-          (r"text_cali_ratio", "text_ratio"), (r"vis_cali_ratio", "vision_ratio")))
+    keys=RestoreMaPLeModel.official_keys)
 
 
 def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size: int = 4, steps: int = 5,

@@ -40,12 +40,47 @@ class BatchNorm2d(nn.BatchNorm2d):
         return super().forward(x.float()).to(x.dtype)
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention with :class:`torch.nn.MultiheadAttention`'s parameters and key names
+    (``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``), batch-first.
+
+    It computes what ``nn.MultiheadAttention(width, heads, batch_first=True)(x, x, x)`` does, but
+    projects the batch-first input with one matrix product and runs
+    :func:`torch.nn.functional.scaled_dot_product_attention` (the built-in module transposes to
+    sequence-first and projects through a slow batched product at small batches). Initialisation
+    draws the same random numbers in the same order as the built-in module.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        self.embed_dim = width
+        self.num_heads = heads
+        self.batch_first = True
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, tokens, width) -> (batch, tokens, width); ``attn_mask`` is additive (tokens, tokens)."""
+        batch, length, width = x.shape
+        heads = self.num_heads
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out_proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block; input and output are (batch, tokens, width)."""
 
     def __init__(self, width: int, heads: int, quick_gelu: bool = True) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, width * 4)),
@@ -57,7 +92,7 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.ln_1(x)
         mask = attn_mask.to(h.dtype) if attn_mask is not None else None
-        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + self.attn(h, mask)
         return x + self.mlp(self.ln_2(x))
 
 
