@@ -23,8 +23,8 @@ setup(
                   "restore_plugins.configs": ["datasets/*.yaml", "trainers/*/*.yaml", "trainers/*/*/*.yaml"]},
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.1,<=2.14.1",
-        "torchvision>=0.16,<=0.29.1",
+        "torch>=2.5,<=2.14.1",  # 2.5: torch.serialization.safe_globals (safe checkpoint loading)
+        "torchvision>=0.20,<=0.29.1",  # the torchvision of torch 2.5
         "open_clip_torch>=2.20",
         "yacs>=0.1.8",
         "numpy",
@@ -36,7 +36,7 @@ setup(
         "ftfy",
         "regex",
     ],
-    extras_require={"test": ["pytest>=7", "submitit>=1.5"], "cluster": ["submitit>=1.5"]},
+    extras_require={"test": ["pytest>=7", "submitit>=1.5", "ruff>=0.17,<0.18", "mypy>=2.4,<2.5"], "cluster": ["submitit>=1.5"]},
     entry_points={"console_scripts": ["restore-dassl-alias=restore.dassl_alias:main"],
                   "restore.plugins": ["trainers = restore_plugins.trainers:register_all", "datasets = restore_plugins.datasets"]},
 )

@@ -452,7 +452,7 @@ def measure_eval(trainer: PromptTrainer, batch: dict[str, torch.Tensor], device:
         modes["per_batch_text"] = (context(lambda: speedups(cache=False)), infer)
     paired = _paired(modes, device, warmup, reps)
     per_s = {k: round(images.shape[0] / seconds, 2) for k, (seconds, _) in paired.items()}
-    row = {"eval_images_per_s": per_s["fast"], "eval_images_per_s_plain": per_s["plain"]}
+    row: dict[str, float | None] = {"eval_images_per_s": per_s["fast"], "eval_images_per_s_plain": per_s["plain"]}
     row["eval_speedup"] = _ratio(row["eval_images_per_s"], row["eval_images_per_s_plain"])
     if per_batch_text:
         row["eval_images_per_s_per_batch_text"] = per_s["per_batch_text"]

@@ -340,8 +340,8 @@ class MMRL(PromptTrainer):
         node = cls.method_node(cfg)
         template = node.TEMPLATE or configured_template(cfg)
         logger.info(f"MMRL text template: {template!r}")
-        drawn = draws or [{}]
-        proj_rep = (drawn[0].get("vision_proj_extra") or [None])[0]  # drawn inside the official CLIP build
+        extra = draws[0].get("vision_proj_extra") if draws else None
+        proj_rep = extra[0] if extra else None  # drawn inside the official CLIP build
         return MMRLModel(clip_model, classnames, template, n_rep_tokens=node.N_REP_TOKENS, rep_dim=node.REP_DIM,
                          rep_layers=node.REP_LAYERS, alpha=node.ALPHA, reg_weight=node.REG_WEIGHT, mix=node.MIX,
                          proj_rep=proj_rep)

@@ -396,7 +396,7 @@ class RestoreMaPLeModel(RestoreModel, MaPLeModel):
     def complete_official_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """MaPLe_FSA stores no reference norms or ratio-update epoch: this model's current values."""
         own = self.checkpoint_state()
-        extra = {k: own[k] for k in ("restore.fs_ref_text", "restore.fs_ref_vision", "restore.fs_ref_steps",
+        extra: dict[str, torch.Tensor] = {k: own[k] for k in ("restore.fs_ref_text", "restore.fs_ref_vision", "restore.fs_ref_steps",
                                      "restore.ratio_updated_epoch") if k in own and k not in state}
         ratios = {k: v.to(own[k].dtype) for k, v in state.items() if k in ("restore.text_ratio", "restore.vision_ratio")}
         return {**state, **ratios, **extra}
@@ -631,13 +631,16 @@ def benchmark_shift_modes(arch: str = "tiny", num_classes: int = 50, batch_size:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if dev.type == "cuda" else None
     images = torch.randn(batch_size, 3, clip.visual.input_resolution, clip.visual.input_resolution, device=dev)
     labels = torch.randint(0, num_classes, (batch_size,), device=dev)
-    models, optims, times = {}, {}, {}
+    models: dict[str, RestoreMaPLeModel] = {}
+    optims: dict[str, torch.optim.Optimizer] = {}
+    times: dict[str, list[float]] = {}
     for mode in modes:
         node = cfg.TRAINER.RESTORE.clone()
         node.SHIFT = mode
         model = RestoreMaPLeModel(clip, classnames, node).to(dev)
         model.freeze()
-        models[mode] = model.train()
+        models[mode] = model
+        model.train()
         optims[mode] = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         times[mode] = []
     for step in range(warmup + steps):  # modes interleaved step by step: fair under a varying machine load

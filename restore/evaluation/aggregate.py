@@ -410,7 +410,7 @@ def plot_base2new(key: GroupKey, rows: Sequence[Base2NewRow], path: str) -> str:
     import matplotlib.pyplot as plt
 
     names = ["Average" if r.is_average else display(r.dataset) for r in rows]
-    series = [("Base", [r.base.mean for r in rows], [r.base.std for r in rows]),
+    series: list[tuple[str, list[float | None], list[float | None]]] = [("Base", [r.base.mean for r in rows], [r.base.std for r in rows]),
               ("New", [r.new.mean for r in rows], [r.new.std for r in rows]),
               ("HM", [r.hm for r in rows], [None] * len(rows))]
     width = 0.27
@@ -498,20 +498,20 @@ def aggregate(root: str, out: Optional[str] = None, plot: bool = True) -> tuple[
         if tables:
             sections.append(f"## {title}\n")
             csv_rows = []
-            for key, rows in tables.items():
-                sections.append(transfer_markdown(key, rows, protocol_dir))
-                csv_rows += transfer_csv_rows(key, rows)
+            for tkey, trows in tables.items():
+                sections.append(transfer_markdown(tkey, trows, protocol_dir))
+                csv_rows += transfer_csv_rows(tkey, trows)
             files[fname] = osp.join(out, fname)
             _write_csv(files[fname], csv_rows)
     few = fewshot_tables(records)
     if few:
         sections.append("## Few-shot classification\n")
         csv_rows = []
-        for key, table in few.items():
-            sections.append(fewshot_markdown(key, table))
+        for fkey, table in few.items():
+            sections.append(fewshot_markdown(fkey, table))
             for dataset, by_shots in table.items():
                 for k, s in by_shots.items():
-                    csv_rows.append({"method": key[0], "cfg": key[1], "backbone": key[2], "dataset": dataset,
+                    csv_rows.append({"method": fkey[0], "cfg": fkey[1], "backbone": fkey[2], "dataset": dataset,
                                      "shots": k, "n_seeds": s.n, "mean": s.mean, "std": s.std,
                                      "values": " ".join(f"{v:g}" for v in s.values)})
         files["few_shot.csv"] = osp.join(out, "few_shot.csv")

@@ -98,7 +98,7 @@ class DatasetBase:
 
     def download_data(self, url: str, dst: str, from_gdrive: bool = True) -> None:
         """Download an archive to ``dst`` and extract it next to it (Google Drive needs ``gdown``)."""
-        from ...data.prepare import download, extract
+        from ...datasets.prepare import download, extract
 
         mkdir_if_missing(osp.dirname(dst))
         if from_gdrive:

@@ -80,8 +80,8 @@ class SplitDataset(BenchmarkMixin, DatasetBase):
         self.split_path = osp.join(self.dataset_dir, self.split_file) if self.split_file else ""
         train, val, test = self.load_splits(cfg)
         self.check_labels(train, f"the train split of {self.split_path or self.dataset_dir}")
-        train, val = load_or_create_fewshot(cfg, self.dataset_dir, train, val, cfg.DATASET.NUM_SHOTS, cfg.SEED)
-        train, val, test = subsample_classes(train, val, test, subsample=cfg.DATASET.SUBSAMPLE_CLASSES)
+        train, fewshot_val = load_or_create_fewshot(cfg, self.dataset_dir, train, val, cfg.DATASET.NUM_SHOTS, cfg.SEED)
+        train, val, test = subsample_classes(train, fewshot_val, test, subsample=cfg.DATASET.SUBSAMPLE_CLASSES)
         super().__init__(train_x=train, val=val, test=test)
 
     def load_splits(self, cfg: Any) -> tuple[list[Datum], list[Datum], list[Datum]]:
@@ -121,7 +121,7 @@ def read_wnid_folders(split_dir: str, classnames: Mapping[str, str], owner: Benc
     folders = sorted(f.name for f in os.scandir(split_dir) if f.is_dir() and not f.name.startswith("."))
     if not folders:
         raise owner.error("no class folders found", split_dir)
-    items = []
+    items: list[Any] = []
     for label, folder in enumerate(folders):
         if folder not in classnames:
             raise owner.error(f"class folder {folder!r} is not listed in classnames.txt", osp.join(split_dir, folder))
