@@ -189,11 +189,11 @@ def test_restore_reads_maple_fsa_names(tiny_clip):
     for side in ("text", "visual"):
         for ours_name, theirs in (("ln", "post_ln"), ("up", "FFN.0"), ("down", "FFN.2")):
             for kind in ("weight", "bias"):
-                official[f"{side}_adapter.{theirs}.{kind}"] = torch.randn_like(ours[f"{side}_adapter.{ours_name}.{kind}"])
+                official[f"{side}_adapter.{theirs}.{kind}"] = torch.randn_like(ours[f"restore.{side}_adapter.{ours_name}.{kind}"])
     model.load_checkpoint_state(official, "MaPLe_FSA")
     state = model.checkpoint_state()
     assert torch.equal(state["prompt_learner.text_context.ctx"], official["prompt_learner.ctx"])
-    assert torch.equal(state["visual_adapter.down.weight"], official["visual_adapter.FFN.2.weight"])
-    assert torch.equal(state["text_adapter.ln.bias"], official["text_adapter.post_ln.bias"])
-    assert float(state["text_ratio"]) == pytest.approx(0.3) and float(state["vision_ratio"]) == pytest.approx(0.02)
-    assert torch.equal(state["fs_ref_text"], ours["fs_ref_text"])  # not in MaPLe_FSA's state: kept
+    assert torch.equal(state["restore.visual_adapter.down.weight"], official["visual_adapter.FFN.2.weight"])
+    assert torch.equal(state["restore.text_adapter.ln.bias"], official["text_adapter.post_ln.bias"])
+    assert float(state["restore.text_ratio"]) == pytest.approx(0.3) and float(state["restore.vision_ratio"]) == pytest.approx(0.02)
+    assert torch.equal(state["restore.fs_ref_text"], ours["restore.fs_ref_text"])  # not in MaPLe_FSA's state: kept

@@ -142,7 +142,7 @@ def test_ddp_loss_curve_and_weights_match_single_process(runs):
     assert ddp["local_batch_size"] == GLOBAL_BATCH // 2 and single["local_batch_size"] == GLOBAL_BATCH
     assert ddp["local_batches"] == single["local_batches"] and len(single["losses"]) == EPOCHS * single["local_batches"]
     assert len(set(round(x, 6) for x in single["losses"])) > 1  # it trains
-    assert ddp["losses"] == pytest.approx(single["losses"], abs=1e-6, rel=1e-6)
+    assert ddp["losses"] == pytest.approx(single["losses"], abs=1e-6, rel=1e-5)  # fp32 round-off: rank sums in another order
     assert torch.allclose(ddp["grads"][0], single["grads"][0], rtol=0, atol=1e-5)  # same weights, same gradient
     # final weights: equal up to fp32 round-off (grads summed in a different order) carried through 6 steps
     assert torch.allclose(ddp["ctx"], single["ctx"], rtol=1e-4, atol=1e-5)
