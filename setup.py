@@ -36,7 +36,7 @@ setup(
         "ftfy",
         "regex",
     ],
-    extras_require={"test": ["pytest>=7", "submitit>=1.5", "ruff>=0.17,<0.18", "mypy>=2.4,<2.5"], "cluster": ["submitit>=1.5"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.5", "submitit>=1.5", "ruff>=0.17,<0.18", "mypy>=2.4,<2.5"], "cluster": ["submitit>=1.5"]},
     entry_points={"console_scripts": ["restore-dassl-alias=restore.dassl_alias:main"],
                   "restore.plugins": ["trainers = restore_plugins.trainers:register_all", "datasets = restore_plugins.datasets"]},
 )

@@ -18,6 +18,7 @@ merging its command-line opts: ``restore.methods.apply_dataset_overrides(cfg, ar
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -116,7 +117,11 @@ def register_method(spec: MethodSpec, trainer_cls: Any = None) -> MethodSpec:
     caller = sys._getframe(1).f_globals
     module = getattr(trainer_cls, "__module__", "") if trainer_cls is not None else str(caller.get("__name__", ""))
     if module == "__main__":
-        return spec
+        where = str(caller.get("__file__", "this file"))
+        sys.stderr.write(f"error: {where} is a method plugin, not a program: train it with `python train.py --trainer "
+                         f"{spec.trainer} ...` and list its per-dataset values with `python -m restore.methods "
+                         f"--overrides DATASET`\n")
+        raise SystemExit(2)
     if not spec.config_root and caller.get("__file__"):
         spec = _replace(spec, config_root=_find_config_root(str(caller["__file__"])))
     if trainer_cls is not None and _importing_sibling(module):
@@ -185,6 +190,12 @@ def find_method(trainer: str) -> Optional[MethodSpec]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
+def _realpath(path: str) -> str:
+    """``os.path.realpath`` remembered: the protocol runner asks about every loaded module's file many times."""
+    return osp.realpath(path)
+
+
 def _loaded_copy(module: str) -> Any:
     """``module`` itself, or a module already imported under another name from the same file; else None."""
     import importlib.util
@@ -198,9 +209,9 @@ def _loaded_copy(module: str) -> Any:
     origin = getattr(found, "origin", None)
     if not origin:
         return None
-    origin = osp.realpath(origin)
+    origin = _realpath(origin)
     for loaded in list(sys.modules.values()):
-        if osp.realpath(str(getattr(loaded, "__file__", None) or "")) == origin:
+        if _realpath(str(getattr(loaded, "__file__", None) or "")) == origin:
             return loaded
     return None
 

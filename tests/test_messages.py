@@ -234,6 +234,26 @@ def test_split_label_outside_the_class_range_names_label_and_file(tmp_path):
         read_split(str(path), str(tmp_path))
 
 
+def test_split_label_outside_the_class_range_through_the_dataset_is_one_sentence(tmp_path):
+    """The benchmark loader names the dataset and the label; no folder layout follows (the layout is fine)."""
+    import datasets  # noqa: F401  registers DescribableTextures
+    from restore.datasets.synthetic import make_synthetic
+    from restore.engine.data import DatasetNotFoundError, build_dataset
+
+    make_synthetic("dtd", str(tmp_path / "data"), num_classes=2, images_per_class=6)
+    (path,) = (tmp_path / "data" / "dtd").glob("split_zhou_*.json")
+    split = json.loads(path.read_text())
+    split["train"][0][1] = 9
+    path.write_text(json.dumps(split))
+    cfg = get_cfg_default()
+    cfg.DATASET.NAME, cfg.DATASET.ROOT = "DescribableTextures", str(tmp_path / "data")
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_dataset(cfg)
+    message = str(err.value)
+    assert message.startswith("DescribableTextures: Label 9 (class ") and f"split of {path}" in message
+    assert "\n" not in message and "Expected layout" not in message, message
+
+
 def test_read_only_dataset_folder_says_to_set_cache_dir(tmp_path):
     import datasets  # noqa: F401  registers DescribableTextures
     from restore.datasets.synthetic import make_synthetic

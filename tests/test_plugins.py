@@ -283,3 +283,20 @@ def test_dataset_overrides_precedence_and_a_bad_entry(tmp_path):
     assert cfg.TRAINER.RESTORE.TEXT_RATIO == extend_cfg(get_cfg_default()).TRAINER.RESTORE.TEXT_RATIO
     with pytest.raises(ConfigError, match=r"base2new\.yaml: the values for EuroSAT do not fit the config .*fix that entry"):
         apply_dataset_overrides(cfg_for("EuroSAT"), spec=spec)
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # imported by conftest, run again here
+@pytest.mark.parametrize("module", ["trainers.restore_trainer", "trainers.coop"])
+def test_running_a_trainer_file_as_a_program_says_what_to_run(module, capsys):
+    """A method file run with ``python -m`` registers nothing and says, in one line, which commands to use."""
+    import runpy
+
+    from restore.engine.registry import TRAINER_REGISTRY
+
+    before = dict(TRAINER_REGISTRY._obj_map)
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module(module, run_name="__main__")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert "is a method plugin, not a program" in err and "python -m restore.methods --overrides DATASET" in err
+    assert dict(TRAINER_REGISTRY._obj_map) == before

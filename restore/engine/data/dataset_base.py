@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from restore.log import get_logger
 from ..utils import atomic_write_bytes, disk_full_error, listdir_nohidden, mkdir_if_missing, write_json
-from .datum import DatasetNotFoundError, Datum, MissingImageError, dumps_datum_cache, load_datum_cache
+from .datum import CorruptSplitError, DatasetNotFoundError, Datum, MissingImageError, dumps_datum_cache, load_datum_cache
 
 logger = get_logger(__name__)
 
@@ -184,7 +184,7 @@ def read_split(filepath: str, path_prefix: str, hint: str = "") -> tuple[list[Da
         triples = {key: [(osp.join(path_prefix, str(rel)), int(label), str(cname)) for rel, label, cname in split[key]]
                    for key in ("train", "val", "test")}
     except (ValueError, KeyError, TypeError) as err:
-        raise DatasetNotFoundError(
+        raise CorruptSplitError(
             f"Malformed split file {filepath} ({type(err).__name__}: {err}). Expected a JSON object with keys "
             f"'train', 'val', 'test', each a list of [relative_path, label, classname]. Re-download it."
             f"{(' ' + hint) if hint else ''}") from None
@@ -205,7 +205,7 @@ def _check_label_range(triples: Mapping[str, list[tuple[str, int, str]]], filepa
                              for _, label, cname in items if label in outside)
     has = f"0..{run - 1}" if run else "no label 0"
     rest = ", ".join(str(x) for x in outside[:5]) + (", ..." if len(outside) > 5 else "")
-    raise DatasetNotFoundError(
+    raise CorruptSplitError(
         f"Label {label} (class {cname!r}) in the {key!r} split of {filepath} is outside the class range: labels "
         f"must run 0..N-1 without gaps, and the file has {has}, then {rest}. The split file is corrupted or was "
         f"edited; re-download it.{(' ' + hint) if hint else ''}")

@@ -22,6 +22,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset folder, split file or image that is missing or malformed; the message says what to do."""
 
 
+class CorruptSplitError(DatasetNotFoundError):
+    """A split file whose content is malformed; the message names the file, so no folder layout is shown."""
+
+
 class MissingImageError(FileNotFoundError, AssertionError):
     """A Datum pointing at a missing file (also an AssertionError, as Dassl's assert was)."""
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 from ..utils import listdir_nohidden
 from .dataset_base import (DatasetBase, cache_root, load_or_create_fewshot, make_datums, read_and_split_data,
                            read_classnames, read_split, save_split, subsample_classes, writable_cache)
-from .datum import DatasetNotFoundError, Datum
+from .datum import CorruptSplitError, DatasetNotFoundError, Datum
 
 __all__ = ["BenchmarkMixin", "SplitDataset", "ImageFolderTestset", "read_wnid_folders"]
 
@@ -91,6 +91,8 @@ class SplitDataset(BenchmarkMixin, DatasetBase):
             if osp.isfile(path):
                 try:
                     return read_split(path, self.image_dir)
+                except CorruptSplitError as err:
+                    raise CorruptSplitError(f"{type(self).__name__}: {err}") from None
                 except DatasetNotFoundError as err:
                     raise self.error(str(err), path) from None
         print(f"Warning: {self.split_path} not found; building the split from the raw files (a random split: "
