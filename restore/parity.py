@@ -3,13 +3,18 @@
     python -m restore.parity --write-clip parity_clip.pt               # the parity CLIP (restore.official)
     python -m restore.datasets.synthetic dtd --root DATA --classes 4 --images-per-class 12
     python -m restore.parity --official ../official/CoOp --trainer CoOp --root DATA --weights parity_clip.pt \\
-        --output parity_out [--resume] [--best-val] [--fixture tests/data/parity/coop.json] [KEY VALUE ...]
+        --output parity_out [--resume] [--best-val] [--noise-floor] [--fixture tests/data/parity/coop.json] \\
+        [KEY VALUE ...]
 
 Runs the official ``train.py`` on this engine (or on the real Dassl with ``--real-dassl DIR``) and
 our ``train.py``, each in its own process, with the same seed, data, config values and weights
 file, in fp32 on the CPU; prints per epoch both loss sequences and a per-tensor comparison of the
 learned state after the last epoch. ``--resume`` kills our run after epoch 1 and resumes it;
 ``--best-val`` selects the model on the validation set (compares ``model-best.pth.tar``).
+``--noise-floor`` runs the official code a second time with another number of CPU threads (the same
+computation, summed in another order) and prints how far the official run is from itself: the
+round-off floor of the comparison (under AdamW, isolated elements whose gradient is at round-off
+level at a step move by up to ~lr, in the official run against itself as in ours against it).
 ``--fixture`` records the official run (per-batch losses, compact per-tensor summaries) as JSON
 for the test suite. The method's settings come from the ``OFFICIAL`` :class:`~restore.official.OfficialRun`
 declared beside its trainer.
@@ -198,6 +203,8 @@ def killed_after_epoch(epoch: int) -> Iterator[None]:
 
 
 def _side_main(side: str, spec: dict[str, Any]) -> int:
+    if spec.get("threads"):  # --noise-floor: the same computation with another summation order
+        torch.set_num_threads(int(spec["threads"]))
     if side == "official":
         run_official(spec["checkout"], spec["argv"], spec["weights"], real_dassl=spec.get("real_dassl"),
                      losses=spec["losses"], logits=spec.get("logits"))
@@ -293,6 +300,8 @@ def parity(args: argparse.Namespace) -> int:
             loss_diff = math.inf
         rows.append((mode, off_losses, our_losses, equal, len(table), max((r for _, r, _ in table), default=0.0),
                      max((r for _, _, r in table), default=0.0), loss_diff))
+        if args.noise_floor and mode == "plain":
+            rows.append(_noise_floor(args, run, spec, output, off_losses, off_state))
         fixture[mode] = {"losses": [[r["epoch"], r["batch"], r["loss"]] for r in off_losses],
                          "tensors": {k: summarise(v) for k, v in off_state.items()}}
     print(f"\n| method | run | first-batch loss ours / official | last-epoch loss ours / official | "
@@ -302,7 +311,8 @@ def parity(args: argparse.Namespace) -> int:
     for mode, off, ours, equal, total, worst, worst_l2, loss_diff in rows:
         print(f"| {label} | {mode} | {ours[0]['loss']:.6f} / {off[0]['loss']:.6f} | {_last_epoch_mean(ours):.6f} / "
               f"{_last_epoch_mean(off):.6f} | {equal}/{total} | {worst:.1e} | {worst_l2:.1e} | {loss_diff:.1e} |")
-        ok = ok and equal == total and loss_diff <= 1e-4
+        if not mode.startswith("official"):  # the noise-floor row is information, not a verdict
+            ok = ok and equal == total and loss_diff <= 1e-4
     if args.fixture:
         commit = subprocess.run(["git", "-C", osp.abspath(args.official), "rev-parse", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
@@ -315,6 +325,30 @@ def parity(args: argparse.Namespace) -> int:
             json.dump(record, f, indent=1)
         print(f"fixture written to {args.fixture}")
     return 0 if ok else 1
+
+
+def _noise_floor(args: argparse.Namespace, run: OfficialRun, spec: dict[str, Any], output: str,
+                 off_losses: list[dict[str, Any]], off_state: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    """The official run again with another number of CPU threads, compared with the first official run
+    (a summary-table row whose "ours" column is this second official run)."""
+    threads = 1 if torch.get_num_threads() > 1 else 2
+    out = osp.join(output, "noise_official")
+    shutil.rmtree(out, ignore_errors=True)
+    common = common_opts(args.seed, osp.abspath(args.root), out, args.epochs, args.shots, args.batch, args.resolution)
+    _run_side("official", {**spec, "checkout": osp.abspath(args.official), "output": out, "threads": threads,
+                           "argv": official_argv(run, common, args.opts), "losses": out + ".losses.json"})
+    losses = _read_json(out + ".losses.json")
+    table = compare_tensors(learned_state(out, run, args.epochs, official=True), off_state)
+    print(f"\n== official {run.trainer} vs itself (CPU threads {threads} vs {torch.get_num_threads()}): "
+          f"the comparison's round-off floor")
+    for key, rel, rel_l2 in table:
+        print(f"  {key:60s} max rel diff {rel:.2e}   rel L2 diff {rel_l2:.2e}")
+    loss_diff = max((abs(a["loss"] - b["loss"]) for a, b in zip(off_losses, losses)), default=math.inf)
+    if len(off_losses) != len(losses):
+        loss_diff = math.inf
+    return (f"official vs itself (threads {threads} vs {torch.get_num_threads()})", off_losses, losses,
+            sum(rel <= RTOL for _, rel, _ in table), len(table), max((r for _, r, _ in table), default=0.0),
+            max((r for _, _, r in table), default=0.0), loss_diff)
 
 
 def logits_difference(ours: Sequence[Sequence[float]], official: Sequence[Sequence[float]]) -> float:
@@ -384,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=32, help="INPUT.SIZE; the weights' input resolution")
     parser.add_argument("--resume", action="store_true", help="also: our run killed after epoch 1, then resumed")
     parser.add_argument("--best-val", action="store_true", help="also: best-val model selection")
+    parser.add_argument("--noise-floor", action="store_true", help="also: the official run again with another "
+                        "number of CPU threads, compared with itself (the comparison's round-off floor)")
     parser.add_argument("--eval-only", action="store_true", help="compare evaluation outputs only (zero-shot CLIP)")
     parser.add_argument("--fixture", help="write the official runs' losses and tensor summaries (JSON) here")
     parser.add_argument("--side", choices=("official", "ours"), help=argparse.SUPPRESS)

@@ -156,3 +156,19 @@ def test_shuffling_draws_from_the_global_rng_like_dassl(tmp_path):
     dassl = DataLoader(list(range(10)), batch_size=4, sampler=RandomSampler(list(range(10))), drop_last=True)
     expected = [list(iter(dassl.batch_sampler)) for _ in range(2)]
     assert order == expected and order[0] != order[1]
+
+
+def test_tensor_comparison_reports_the_worst_element_and_the_normwise_difference():
+    """One element off by 5e-5 of the tensor's largest value (what AdamW makes of a round-off-level
+    gradient: a step of up to ~lr, see docs/parity.md): the max-element metric shows it, the
+    normwise one (||a - b|| / ||b||) barely; the tool prints both. ``--noise-floor`` is a flag."""
+    from restore.parity import RTOL, build_parser, compare_tensors
+
+    official = torch.linspace(-1.0, 1.0, 10_000)
+    ours = official.clone()
+    ours[1234] += 5e-5
+    [(key, rel, rel_l2)] = compare_tensors({"w": ours}, {"w": official})
+    assert key == "w" and rel > RTOL and rel_l2 < RTOL
+    assert abs(rel - 5e-5) < 1e-7 and abs(rel_l2 - 5e-5 / float(official.norm())) < 1e-8
+    assert compare_tensors({}, {"w": official}) == [("w", float("inf"), float("inf"))]
+    assert build_parser().parse_args(["--noise-floor"]).noise_floor
