@@ -880,15 +880,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.official:
         return _main_official(args, device, start)
 
+    report = run_benchmark(device, quick=args.quick, trainers=args.trainers, tiny=args.tiny, reps=args.reps,
+                           class_counts=args.classes, memory=not args.no_memory, on_progress=_partial_saver(args),
+                           precision=args.precision)
+    report["wall_s"] = round(time.time() - start, 1)
+    _write_report(report, markdown(report), args)
+    return 0
+
+
+def _partial_saver(args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
+    """Writes the report so far (marked partial) after every row, so a long run is never lost."""
+
     def save_partial(partial: dict[str, Any]) -> None:
         if args.json:
             atomic_write_json({**partial, "partial": True}, os.path.abspath(args.json))
 
-    report = run_benchmark(device, quick=args.quick, trainers=args.trainers, tiny=args.tiny, reps=args.reps,
-                           class_counts=args.classes, memory=not args.no_memory, on_progress=save_partial,
-                           precision=args.precision)
-    report["wall_s"] = round(time.time() - start, 1)
-    table = markdown(report)
+    return save_partial
+
+
+def _write_report(report: dict[str, Any], table: str, args: argparse.Namespace) -> None:
+    """Print the Markdown table and write the ``--json`` / ``--md`` files asked for."""
     print()
     print(table)
     if args.json:
@@ -899,37 +910,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.md, "w") as f:
             f.write(table)
         print(f"Markdown written to {args.md}")
-    return 0
 
 
 def _main_official(args: argparse.Namespace, device: torch.device, start: float) -> int:
     from restore.benchmark_official import environment_line, official_markdown, run_official_benchmark
 
     precision = args.official_precision or ("fp16" if device.type == "cuda" else "fp32")
-
-    def save_partial(partial: dict[str, Any]) -> None:  # every row, so a long run is never lost
-        if args.json:
-            atomic_write_json({**partial, "partial": True}, os.path.abspath(args.json))
     try:
         report = run_official_benchmark(args.official, device, trainers=args.trainers, class_counts=args.classes,
                                         precision=precision, reps=args.reps, tiny=args.tiny, mha=args.mha,
-                                        eval_reps=args.eval_reps, on_progress=save_partial)
+                                        eval_reps=args.eval_reps, on_progress=_partial_saver(args))
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report["machine"] = environment_line()
     report["wall_s"] = round(time.time() - start, 1)
-    table = official_markdown(report)
-    print()
-    print(table)
-    if args.json:
-        atomic_write_json(report, os.path.abspath(args.json))
-        print(f"JSON written to {args.json}")
-    if args.md:
-        os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
-        with open(args.md, "w") as f:
-            f.write(table)
-        print(f"Markdown written to {args.md}")
+    _write_report(report, official_markdown(report), args)
     refused = [f"{n} {c}" for n, rows in report["results"].items() for c, r in rows.items() if "refused" in r]
     return 3 if refused else 0
 

@@ -191,17 +191,35 @@ def official_shims(checkout: str, weights: str, fp32: bool = True, real_dassl: s
 # --------------------------------------------------------------------------- running
 
 
+def _engine_classes(modules: Sequence[str], name: str) -> list[Any]:
+    """The class ``name`` of each engine among ``modules`` already imported (ours, the real Dassl's)."""
+    found: list[Any] = []
+    for module_name in modules:
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, name) and getattr(module, name) not in found:
+            found.append(getattr(module, name))
+    return found
+
+
+@contextlib.contextmanager
+def _wrapped(classes: Sequence[Any], attr: str, wrap: Callable[[Any], Any]) -> Iterator[None]:
+    """Replace method ``attr`` of each class by ``wrap(original)`` for the duration; put it back after."""
+    originals = [(cls, getattr(cls, attr)) for cls in classes]
+    for cls, original in originals:
+        setattr(cls, attr, wrap(original))
+    try:
+        yield
+    finally:
+        for cls, original in originals:
+            setattr(cls, attr, original)
+
+
 @contextlib.contextmanager
 def record_losses(path: str | None) -> Iterator[list[dict[str, Any]]]:
     """Record every ``forward_backward`` summary (full-precision floats) of any TrainerX; written as
     JSON (``[{"epoch", "batch", **summary}]``) to ``path`` when given, on exit."""
     records: list[dict[str, Any]] = []
-    classes = []
-    for module_name in ("restore.engine.trainer", "dassl.engine.trainer"):
-        module = sys.modules.get(module_name)
-        if module is not None and hasattr(module, "TrainerX") and module.TrainerX not in classes:
-            classes.append(module.TrainerX)
-    originals = [(cls, cls.run_epoch) for cls in classes]
+    classes = _engine_classes(("restore.engine.trainer", "dassl.engine.trainer"), "TrainerX")
 
     def wrap(run_epoch: Callable[[Any], Any]) -> Callable[[Any], Any]:
         def run(self: Any) -> Any:
@@ -220,16 +238,13 @@ def record_losses(path: str | None) -> Iterator[list[dict[str, Any]]]:
                 del self.forward_backward
         return run
 
-    for cls, original in originals:
-        cls.run_epoch = wrap(original)
-    try:
-        yield records
-    finally:
-        for cls, original in originals:
-            cls.run_epoch = original
-        if path:
-            with open(path, "w") as f:
-                json.dump(records, f)
+    with _wrapped(classes, "run_epoch", wrap):
+        try:
+            yield records
+        finally:
+            if path:
+                with open(path, "w") as f:
+                    json.dump(records, f)
 
 
 @contextlib.contextmanager
@@ -237,13 +252,8 @@ def record_logits(path: str | None) -> Iterator[list[list[float]]]:
     """Record every batch of model outputs an evaluator receives (``process(mo, gt)``), as rows of
     floats; written as JSON to ``path`` when given, on exit."""
     rows: list[list[float]] = []
-    classes = []
-    for module_name in ("restore.engine.evaluator", "dassl.evaluation.evaluator"):
-        module = sys.modules.get(module_name)
-        if module is not None and hasattr(module, "EvaluatorBase") and module.EvaluatorBase not in classes:
-            classes.append(module.EvaluatorBase)
+    classes = _engine_classes(("restore.engine.evaluator", "dassl.evaluation.evaluator"), "EvaluatorBase")
     targets = [sub for cls in classes for sub in (cls, *cls.__subclasses__()) if "process" in vars(sub)]
-    originals = [(cls, cls.process) for cls in targets]
 
     def wrap(process: Callable[..., Any]) -> Callable[..., Any]:
         def recorded(self: Any, mo: torch.Tensor, gt: torch.Tensor) -> Any:
@@ -251,16 +261,13 @@ def record_logits(path: str | None) -> Iterator[list[list[float]]]:
             return process(self, mo, gt)
         return recorded
 
-    for cls, original in originals:
-        cls.process = wrap(original)
-    try:
-        yield rows
-    finally:
-        for cls, original in originals:
-            cls.process = original
-        if path:
-            with open(path, "w") as f:
-                json.dump(rows, f)
+    with _wrapped(targets, "process", wrap):
+        try:
+            yield rows
+        finally:
+            if path:
+                with open(path, "w") as f:
+                    json.dump(rows, f)
 
 
 def build_official_trainer(checkout: str, argv: Sequence[str], weights: str, fp32: bool = True,

@@ -18,6 +18,16 @@ def token_ids(lengths: list[int], seed: int = 0) -> torch.Tensor:
     return ids
 
 
+def tiny_run_config(lr: float = 0.01, max_epoch: int = 1, schedule: bool = True, extra: str = "") -> str:
+    """A trainer YAML for the tiny random CLIP: batch 2 (test 8), no loader workers, SGD at ``lr`` for
+    ``max_epoch`` epochs (cosine after one constant warm-up epoch when ``schedule``), plus ``extra`` sections."""
+    warmup = ('  LR_SCHEDULER: "cosine"\n  WARMUP_EPOCH: 1\n  WARMUP_TYPE: "constant"\n  WARMUP_CONS_LR: 1e-5\n'
+              if schedule else "")
+    return ("DATALOADER:\n  TRAIN_X:\n    BATCH_SIZE: 2\n  TEST:\n    BATCH_SIZE: 8\n  NUM_WORKERS: 0\n"
+            f'OPTIM:\n  NAME: "sgd"\n  LR: {lr}\n  MAX_EPOCH: {max_epoch}\n{warmup}'
+            'MODEL:\n  BACKBONE:\n    NAME: "tiny"\n' + extra.lstrip("\n"))
+
+
 def run_train_py(args: list[str], as_cli: bool = False) -> int:
     """Run ``train.py``'s ``main`` in this process (a subprocess mostly spends its time importing torch).
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import tiny_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,23 +53,7 @@ SPEC = register_method(MethodSpec(
 ), ExamplePrompt)
 '''
 
-EXAMPLE_CONFIG = '''
-DATALOADER:
-  TRAIN_X:
-    BATCH_SIZE: 2
-  TEST:
-    BATCH_SIZE: 8
-  NUM_WORKERS: 0
-INPUT:
-  SIZE: (224, 224)
-OPTIM:
-  NAME: "sgd"
-  LR: 0.002
-  MAX_EPOCH: 1
-MODEL:
-  BACKBONE:
-    NAME: "tiny"
-'''
+EXAMPLE_CONFIG = tiny_run_config(lr=0.002, schedule=False, extra="INPUT:\n  SIZE: (224, 224)\n")
 
 
 @pytest.fixture

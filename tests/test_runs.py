@@ -18,40 +18,23 @@ import sys
 
 import pytest
 import torch
-from helpers import run_train_py
+from helpers import run_train_py, tiny_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CFG = """
-DATALOADER:
-  TRAIN_X:
-    BATCH_SIZE: 2
-  TEST:
-    BATCH_SIZE: 8
-  NUM_WORKERS: 0
+CFG = tiny_run_config(max_epoch=3, extra="""
 INPUT:
   SIZE: (224, 224)
   INTERPOLATION: "bicubic"
   PIXEL_MEAN: [0.48145466, 0.4578275, 0.40821073]
   PIXEL_STD: [0.26862954, 0.26130258, 0.27577711]
   TRANSFORMS: ["random_resized_crop", "random_flip", "normalize"]
-OPTIM:
-  NAME: "sgd"
-  LR: 0.01
-  MAX_EPOCH: 3
-  LR_SCHEDULER: "cosine"
-  WARMUP_EPOCH: 1
-  WARMUP_TYPE: "constant"
-  WARMUP_CONS_LR: 1e-5
 TRAIN:
   PRINT_FREQ: 1
-MODEL:
-  BACKBONE:
-    NAME: "tiny"
 TRAINER:
   COOP:
     N_CTX: 4
-"""
+""")
 
 
 @pytest.fixture(scope="module")

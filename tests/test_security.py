@@ -22,35 +22,14 @@ import warnings
 
 import pytest
 import torch
-from helpers import dassl_checkpoint, run_train_py
+from helpers import dassl_checkpoint, run_train_py, tiny_run_config
 
 from restore.engine.data import DatasetNotFoundError
 from restore.engine.serialization import TRUST_WARNING, checkpoint_safe_globals
 from restore.engine.utils import CheckpointError, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = """
-DATALOADER:
-  TRAIN_X:
-    BATCH_SIZE: 2
-  TEST:
-    BATCH_SIZE: 8
-  NUM_WORKERS: 0
-OPTIM:
-  NAME: "sgd"
-  LR: 0.01
-  MAX_EPOCH: 1
-  LR_SCHEDULER: "cosine"
-  WARMUP_EPOCH: 1
-  WARMUP_TYPE: "constant"
-  WARMUP_CONS_LR: 1e-5
-MODEL:
-  BACKBONE:
-    NAME: "tiny"
-TRAINER:
-  COOP:
-    N_CTX: 4
-"""
+CFG = tiny_run_config(extra="TRAINER:\n  COOP:\n    N_CTX: 4\n")
 REFUSED = ("Refusing to load {path}: it refers to {name}, which a checkpoint of this library or of Dassl does not "
            "contain and whose unpickling could run code; if you trust where the file came from, re-run with "
            "--trust-checkpoint to unpickle it fully.")
