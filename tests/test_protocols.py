@@ -744,6 +744,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _interrupt(proc: subprocess.Popen, ready, sig: int) -> tuple[str, str, list[int], list[int]]:
+    """Once ``ready()`` returns the runner's train.py children, send ``sig`` to the runner and collect its
+    output: (stdout, stderr, children, those still alive afterwards, which are then killed)."""
+    children: list[int] = []
+    try:
+        children = ready()
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    alive = [pid for pid in children if _alive(pid)]
+    _stop(alive)
+    return stdout, stderr, children, alive
+
+
 def _stop(pids: list[int]) -> None:
     for pid in pids:  # only if the runner left them running (the bug these tests guard against)
         if _alive(pid):
@@ -763,18 +780,12 @@ def test_sigterm_stops_the_sweep_and_its_child_and_a_rerun_resumes(tmp_path, mon
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     run_glob = osp.join(out, "base2new", "train_base", "dtd", "shots_4", "CoOp", "*", "seed1")
-    children: list[int] = []
-    try:
+
+    def ready() -> list[int]:
         _wait_for(lambda: glob.glob(osp.join(run_glob, "prompt_learner", "checkpoint")), "epoch 1's checkpoint", proc)
-        children = _wait_for(lambda: _train_children(proc.pid), "the train.py child", proc)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    alive = [pid for pid in children if _alive(pid)]
-    _stop(alive)
+        return _wait_for(lambda: _train_children(proc.pid), "the train.py child", proc)
+
+    stdout, stderr, children, alive = _interrupt(proc, ready, signal.SIGTERM)
     assert proc.returncode == 143, stderr[-3000:]
     assert not alive, "train.py kept running after the sweep was stopped"
     assert stderr.strip().splitlines()[-1] == ("Interrupted (SIGTERM): stopped 1 running step; run the same command "
@@ -802,20 +813,14 @@ def test_ctrl_c_stops_parallel_jobs_with_one_line_and_no_traceback(tmp_path):
     proc = subprocess.Popen(["bash", osp.join(ROOT, "scripts", "run_all.sh"), "base2new", "coop", "--datasets",
                              "dtd,eurosat", "--seeds", "1", "--gpus", "0,1", *opts], env=_env(data, out, SHOTS="4"),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    children: list[int] = []
-    try:
+
+    def ready() -> list[int]:
         logs = osp.join(out, "base2new", "train_base", "*", "shots_4", "CoOp", "*", "seed1", "log.txt")
         _wait_for(lambda: len(glob.glob(logs)) == 2, "both jobs' training", proc)
-        children = _train_children(proc.pid)
-        assert len(children) == 2
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the runner
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    alive = [pid for pid in children if _alive(pid)]
-    _stop(alive)
+        return _train_children(proc.pid)
+
+    stdout, stderr, children, alive = _interrupt(proc, ready, signal.SIGINT)  # SIGINT: what Ctrl-C sends
+    assert len(children) == 2
     assert proc.returncode == 130, stderr[-3000:]
     assert not alive, "a train.py kept running after Ctrl-C"
     assert stderr.strip().splitlines() == ["Interrupted (SIGINT): stopped 2 running steps; run the same command "
