@@ -130,3 +130,23 @@ def test_prompt_depth_beyond_backbone_is_a_clear_error(tiny_clip):
     group = DeepTokens([torch.zeros(2, tiny_clip.transformer.width)] * 13, first_layer=0)
     with pytest.raises(ValueError, match="prompt depth"):
         PromptedTextEncoder(tiny_clip).encode_token_ids(token_ids([4]), deep=[group])
+
+
+def test_plain_features_share_the_blocks_before_the_prompts_and_equal_a_frozen_run(tiny_clip):
+    """``plain=True``: the frozen tower's features of the same images, bit-equal to a separate run without
+    tokens, without gradient, for groups first acting at layer 0, in the middle, or not at all."""
+    enc = PromptedVisionEncoder(tiny_clip)
+    res = tiny_clip.visual.input_resolution
+    image = torch.randn(3, 3, res, res)
+    with torch.no_grad():
+        reference = enc(image).features
+    for first in (0, 1, enc.num_layers - 1, None):
+        deep = [] if first is None else [DeepTokens([torch.randn(2, enc.width, requires_grad=True)
+                                                     for _ in range(enc.num_layers - first)], first_layer=first,
+                                                    position=1)]
+        out = enc(image, deep, plain=True)
+        assert out.plain_features is not None and not out.plain_features.requires_grad
+        assert torch.equal(out.plain_features, reference), first
+        if first is not None:
+            assert not torch.equal(out.features, reference)
+    assert enc(image, []).plain_features is None

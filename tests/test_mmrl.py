@@ -251,6 +251,25 @@ def test_teachers_are_frozen_clip(tiny_clip):
     assert "teacher_text_features" not in model.state_dict()  # class dependent, never saved
 
 
+def test_training_forward_takes_the_image_teacher_from_the_same_pass(tiny_clip):
+    """The frozen teacher's image features come out of the student's pass: equal to a separate teacher
+    run, and the blocks before the rep tokens run once (depth + depth - J block calls, not 2 x depth)."""
+    model = _tiny_model(tiny_clip).train()
+    blocks = tiny_clip.visual.transformer.resblocks
+    calls = []
+    hooks = [b.register_forward_hook(lambda *_: calls.append(1)) for b in blocks]
+    image = torch.randn(2, 3, 224, 224)
+    try:
+        out = model(image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(out.extras["teacher_image_features"], model.teacher_image_features(image))
+    assert len(calls) == 2 * len(blocks) - model.first_layer and model.first_layer > 0
+    model.reg_weight = 0.0
+    assert "teacher_image_features" not in model(image).extras
+
+
 # --------------------------------------------------------------------------- gradients
 def test_gradients_reach_exactly_the_learnable_parameters(tiny_clip):
     model = _tiny_model(tiny_clip, reg_weight=2.0).train()

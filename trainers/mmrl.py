@@ -253,9 +253,17 @@ class MMRLModel(PromptModel):
 
     def image_features_pair(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f_c, f_r), not normalised: CLS through the frozen proj, mean of LN'd rep tokens through proj_rep."""
-        out = self.encode_image_output(image)
+        f_c, f_r, _ = self._image_features(image, teacher=False)
+        return f_c, f_r
+
+    def _image_features(self, image: torch.Tensor,
+                        teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(f_c, f_r, f_0 or None): with ``teacher``, the frozen CLIP's normalised features of the same images
+        come from the same pass (the blocks before the rep tokens run once for both)."""
+        out = self.image_encoder(image, self.vision_deep(), observer=self.observer("vision"), plain=teacher)
         rep = out.tokens[:, out.slots[REP_TOKENS]].mean(dim=1)
-        return out.features, rep @ self.proj_rep.to(rep.dtype)
+        f_0 = F.normalize(out.plain_features.float(), dim=-1) if out.plain_features is not None else None
+        return out.features, rep @ self.proj_rep.to(rep.dtype), f_0
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.image_features_pair(image)[0]
@@ -267,7 +275,7 @@ class MMRLModel(PromptModel):
 
     # --- forward / loss ---
     def forward(self, image: torch.Tensor) -> PromptOutput:
-        f_c, f_r = self.image_features_pair(image)
+        f_c, f_r, f_0 = self._image_features(image, teacher=self.training and self.reg_weight != 0)
         f_c, f_r = F.normalize(f_c.float(), dim=-1), F.normalize(f_r.float(), dim=-1)
         w = F.normalize(self.text_features().float(), dim=-1)
         logits_class = LOGIT_SCALE * f_c @ w.t()
@@ -276,8 +284,8 @@ class MMRLModel(PromptModel):
         extras: dict[str, Any] = {"logits_class": logits_class, "logits_rep": logits_rep, "rep_features": f_r}
         if self.training:
             logits = fused  # training accuracy is logged from the fused head, as in the official code
-            if self.reg_weight != 0:
-                extras["teacher_image_features"] = self.teacher_image_features(image)
+            if f_0 is not None:
+                extras["teacher_image_features"] = f_0
         else:
             if self.inference not in ("class", "mixed"):
                 raise ValueError(f"MMRLModel.inference must be 'class' or 'mixed', got {self.inference!r}")

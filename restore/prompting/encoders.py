@@ -66,6 +66,8 @@ class EncoderOutput:
         pooled_index: per-sample index of the pooled token (CLS = 0, text: EOT).
         hidden_states: per-block outputs (B, L_k, D), only when asked for.
         prompt_masks: per-block boolean (L_k,) masks of prompt positions, only when asked for.
+        plain_features: the frozen tower's features of the same input without any deep tokens (no
+            gradient), only when asked for.
     """
 
     features: torch.Tensor
@@ -74,6 +76,7 @@ class EncoderOutput:
     pooled_index: torch.Tensor
     hidden_states: list[torch.Tensor] = field(default_factory=list)
     prompt_masks: list[torch.Tensor] = field(default_factory=list)
+    plain_features: torch.Tensor | None = None
 
 
 # observer(layer, block, x_in, x_out, prompt_mask, attn_mask) -> None, called after each block. An
@@ -174,21 +177,30 @@ class PromptedVisionEncoder(nn.Module):
         return vision_transformer(self.visual).transformer.layers
 
     def forward(self, image: torch.Tensor, deep: Sequence[DeepTokens] = (), return_hidden: bool = False,
-                observer: LayerObserver | None = None) -> EncoderOutput:
+                observer: LayerObserver | None = None, plain: bool = False) -> EncoderOutput:
+        """``plain``: also compute the frozen tower's features of ``image`` without the deep tokens (a
+        distillation teacher), sharing the blocks that run before the first group acts."""
         if not isinstance(self.visual, VisionTransformer) and not deep and not return_hidden and observer is None:
             tokens = self.visual.forward_tokens(image)
             pooled = torch.zeros(image.shape[0], dtype=torch.long, device=tokens.device)
-            return EncoderOutput(tokens[:, 0], tokens, {}, pooled)
+            features = tokens[:, 0]
+            return EncoderOutput(features, tokens, {}, pooled, plain_features=features.detach() if plain else None)
         visual = vision_transformer(self.visual)
         _validate(deep, self.num_layers, "Vision")
+        branch = min((g.first_layer for g in deep), default=None) if plain else None
+        plain_features = None
         x = visual.embed(image.to(self.dtype))
         _begin(observer, x.shape[1], None)
+        if branch == 0:
+            plain_features = self._plain_from(visual, visual.ln_pre(x), 0)
         slots = _Slots()
         x, _ = slots.apply(x, 0, deep)
         x = visual.ln_pre(x)
         hidden, masks = [], []
         for layer, block in enumerate(visual.transformer.resblocks):
             if layer > 0:
+                if layer == branch:
+                    plain_features = self._plain_from(visual, x, layer)
                 x, _ = slots.apply(x, layer, deep)
             x_in = x
             x = block(x)
@@ -202,7 +214,17 @@ class PromptedVisionEncoder(nn.Module):
         tokens = visual.ln_post(x)
         features = tokens[:, 0, :] @ visual.proj
         pooled = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return EncoderOutput(features, tokens, slots.named(deep), pooled, hidden, masks)
+        if plain and branch is None:  # no deep tokens: the features are the plain ones
+            plain_features = features.detach()
+        return EncoderOutput(features, tokens, slots.named(deep), pooled, hidden, masks, plain_features)
+
+    @staticmethod
+    @torch.no_grad()
+    def _plain_from(visual: VisionTransformer, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Features of the hidden state ``x`` entering block ``layer`` run through the rest of the tower."""
+        for block in visual.transformer.resblocks[layer:]:
+            x = block(x)
+        return visual.ln_post(x)[:, 0, :] @ visual.proj
 
 
 class PromptedTextEncoder(nn.Module):
