@@ -413,7 +413,7 @@ def run_official_benchmark(checkout: str, device: torch.device, trainers: Sequen
         preset.train_reps = reps
     preset.train_warmup = min(preset.train_warmup, 1)
     preset.eval_reps = eval_reps or preset.train_reps
-    counts = list(class_counts or ((5, 12) if tiny else (47, 100)))
+    counts = list(dict.fromkeys(class_counts or ((5, 12) if tiny else (47, 100))))
     report: dict[str, Any] = {
         "mode": "official", "checkout": checkout, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else bench._cpu_name(),
@@ -467,6 +467,12 @@ def _row_line(row: dict[str, Any]) -> str:
             f"(loss {row['agreement']['loss_rel_diff']:.1e}, logits {row['agreement']['logits_rel_diff']:.1e}){mha}")
 
 
+def _cell(text: str, limit: int = 400) -> str:
+    """``text`` as one Markdown table cell: pipes escaped, cut at a word boundary past ``limit`` characters."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def official_markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown table (official vs ours per trainer and class count)."""
     f = bench._fmt
@@ -494,7 +500,7 @@ def official_markdown(report: dict[str, Any]) -> str:
         for classes, row in rows.items():
             if "refused" in row or "error" in row:
                 lines.append(f"| {name} | {classes} | {'REFUSED' if 'refused' in row else 'error'}: "
-                             f"{(row.get('refused') or row['error'])[:160]} |" + " |" * 9)
+                             f"{_cell(row.get('refused') or row['error'])} |" + " |" * 9)
                 continue
             a = row["agreement"]
             lines.append("| " + " | ".join([

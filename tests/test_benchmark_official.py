@@ -121,7 +121,19 @@ def test_disagreeing_models_are_refused_without_a_ratio(tmp_path, capsys):
     row = json.loads((out / "r.json").read_text())["results"]["CoOp"]["3"]
     assert set(row) == {"refused"}  # no timing, no ratio
     assert "disagree" in row["refused"] and "no speed ratio is reported" in row["refused"]
-    assert "| CoOp | 3 | REFUSED:" in (out / "r.md").read_text()
+    table = (out / "r.md").read_text()
+    assert "| CoOp | 3 | REFUSED:" in table
+    assert "no speed ratio is reported. |" in table  # the whole reason, not cut mid-word
+
+
+def test_one_class_count_given_twice_is_measured_once(tmp_path, capsys):
+    checkout = fake_checkout(tmp_path / "Wrong", wrong=True)
+    out = tmp_path / "r.json"
+    assert benchmark.main(["--official", str(checkout), "--tiny", "--device", "cpu", "--trainers", "CoOp",
+                           "--classes", "3", "3", "--reps", "1", "--json", str(out)]) == 3
+    printed = capsys.readouterr()
+    assert (printed.out + printed.err).count("3 classes: CoOp and the official CoOp disagree") == 1
+    assert list(json.loads(out.read_text())["results"]["CoOp"]) == ["3"]
 
 
 def test_agreement_check_raises_on_a_wrong_mapping(tmp_path):
