@@ -100,8 +100,9 @@ def find_official_run(trainer: str, plugins: Sequence[str] = ("trainers",), vari
     module = sys.modules[cls.__module__]
     run = getattr(module, "OFFICIAL_VARIANTS", {}).get(variant) if variant else getattr(module, "OFFICIAL", None)
     if not isinstance(run, OfficialRun) or run.ours != trainer:
-        what = f"variant {variant!r}" if variant else "an OFFICIAL run"
-        raise ValueError(f"trainer {trainer!r} declares no {what} beside it (module {cls.__module__}).")
+        what = f"no official variant {variant!r}" if variant else "no OFFICIAL run"
+        raise ValueError(f"trainer {trainer!r} declares {what} in its module {cls.__module__}: the parity tool "
+                         f"compares only trainers whose module declares the official run they reproduce.")
     return run
 
 
@@ -242,7 +243,7 @@ def _format_losses(records: list[dict[str, Any]]) -> dict[int, list[float]]:
 
 def parity(args: argparse.Namespace) -> int:
     repo = osp.abspath(args.repo)
-    sys.path.insert(0, repo)
+    _on_path(repo)
     run = find_official_run(args.trainer, args.plugins.split(","), args.variant)
     output = osp.abspath(args.output)
     os.makedirs(output, exist_ok=True)
@@ -271,7 +272,7 @@ def parity(args: argparse.Namespace) -> int:
             _run_side("official", {**spec, "checkout": osp.abspath(args.official), "output": out_off,
                                    "argv": official_argv(run, common_off, args.opts),
                                    "losses": out_off + ".losses.json"})
-        argv = our_argv(run, common_ours, osp.abspath(args.weights), args.opts)
+        argv = our_argv(run, common_ours, osp.abspath(args.weights), [*args.opts, *_ours_only(args)])
         if resume:
             _run_side("ours", {**spec, "output": out_ours, "argv": argv, "losses": out_ours + ".first.losses.json",
                                "stop_after_epoch": 1, "may_stop": True})
@@ -367,7 +368,8 @@ def _parity_eval(args: argparse.Namespace, run: OfficialRun, repo: str, output: 
     spec = {"repo": repo, "weights": osp.abspath(args.weights), "real_dassl": args.real_dassl}
     common = [osp.abspath(args.root), args.epochs, args.shots, args.batch, args.resolution]
     off_argv = official_argv(run, common_opts(args.seed, common[0], out_off, *common[1:]), args.opts)
-    our = our_argv(run, common_opts(args.seed, common[0], out_ours, *common[1:]), osp.abspath(args.weights), args.opts)
+    our = our_argv(run, common_opts(args.seed, common[0], out_ours, *common[1:]), osp.abspath(args.weights),
+                   [*args.opts, *_ours_only(args)])
     _run_side("official", {**spec, "checkout": osp.abspath(args.official), "output": out_off,
                            "argv": ["--eval-only", *off_argv], "losses": None, "logits": out_off + ".logits.json"})
     _run_side("ours", {**spec, "output": out_ours, "argv": ["--eval-only", *our], "losses": None,
@@ -422,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "number of CPU threads, compared with itself (the comparison's round-off floor)")
     parser.add_argument("--eval-only", action="store_true", help="compare evaluation outputs only (zero-shot CLIP)")
     parser.add_argument("--fixture", help="write the official runs' losses and tensor summaries (JSON) here")
+    parser.add_argument("--ours-opt", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="a yacs opt for our run only (a switch reproducing an official quirk); repeatable")
     parser.add_argument("--side", choices=("official", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE opts for both sides")
@@ -438,7 +442,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [flag for flag in ("official", "trainer", "root", "weights") if not getattr(args, flag)]
     if missing:
         build_parser().error("missing " + ", ".join(f"--{m}" for m in missing))
+    problem = _input_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     return parity(args)
+
+
+def _on_path(folder: str) -> None:
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def _ours_only(args: argparse.Namespace) -> list[str]:
+    return [item for pair in args.ours_opt for item in pair]
+
+
+def _input_problem(args: argparse.Namespace) -> str:
+    """One sentence on what is wrong with the command line's folders, files or trainer, or ""."""
+    if not osp.isdir(args.official):
+        return f"--official {args.official} is not a folder: give a local checkout of the method's official repository."
+    if not osp.isfile(args.weights):
+        return (f"--weights {args.weights} does not exist: write the parity CLIP with "
+                f"`python -m restore.parity --write-clip {args.weights}`.")
+    if not osp.isdir(args.root):
+        return (f"--root {args.root} is not a folder: make a synthetic dataset there with "
+                f"`python -m restore.datasets.synthetic dtd --root {args.root}`.")
+    if not osp.isfile(osp.join(args.repo, "train.py")):
+        return f"--repo {args.repo} holds no train.py: run from the repository root or pass --repo."
+    _on_path(osp.abspath(args.repo))  # the plugin packages (trainers/) live in our repository
+    try:
+        find_official_run(args.trainer, args.plugins.split(","), args.variant)
+    except KeyError:
+        from restore.engine.registry import TRAINER_REGISTRY
+
+        return (f"--trainer {args.trainer} is not a registered trainer; registered: "
+                f"{', '.join(sorted(TRAINER_REGISTRY.registered_names()))}.")
+    except (ValueError, ImportError) as err:
+        return str(err)
+    return ""
 
 
 if __name__ == "__main__":

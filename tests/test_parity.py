@@ -19,6 +19,8 @@ import torch
 
 from helpers import run_train_py
 
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
 FIXTURES = sorted(glob.glob(osp.join(osp.dirname(__file__), "data", "parity", "*.json")))
 LOSS_ATOL = 1e-5
 
@@ -172,3 +174,58 @@ def test_tensor_comparison_reports_the_worst_element_and_the_normwise_difference
     assert abs(rel - 5e-5) < 1e-7 and abs(rel_l2 - 5e-5 / float(official.norm())) < 1e-8
     assert compare_tensors({}, {"w": official}) == [("w", float("inf"), float("inf"))]
     assert build_parser().parse_args(["--noise-floor"]).noise_floor
+
+
+def test_bad_command_lines_are_one_sentence_each(tmp_path, capsys):
+    from restore.parity import main
+
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"x")
+    official = tmp_path / "official"
+    official.mkdir()
+    good = ["--official", str(official), "--trainer", "CoOp", "--root", str(tmp_path), "--weights", str(weights),
+            "--output", str(tmp_path / "out"), "--repo", REPO_ROOT]
+    cases = {
+        "--official": (["--official", str(tmp_path / "missing")], "is not a folder"),
+        "--weights": (["--weights", str(tmp_path / "none.pt")], "--write-clip"),
+        "--trainer": (["--trainer", "CoOq"], "registered: CoCoOp, CoOp,"),
+        "--variant": (["--variant", "nope"], "declares no official variant 'nope'"),
+    }
+    for flag, (change, expected) in cases.items():
+        argv = list(good)
+        if flag in argv:
+            argv[argv.index(flag):argv.index(flag) + 2] = change
+        else:
+            argv += change
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_ours_opt_reaches_our_run_only(tmp_path, monkeypatch):
+    """A quirk switch such as RESTORE's RATIO_UPDATE_AFTER_EVAL goes to our train.py, not the official one."""
+    from restore import parity
+
+    class Stop(Exception):
+        pass
+
+    runs: dict[str, list[str]] = {}
+
+    def record(side, spec):
+        runs[side] = spec["argv"]
+        if side == "ours":
+            raise Stop
+
+    monkeypatch.setattr(parity, "_run_side", record)
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"x")
+    argv = ["--official", str(tmp_path), "--trainer", "RESTORE", "--root", str(tmp_path), "--weights", str(weights),
+            "--output", str(tmp_path / "out"), "--repo", REPO_ROOT, "--ours-opt", "TRAINER.RESTORE.RATIO_UPDATE_AFTER_EVAL", "True",
+            "OPTIM.LR", "0.01"]
+    with pytest.raises(Stop):
+        parity.main(argv)
+    switch = ["TRAINER.RESTORE.RATIO_UPDATE_AFTER_EVAL", "True"]
+    ours, official = " ".join(runs["ours"]), " ".join(runs["official"])
+    assert " ".join(switch) in ours and "RATIO_UPDATE_AFTER_EVAL" not in official
+    assert "OPTIM.LR 0.01" in ours and "OPTIM.LR 0.01" in official
