@@ -238,13 +238,19 @@ def record_losses(path: str | None) -> Iterator[list[dict[str, Any]]]:
                 del self.forward_backward
         return run
 
-    with _wrapped(classes, "run_epoch", wrap):
-        try:
-            yield records
-        finally:
-            if path:
-                with open(path, "w") as f:
-                    json.dump(records, f)
+    with _saved_on_exit(records, path), _wrapped(classes, "run_epoch", wrap):
+        yield records
+
+
+@contextlib.contextmanager
+def _saved_on_exit(records: list[Any], path: str | None) -> Iterator[None]:
+    """Write ``records`` as JSON to ``path`` (when given) on leaving the block, whatever ends it."""
+    try:
+        yield
+    finally:
+        if path:
+            with open(path, "w") as f:
+                json.dump(records, f)
 
 
 @contextlib.contextmanager
@@ -261,13 +267,8 @@ def record_logits(path: str | None) -> Iterator[list[list[float]]]:
             return process(self, mo, gt)
         return recorded
 
-    with _wrapped(targets, "process", wrap):
-        try:
-            yield rows
-        finally:
-            if path:
-                with open(path, "w") as f:
-                    json.dump(rows, f)
+    with _saved_on_exit(rows, path), _wrapped(targets, "process", wrap):
+        yield rows
 
 
 def build_official_trainer(checkout: str, argv: Sequence[str], weights: str, fp32: bool = True,
