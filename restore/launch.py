@@ -118,10 +118,7 @@ def setup_cfg(args: argparse.Namespace) -> Any:
         merge_file(cfg, args.config_file)
     reset_cfg(cfg, args)
     cfg.TRAINER.NAME = lookup_case_insensitive(TRAINER_REGISTRY, cfg.TRAINER.NAME)
-    applied = apply_dataset_overrides(cfg, args.opts or [])
-    if applied:
-        print(f"{cfg.TRAINER.NAME} dataset overrides for {cfg.DATASET.NAME}: "
-              f"{' '.join(f'{k} {v}' for k, v in applied.items())} (options on the command line override them)")
+    apply_dataset_overrides(cfg, args.opts or [])  # logs the values it applies, one line
     merge_opts(cfg, args.opts or [])
     if not args.output_dir and "OUTPUT_DIR" not in (args.opts or [])[0::2]:  # random weights: not among real runs
         output = default_output_root(cfg.MODEL.BACKBONE.NAME, cfg.OUTPUT_DIR)

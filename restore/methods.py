@@ -348,8 +348,8 @@ def apply_dataset_overrides(cfg: Any, opts: Optional[Sequence[str]] = None,
     finally:
         if frozen:
             cfg.freeze()
-    logger.info("%s dataset overrides for %s (%s): %s", spec.display, cfg.DATASET.NAME, protocol,
-                " ".join(f"{k} {v}" for k, v in applied.items()))
+    logger.info("%s dataset overrides for %s: %s (%s; options on the command line override them)", spec.display,
+                cfg.DATASET.NAME, " ".join(f"{k} {v}" for k, v in applied.items()), protocol)
     return applied
 
 
