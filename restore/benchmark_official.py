@@ -399,14 +399,13 @@ def run_official_benchmark(checkout: str, device: torch.device, trainers: Sequen
     ``mha``: also ours with ``nn.MultiheadAttention`` at the first class count (see :func:`time_pair`)."""
     from restore.engine.registry import TRAINER_REGISTRY
     from restore.methods import load_plugins
-    from restore.official import write_parity_clip
+    from restore.official import official_root, write_parity_clip
 
     load_plugins()  # registers the methods (this checkout's trainers and installed plugins)
-    checkout = osp.abspath(checkout)
-    if not osp.isdir(checkout):
-        raise FileNotFoundError(f"--official {checkout}: no such folder; give a local checkout of the official code.")
-    if not osp.isfile(osp.join(checkout, "train.py")):
-        raise FileNotFoundError(f"--official {checkout} has no train.py: give the root of an official checkout.")
+    try:
+        checkout = official_root(checkout)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--official {err}") from None
     preset = bench.make_preset(False, device, tiny=tiny)
     config = preset.config if tiny else bench.VIT_B16_CONFIG
     if reps:

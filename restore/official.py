@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import json
+import logging
 import os
 import os.path as osp
 import runpy
@@ -40,8 +41,10 @@ from torch import nn
 from restore.clip.model import CLIP, CLIPConfig
 from restore.prompting.official import OfficialKeys
 
-__all__ = ["PARITY_CLIP", "OfficialRun", "build_official_trainer", "official_shims", "record_logits", "record_losses",
-           "run_official", "write_parity_clip"]
+__all__ = ["PARITY_CLIP", "OfficialRun", "build_official_trainer", "official_root", "official_shims", "record_logits",
+           "record_losses", "run_official", "write_parity_clip"]
+
+logger = logging.getLogger(__name__)
 
 PARITY_CLIP = CLIPConfig(
     embed_dim=512, image_resolution=32, vision_layers=3, vision_width=768, vision_patch_size=32,
@@ -128,6 +131,29 @@ def _real_dassl_stubs() -> None:
         _stub_module("torch.utils.tensorboard", SummaryWriter=_Writer)
 
 
+def _is_code_root(folder: str) -> bool:
+    """A CoOp-style official code root: its ``train.py`` beside the ``clip`` package it imports."""
+    return osp.isfile(osp.join(folder, "train.py")) and osp.isfile(osp.join(folder, "clip", "clip.py"))
+
+
+def official_root(checkout: str) -> str:
+    """The folder of ``checkout`` holding the official ``train.py`` and ``clip/``: the checkout itself
+    or, for a repository that keeps its code one level down (KgCoOp's ``KgCoOp/``), its one such subfolder."""
+    checkout = osp.abspath(checkout)
+    if _is_code_root(checkout):
+        return checkout
+    if not osp.isdir(checkout):
+        raise FileNotFoundError(f"{checkout} is not a folder: give a local checkout of the method's official "
+                                "repository.")
+    inner = sorted(d for d in os.listdir(checkout) if _is_code_root(osp.join(checkout, d)))
+    if len(inner) == 1:
+        logger.info(f"Official code: {checkout}/{inner[0]} (the folder of the checkout holding train.py)")
+        return osp.join(checkout, inner[0])
+    where = f" (its subfolders {', '.join(inner)} each have them: give one of them)" if inner else ""
+    raise FileNotFoundError(f"{checkout} has no train.py beside a clip/ package{where}: give the root of the "
+                            "method's official checkout.")
+
+
 @contextlib.contextmanager
 def official_shims(checkout: str, weights: str, fp32: bool = True, real_dassl: str | None = None) -> Iterator[None]:
     """Let the official code in ``checkout`` run here: see the module docstring for each shim.
@@ -136,8 +162,9 @@ def official_shims(checkout: str, weights: str, fp32: bool = True, real_dassl: s
     engine, through the ``dassl`` alias).
     """
     checkout, weights = osp.abspath(checkout), osp.abspath(weights)
-    if not osp.isfile(osp.join(checkout, "train.py")):
-        raise FileNotFoundError(f"{checkout} has no train.py: give the root of an official checkout.")
+    if not _is_code_root(checkout):
+        raise FileNotFoundError(f"{checkout} has no train.py beside a clip/ package: give the root of an official "
+                                "checkout.")
     if not osp.isfile(weights):
         raise FileNotFoundError(f"CLIP weights file {weights} not found (write one with python -m restore.parity "
                                 "--write-clip FILE).")

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from restore.official import OfficialRun, record_logits, record_losses, run_official, write_parity_clip
+from restore.official import OfficialRun, official_root, record_logits, record_losses, run_official, write_parity_clip
 
 __all__ = ["RunKilled", "common_opts", "compare_tensors", "find_official_run", "killed_after_epoch",
            "learned_state", "main", "our_argv", "summarise", "summary_matches"]
@@ -442,7 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [flag for flag in ("official", "trainer", "root", "weights") if not getattr(args, flag)]
     if missing:
         build_parser().error("missing " + ", ".join(f"--{m}" for m in missing))
-    problem = _input_problem(args)
+    try:
+        args.official = official_root(args.official)  # a repository keeping its code one level down works too
+    except FileNotFoundError as err:
+        problem = f"--official {err}"
+    else:
+        problem = _input_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -460,8 +465,6 @@ def _ours_only(args: argparse.Namespace) -> list[str]:
 
 def _input_problem(args: argparse.Namespace) -> str:
     """One sentence on what is wrong with the command line's folders, files or trainer, or ""."""
-    if not osp.isdir(args.official):
-        return f"--official {args.official} is not a folder: give a local checkout of the method's official repository."
     if not osp.isfile(args.weights):
         return (f"--weights {args.weights} does not exist: write the parity CLIP with "
                 f"`python -m restore.parity --write-clip {args.weights}`.")

@@ -181,8 +181,7 @@ def test_bad_command_lines_are_one_sentence_each(tmp_path, capsys):
 
     weights = tmp_path / "clip.pt"
     weights.write_bytes(b"x")
-    official = tmp_path / "official"
-    official.mkdir()
+    official = _code_root(tmp_path / "official")
     good = ["--official", str(official), "--trainer", "CoOp", "--root", str(tmp_path), "--weights", str(weights),
             "--output", str(tmp_path / "out"), "--repo", REPO_ROOT]
     cases = {
@@ -218,6 +217,7 @@ def test_ours_opt_reaches_our_run_only(tmp_path, monkeypatch):
             raise Stop
 
     monkeypatch.setattr(parity, "_run_side", record)
+    _code_root(tmp_path)
     weights = tmp_path / "clip.pt"
     weights.write_bytes(b"x")
     argv = ["--official", str(tmp_path), "--trainer", "RESTORE", "--root", str(tmp_path), "--weights", str(weights),
@@ -229,3 +229,37 @@ def test_ours_opt_reaches_our_run_only(tmp_path, monkeypatch):
     ours, official = " ".join(runs["ours"]), " ".join(runs["official"])
     assert " ".join(switch) in ours and "RATIO_UPDATE_AFTER_EVAL" not in official
     assert "OPTIM.LR 0.01" in ours and "OPTIM.LR 0.01" in official
+
+
+def test_official_code_one_folder_down_is_found(tmp_path, capsys):
+    """KgCoOp's repository keeps train.py in KgCoOp/: the checkout's root is accepted; two candidates
+    or none are one sentence naming what was found."""
+    from restore.official import official_root
+    from restore.parity import main
+
+    repo = tmp_path / "KgCoOp"
+    _code_root(repo / "KgCoOp")
+    (repo / "Dassl.ProGrad.pytorch").mkdir()
+    (repo / "Dassl.ProGrad.pytorch" / "train.py").write_text("")  # no clip/ beside it: not official code
+    assert official_root(str(repo)) == str(repo / "KgCoOp")
+    assert official_root(str(repo / "KgCoOp")) == str(repo / "KgCoOp")
+    _code_root(repo / "copy")
+    with pytest.raises(FileNotFoundError, match=r"subfolders KgCoOp, copy each have them"):
+        official_root(str(repo))
+    empty = tmp_path / "empty"
+    (empty / "ours").mkdir(parents=True)
+    (empty / "ours" / "train.py").write_text("")  # a train.py without the official clip package
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"x")
+    assert main(["--official", str(empty), "--trainer", "KgCoOp", "--root", str(tmp_path), "--weights",
+                 str(weights), "--repo", REPO_ROOT]) == 2
+    err = capsys.readouterr().err
+    assert "has no train.py beside a clip/ package" in err and err.count("\n") == 1
+
+
+def _code_root(folder):
+    """A stand-in official code root: train.py beside clip/clip.py."""
+    (folder / "clip").mkdir(parents=True)
+    (folder / "clip" / "clip.py").write_text("")
+    (folder / "train.py").write_text("")
+    return folder
