@@ -131,14 +131,15 @@ def register_method(spec: MethodSpec, trainer_cls: Any = None) -> MethodSpec:
     if spec.key not in _METHODS:
         _METHODS[spec.key] = spec
     if trainer_cls is not None:
-        from restore.engine.registry import TRAINER_REGISTRY
+        from restore.engine.registry import TRAINER_REGISTRY, is_copy
 
         known = TRAINER_REGISTRY._obj_map.get(trainer_cls.__name__)
         if known is None or type(known).__name__ == "_Lazy":
             TRAINER_REGISTRY._do_register(trainer_cls.__name__, trainer_cls, force=True)
-        elif known is not trainer_cls:
-            logger.info("Trainer %s is already registered (by %s): keeping it", trainer_cls.__name__,
-                        getattr(known, "__module__", "?"))
+        elif known is not trainer_cls:  # a host's own class is worth a line; another copy of ours is not
+            logger.log(logging.DEBUG if is_copy(known, trainer_cls) else logging.INFO,
+                       "Trainer %s is already registered (by %s): keeping it", trainer_cls.__name__,
+                       getattr(known, "__module__", "?"))
     return spec
 
 

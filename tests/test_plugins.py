@@ -285,3 +285,31 @@ def test_running_a_trainer_file_as_a_program_says_what_to_run(module, capsys):
     assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert "is a method plugin, not a program" in err and "python -m restore.methods --overrides DATASET" in err
     assert dict(TRAINER_REGISTRY._obj_map) == before
+
+
+def test_a_checkout_runs_beside_another_copy_of_its_plugins(tmp_path):
+    """A second clone run while the first is installed (pip install -e): its datasets/ and trainers/ and
+    the installed copies (other module names, other files) are both imported. The first copy stays
+    registered instead of a duplicate-name KeyError; a different class under a taken name still fails."""
+    import shutil
+
+    for package in ("datasets", "trainers"):
+        shutil.copytree(os.path.join(ROOT, package), tmp_path / f"installed_{package}",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import datasets, trainers\n"
+            "trainers.register_all()\n"
+            "import installed_datasets, installed_trainers\n"
+            "installed_trainers.register_all()\n"
+            "from restore.engine.registry import DATASET_REGISTRY, TRAINER_REGISTRY\n"
+            "print(DATASET_REGISTRY.get('DescribableTextures').__module__, TRAINER_REGISTRY.get('RESTORE').__module__)\n"
+            "class DescribableTextures: pass\n"
+            "try:\n"
+            "    DATASET_REGISTRY.register(DescribableTextures)\n"
+            "except KeyError as err:\n"
+            "    print(err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)])))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, clash = proc.stdout.strip().splitlines()
+    assert first == "datasets.dtd trainers.restore_trainer"
+    assert "already registered" in clash and "by datasets.dtd; again by __main__" in clash

@@ -1,10 +1,18 @@
-"""Name -> class registries with Dassl's semantics (key = class name, duplicate = error)."""
+"""Name -> class registries with Dassl's semantics (key = class name, duplicate = error).
+
+One exception to the duplicate error: a second copy of the same plugin class (same class name, same
+module file name, e.g. a checkout's ``datasets.dtd`` and an installed ``restore_plugins.datasets.dtd``)
+keeps the first one registered, so a checkout runs beside another checkout's installed package.
+"""
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 from typing import Any, Callable, Iterable
+
+logger = logging.getLogger(__name__)
 
 
 def closest_names(requested: str, available: Iterable[str], n: int = 3) -> list[str]:
@@ -24,6 +32,14 @@ def check_availability(requested: str, available: Iterable[str], what: str = "na
         raise ValueError(f"Unknown {what} {requested!r}.{suggestion} Available: {sorted(available)}")
 
 
+def is_copy(first: Any, second: Any) -> bool:
+    """Two copies of one plugin class: the same qualified name in modules of the same file name."""
+    def tail(obj: Any) -> str:
+        return str(getattr(obj, "__module__", "")).rpartition(".")[2]
+    return (getattr(first, "__qualname__", None) == getattr(second, "__qualname__", None)
+            and tail(first) == tail(second) != "")
+
+
 class Registry:
     """A mapping from class names to classes, filled by the ``register`` decorator."""
 
@@ -34,7 +50,12 @@ class Registry:
     def _do_register(self, name: str, obj: Any, force: bool = False) -> None:
         known = self._obj_map.get(name)
         if name in self._obj_map and not force and known is not obj and not isinstance(known, _Lazy):
-            raise KeyError(f'An object named "{name}" was already registered in "{self._name}" registry')
+            if is_copy(known, obj):
+                logger.debug("%s %s from %s: keeping the copy from %s", self._name, name, obj.__module__,
+                             known.__module__)
+                return
+            raise KeyError(f'An object named "{name}" was already registered in "{self._name}" registry (by '
+                           f'{getattr(known, "__module__", "?")}; again by {getattr(obj, "__module__", "?")})')
         self._obj_map[name] = obj
 
     def register_lazy(self, name: str, module: str) -> None:
