@@ -176,7 +176,18 @@ def _run_side(side: str, spec: dict[str, Any]) -> None:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                               cwd=spec["repo"] if side != "official" else None)
     if done.returncode != 0 and not spec.get("may_stop"):
-        raise RuntimeError(f"the {side} run failed (exit {done.returncode}); see {spec['output']}.log")
+        raise SideFailed(f"the {side} run failed (exit {done.returncode}): {_last_line(spec['output'] + '.log')} "
+                         f"(whole output: {spec['output']}.log)")
+
+
+class SideFailed(RuntimeError):
+    """One side's process exited with an error; the message names its last line and its log."""
+
+
+def _last_line(path: str) -> str:
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else "no output"
 
 
 class RunKilled(Exception):
@@ -451,7 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    return parity(args)
+    try:
+        return parity(args)
+    except SideFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def _on_path(folder: str) -> None:
@@ -468,9 +483,9 @@ def _input_problem(args: argparse.Namespace) -> str:
     if not osp.isfile(args.weights):
         return (f"--weights {args.weights} does not exist: write the parity CLIP with "
                 f"`python -m restore.parity --write-clip {args.weights}`.")
-    if not osp.isdir(args.root):
-        return (f"--root {args.root} is not a folder: make a synthetic dataset there with "
-                f"`python -m restore.datasets.synthetic dtd --root {args.root}`.")
+    if not osp.isdir(osp.join(args.root, "dtd", "images")):
+        return (f"--root {args.root} holds no dtd/images: make the synthetic DTD both sides train on with "
+                f"`python -m restore.datasets.synthetic dtd --root {args.root} --classes 4 --images-per-class 12`.")
     if not osp.isfile(osp.join(args.repo, "train.py")):
         return f"--repo {args.repo} holds no train.py: run from the repository root or pass --repo."
     _on_path(osp.abspath(args.repo))  # the plugin packages (trainers/) live in our repository

@@ -182,11 +182,13 @@ def test_bad_command_lines_are_one_sentence_each(tmp_path, capsys):
     weights = tmp_path / "clip.pt"
     weights.write_bytes(b"x")
     official = _code_root(tmp_path / "official")
+    (tmp_path / "dtd" / "images").mkdir(parents=True)
     good = ["--official", str(official), "--trainer", "CoOp", "--root", str(tmp_path), "--weights", str(weights),
             "--output", str(tmp_path / "out"), "--repo", REPO_ROOT]
     cases = {
         "--official": (["--official", str(tmp_path / "missing")], "is not a folder"),
         "--weights": (["--weights", str(tmp_path / "none.pt")], "--write-clip"),
+        "--root": (["--root", str(official)], "holds no dtd/images"),
         "--trainer": (["--trainer", "CoOq"], "registered: CoCoOp, CoOp,"),
         "--variant": (["--variant", "nope"], "declares no official variant 'nope'"),
     }
@@ -218,6 +220,7 @@ def test_ours_opt_reaches_our_run_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(parity, "_run_side", record)
     _code_root(tmp_path)
+    (tmp_path / "dtd" / "images").mkdir(parents=True)
     weights = tmp_path / "clip.pt"
     weights.write_bytes(b"x")
     argv = ["--official", str(tmp_path), "--trainer", "RESTORE", "--root", str(tmp_path), "--weights", str(weights),
@@ -263,3 +266,29 @@ def _code_root(folder):
     (folder / "clip" / "clip.py").write_text("")
     (folder / "train.py").write_text("")
     return folder
+
+
+def test_a_failing_side_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
+    """The official run's process fails: one line with its last output line and its log, exit 1."""
+    import subprocess
+
+    from restore import parity
+
+    class Done:
+        returncode = 1
+
+    def fake_run(cmd, stdout, **kwargs):
+        stdout.write("Traceback (most recent call last):\n  ...\nValueError: num_samples=0\n\n")
+        return Done()
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    _code_root(tmp_path / "official")
+    (tmp_path / "dtd" / "images").mkdir(parents=True)
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"x")
+    code = parity.main(["--official", str(tmp_path / "official"), "--trainer", "CoOp", "--root", str(tmp_path),
+                        "--weights", str(weights), "--output", str(tmp_path / "out"), "--repo", REPO_ROOT])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "the official run failed (exit 1): ValueError: num_samples=0 (whole output:" in err
+    assert str(tmp_path / "out" / "plain_official.log") in err
