@@ -252,10 +252,8 @@ def _format_losses(records: list[dict[str, Any]]) -> dict[int, list[float]]:
     return per_epoch
 
 
-def parity(args: argparse.Namespace) -> int:
+def parity(args: argparse.Namespace, run: OfficialRun) -> int:
     repo = osp.abspath(args.repo)
-    _on_path(repo)
-    run = find_official_run(args.trainer, args.plugins.split(","), args.variant)
     output = osp.abspath(args.output)
     os.makedirs(output, exist_ok=True)
     resolution = args.resolution
@@ -454,51 +452,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         build_parser().error("missing " + ", ".join(f"--{m}" for m in missing))
     try:
-        args.official = official_root(args.official)  # a repository keeping its code one level down works too
-    except FileNotFoundError as err:
-        problem = f"--official {err}"
-    else:
-        problem = _input_problem(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        run = _checked_run(args)
+    except BadInput as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        return parity(args)
+        return parity(args, run)
     except SideFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
 
-def _on_path(folder: str) -> None:
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+class BadInput(ValueError):
+    """A command line the tool cannot run, as one sentence saying what to do."""
 
 
 def _ours_only(args: argparse.Namespace) -> list[str]:
     return [item for pair in args.ours_opt for item in pair]
 
 
-def _input_problem(args: argparse.Namespace) -> str:
-    """One sentence on what is wrong with the command line's folders, files or trainer, or ""."""
-    if not osp.isfile(args.weights):
-        return (f"--weights {args.weights} does not exist: write the parity CLIP with "
-                f"`python -m restore.parity --write-clip {args.weights}`.")
-    if not osp.isdir(osp.join(args.root, "dtd", "images")):
-        return (f"--root {args.root} holds no dtd/images: make the synthetic DTD both sides train on with "
-                f"`python -m restore.datasets.synthetic dtd --root {args.root} --classes 4 --images-per-class 12`.")
-    if not osp.isfile(osp.join(args.repo, "train.py")):
-        return f"--repo {args.repo} holds no train.py: run from the repository root or pass --repo."
-    _on_path(osp.abspath(args.repo))  # the plugin packages (trainers/) live in our repository
+def _checked_run(args: argparse.Namespace) -> OfficialRun:
+    """The official run ``args.trainer`` reproduces, once the command line's folders and files are
+    checked; ``args.official`` becomes the folder holding the official code (a repository keeping it
+    one level down works too). What is wrong raises :class:`BadInput`."""
     try:
-        find_official_run(args.trainer, args.plugins.split(","), args.variant)
+        args.official = official_root(args.official)
+    except FileNotFoundError as err:
+        raise BadInput(f"--official {err}") from None
+    if not osp.isfile(args.weights):
+        raise BadInput(f"--weights {args.weights} does not exist: write the parity CLIP with "
+                       f"`python -m restore.parity --write-clip {args.weights}`.")
+    if not osp.isdir(osp.join(args.root, "dtd", "images")):
+        raise BadInput(f"--root {args.root} holds no dtd/images: make the synthetic DTD both sides train on with "
+                       f"`python -m restore.datasets.synthetic dtd --root {args.root} --classes 4 "
+                       "--images-per-class 12`.")
+    repo = osp.abspath(args.repo)
+    if not osp.isfile(osp.join(repo, "train.py")):
+        raise BadInput(f"--repo {args.repo} holds no train.py: run from the repository root or pass --repo.")
+    if repo not in sys.path:  # the plugin packages (trainers/) live in our repository
+        sys.path.insert(0, repo)
+    try:
+        return find_official_run(args.trainer, args.plugins.split(","), args.variant)
     except KeyError:
         from restore.engine.registry import TRAINER_REGISTRY
 
-        return (f"--trainer {args.trainer} is not a registered trainer; registered: "
-                f"{', '.join(sorted(TRAINER_REGISTRY.registered_names()))}.")
+        raise BadInput(f"--trainer {args.trainer} is not a registered trainer; registered: "
+                       f"{', '.join(sorted(TRAINER_REGISTRY.registered_names()))}.") from None
     except (ValueError, ImportError) as err:
-        return str(err)
-    return ""
+        raise BadInput(str(err)) from None
 
 
 if __name__ == "__main__":

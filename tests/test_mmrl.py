@@ -359,7 +359,7 @@ def test_train_py_applies_published_per_dataset_values_before_user_opts(dataset,
 
     node = cfg_for()
     assert (node.REG_WEIGHT, node.REP_DIM) == (pytest.approx(reg_weight), rep_dim)
-    assert capsys.readouterr().out.count("MMRL dataset overrides for") == 1  # one line, not one per layer
+    assert capsys.readouterr().out.count("MMRL dataset overrides for") == 1  # one line (the launcher no longer repeats it)
     node = cfg_for("TRAINER.MMRL.REG_WEIGHT", "3.0", "TRAINER.MMRL.REP_DIM", "64")
     assert (node.REG_WEIGHT, node.REP_DIM) == (3.0, 64)
 

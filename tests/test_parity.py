@@ -179,16 +179,11 @@ def test_tensor_comparison_reports_the_worst_element_and_the_normwise_difference
 def test_bad_command_lines_are_one_sentence_each(tmp_path, capsys):
     from restore.parity import main
 
-    weights = tmp_path / "clip.pt"
-    weights.write_bytes(b"x")
-    official = _code_root(tmp_path / "official")
-    (tmp_path / "dtd" / "images").mkdir(parents=True)
-    good = ["--official", str(official), "--trainer", "CoOp", "--root", str(tmp_path), "--weights", str(weights),
-            "--output", str(tmp_path / "out"), "--repo", REPO_ROOT]
+    good = _runnable_argv(tmp_path, "CoOp")
     cases = {
         "--official": (["--official", str(tmp_path / "missing")], "is not a folder"),
         "--weights": (["--weights", str(tmp_path / "none.pt")], "--write-clip"),
-        "--root": (["--root", str(official)], "holds no dtd/images"),
+        "--root": (["--root", str(tmp_path / "official")], "holds no dtd/images"),
         "--trainer": (["--trainer", "CoOq"], "registered: CoCoOp, CoOp,"),
         "--variant": (["--variant", "nope"], "declares no official variant 'nope'"),
     }
@@ -219,12 +214,7 @@ def test_ours_opt_reaches_our_run_only(tmp_path, monkeypatch):
             raise Stop
 
     monkeypatch.setattr(parity, "_run_side", record)
-    _code_root(tmp_path)
-    (tmp_path / "dtd" / "images").mkdir(parents=True)
-    weights = tmp_path / "clip.pt"
-    weights.write_bytes(b"x")
-    argv = ["--official", str(tmp_path), "--trainer", "RESTORE", "--root", str(tmp_path), "--weights", str(weights),
-            "--output", str(tmp_path / "out"), "--repo", REPO_ROOT, "--ours-opt", "TRAINER.RESTORE.RATIO_UPDATE_AFTER_EVAL", "True",
+    argv = [*_runnable_argv(tmp_path, "RESTORE"), "--ours-opt", "TRAINER.RESTORE.RATIO_UPDATE_AFTER_EVAL", "True",
             "OPTIM.LR", "0.01"]
     with pytest.raises(Stop):
         parity.main(argv)
@@ -252,20 +242,11 @@ def test_official_code_one_folder_down_is_found(tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "ours").mkdir(parents=True)
     (empty / "ours" / "train.py").write_text("")  # a train.py without the official clip package
-    weights = tmp_path / "clip.pt"
-    weights.write_bytes(b"x")
-    assert main(["--official", str(empty), "--trainer", "KgCoOp", "--root", str(tmp_path), "--weights",
-                 str(weights), "--repo", REPO_ROOT]) == 2
+    argv = _runnable_argv(tmp_path, "KgCoOp")
+    argv[argv.index("--official") + 1] = str(empty)
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "has no train.py beside a clip/ package" in err and err.count("\n") == 1
-
-
-def _code_root(folder):
-    """A stand-in official code root: train.py beside clip/clip.py."""
-    (folder / "clip").mkdir(parents=True)
-    (folder / "clip" / "clip.py").write_text("")
-    (folder / "train.py").write_text("")
-    return folder
 
 
 def test_a_failing_side_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
@@ -282,13 +263,26 @@ def test_a_failing_side_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys
         return Done()
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    _code_root(tmp_path / "official")
-    (tmp_path / "dtd" / "images").mkdir(parents=True)
-    weights = tmp_path / "clip.pt"
-    weights.write_bytes(b"x")
-    code = parity.main(["--official", str(tmp_path / "official"), "--trainer", "CoOp", "--root", str(tmp_path),
-                        "--weights", str(weights), "--output", str(tmp_path / "out"), "--repo", REPO_ROOT])
+    code = parity.main(_runnable_argv(tmp_path, "CoOp"))
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "the official run failed (exit 1): ValueError: num_samples=0 (whole output:" in err
     assert str(tmp_path / "out" / "plain_official.log") in err
+
+
+def _code_root(folder):
+    """A stand-in official code root: train.py beside clip/clip.py."""
+    (folder / "clip").mkdir(parents=True)
+    (folder / "clip" / "clip.py").write_text("")
+    (folder / "train.py").write_text("")
+    return folder
+
+
+def _runnable_argv(tmp_path, trainer):
+    """A parity command line that passes every input check: a stand-in official code root, a
+    dataset root holding dtd/images and a weights file, all under ``tmp_path``."""
+    (tmp_path / "dtd" / "images").mkdir(parents=True)
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"x")
+    return ["--official", str(_code_root(tmp_path / "official")), "--trainer", trainer, "--root", str(tmp_path),
+            "--weights", str(weights), "--output", str(tmp_path / "out"), "--repo", REPO_ROOT]
